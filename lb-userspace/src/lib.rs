@@ -1,0 +1,6 @@
+//! Controller of the XDP service load balancer: loads the kernel programs embedded at build time,
+//! attaches them and reads their counters.
+
+pub mod dataplane;
+
+pub use dataplane::{AttachMode, Dataplane, DataplaneError};

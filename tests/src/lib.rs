@@ -1,0 +1,88 @@
+//! Helpers for tests that need real kernel objects: network namespaces, veth links and the
+//! built `lb-userspace` binary. `xtask` builds its sandbox from the same pieces.
+
+pub mod netns;
+
+use std::path::PathBuf;
+
+/// Path of the `lb-userspace` binary built in the same target directory as the running test
+/// (`LB_USERSPACE_BIN` overrides it). `cargo xtask test` builds it before running the tests.
+pub fn lb_userspace_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LB_USERSPACE_BIN") {
+        return path.into();
+    }
+    // Test binaries live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("path of the running test");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary inside target/<profile>/deps");
+    let bin = profile_dir.join("lb-userspace");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL after a grace period) when dropped,
+/// so an early return or a panic never leaves a controller running.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<std::process::Child>,
+}
+
+impl ChildGuard {
+    /// Takes ownership of `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        Self { child: Some(child) }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("child present until stopped")
+            .id()
+    }
+
+    /// Mutable access to the child, e.g. to take its pipes.
+    pub fn child_mut(&mut self) -> &mut std::process::Child {
+        self.child.as_mut().expect("child present until stopped")
+    }
+
+    /// Sends SIGTERM and waits up to `grace` before SIGKILL; returns the exit status.
+    pub fn stop(mut self, grace: std::time::Duration) -> std::io::Result<std::process::ExitStatus> {
+        let child = self.child.take().expect("child present until stopped");
+        terminate(child, grace)
+    }
+}
+
+fn terminate(
+    mut child: std::process::Child,
+    grace: std::time::Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait()
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = terminate(child, std::time::Duration::from_secs(2));
+        }
+    }
+}

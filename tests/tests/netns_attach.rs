@@ -1,0 +1,143 @@
+//! The XDP program attached to a veth inside namespaces this test creates, with real traffic.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::UdpSocket,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use lb_common::Reason;
+use lb_tests::{
+    ChildGuard,
+    netns::{Netns, veth_pair},
+};
+use lb_userspace::{AttachMode, Dataplane};
+
+/// Two namespaces joined by a veth pair: `client` 198.18.0.1 / 2001:db8::1 on `veth-c`,
+/// `server` 198.18.0.2 / 2001:db8::2 on `veth-s`.
+struct Pair {
+    client: Netns,
+    server: Netns,
+}
+
+fn pair(tag: &str) -> Pair {
+    let client = Netns::create(&format!("{tag}c")).unwrap();
+    let server = Netns::create(&format!("{tag}s")).unwrap();
+    veth_pair((&client, "veth-c"), (&server, "veth-s")).unwrap();
+    for (ns, dev, v4, v6) in [
+        (&client, "veth-c", "198.18.0.1/24", "2001:db8::1/64"),
+        (&server, "veth-s", "198.18.0.2/24", "2001:db8::2/64"),
+    ] {
+        ns.ip(&["addr", "add", v4, "dev", dev]).unwrap();
+        ns.ip(&["addr", "add", v6, "dev", dev, "nodad"]).unwrap();
+    }
+    Pair { client, server }
+}
+
+fn send_udp(ns: &Netns, to: &str, count: usize) {
+    let to = to.to_owned();
+    ns.enter(move || {
+        let bind = if to.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let socket = UdpSocket::bind(bind).unwrap();
+        for _ in 0..count {
+            socket.send_to(b"ping", &to).unwrap();
+            // Pace the sends so the first ones are not lost while the neighbour resolves.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
+    let Pair { client, server } = pair("att");
+    let mut dataplane = Dataplane::load().unwrap();
+    server
+        .enter(|| dataplane.attach("veth-s", AttachMode::Auto))
+        .unwrap()
+        .unwrap();
+
+    send_udp(&client, "198.18.0.2:9", 20);
+    send_udp(&client, "[2001:db8::2]:9", 20);
+
+    // The neighbour is resolved before any IP packet leaves, so ARP/NDP must have been seen too.
+    let ipv4 = dataplane.reason_counter(Reason::PassIpv4).unwrap();
+    let ipv6 = dataplane.reason_counter(Reason::PassIpv6).unwrap();
+    let not_ip = dataplane.reason_counter(Reason::PassNotIp).unwrap();
+    assert!(ipv4.packets >= 20, "IPv4 packets counted: {ipv4:?}");
+    assert!(ipv6.packets >= 20, "IPv6 packets counted: {ipv6:?}");
+    assert!(not_ip.packets >= 1, "ARP counted: {not_ip:?}");
+    assert!(ipv4.bytes >= 20 * 46, "IPv4 bytes counted: {ipv4:?}");
+
+    dataplane.detach_all().unwrap();
+    let frozen = dataplane.reason_counter(Reason::PassIpv4).unwrap();
+    send_udp(&client, "198.18.0.2:9", 5);
+    assert_eq!(
+        dataplane.reason_counter(Reason::PassIpv4).unwrap(),
+        frozen,
+        "no packet counted after detaching"
+    );
+}
+
+/// The released binary as an operator runs it: attach, count, detach on SIGTERM.
+#[test]
+fn cli_attaches_counts_and_detaches_on_sigterm() {
+    let Pair { client, server } = pair("cli");
+    let child = server
+        .command(lb_tests::lb_userspace_bin())
+        .args(["attach", "veth-s", "--stats-interval", "1"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard::new(child);
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                lines.lock().unwrap().push(line.unwrap());
+            }
+        })
+    };
+    let wait_for = |needle: &str, timeout: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    let attached = wait_for("XDP program attached", Duration::from_secs(10));
+    assert!(attached, "no attach line: {:?}", lines.lock().unwrap());
+
+    send_udp(&client, "198.18.0.2:9", 10);
+    assert!(
+        wait_for("reason=\"pass_ipv4\"", Duration::from_secs(5)),
+        "no IPv4 counter line: {:?}",
+        lines.lock().unwrap()
+    );
+
+    let status = child.stop(Duration::from_secs(5)).unwrap();
+    reader.join().unwrap();
+    let output = lines.lock().unwrap().join("\n");
+    assert!(status.success(), "exit status {status}: {output}");
+    assert!(output.contains("XDP program detached"), "{output}");
+    let attached_progs = server
+        .exec("ip", &["-d", "link", "show", "veth-s"])
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&attached_progs.stdout).contains("prog/xdp"),
+        "XDP program still attached after exit"
+    );
+}

@@ -1,0 +1,44 @@
+//! `cargo xtask`: everything a fresh machine needs, in one place. Every command runs `setup`
+//! first, which is idempotent and takes seconds once done.
+
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Project tasks of the XDP service load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need: nightly rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the workspace (the eBPF object is built and embedded by lb-userspace's build.rs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every check and test: fmt, clippy (host and BPF target), unit, packet and namespace
+    /// tests. Needs root.
+    Test,
+    /// Run the main job: the load balancer attached in a veth sandbox with live traffic.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    setup::run()?;
+    match cli.command {
+        Command::Setup => Ok(()),
+        Command::Build { release } => cmd::cargo_build(release),
+        Command::Test => test::run(),
+        Command::Demo => demo::run(),
+    }
+}
