@@ -1,4 +1,5 @@
-//! Per-CPU counters: one slot per [`Reason`], each a [`Counter`] of packets and bytes.
+//! Per-CPU counters: a [`Counter`] per [`Reason`] (every packet under exactly one), a count per
+//! [`Event`] (things that happen on the way), and a [`FlowCounter`] per service and backend.
 
 /// Packets and bytes seen for one counter slot on one CPU.
 #[repr(C)]
@@ -21,22 +22,48 @@ impl Counter {
     }
 }
 
-#[cfg(feature = "user")]
-// SAFETY: `Counter` is `repr(C)`, has no padding and any bit pattern is valid.
-unsafe impl aya::Pod for Counter {}
+/// Traffic of one service or backend on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounter {
+    /// Packets forwarded (both directions).
+    pub packets: u64,
+    /// Bytes forwarded (both directions).
+    pub bytes: u64,
+    /// New flows placed.
+    pub new_flows: u64,
+}
 
-macro_rules! reasons {
-    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
-        /// Why the program did what it did with a packet. Every packet is counted under exactly
-        /// one reason; the discriminant is the index into the `STATS` per-CPU array.
+impl FlowCounter {
+    /// Adds another CPU's figures to this one.
+    #[must_use]
+    pub const fn plus(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            new_flows: self.new_flows + other.new_flows,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `repr(C)`, no padding, any bit pattern valid.
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FlowCounter {}
+}
+
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $enum:ident { $($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+ }) => {
+        $(#[$meta])*
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum Reason {
+        pub enum $enum {
             $($(#[doc = $doc])* $variant,)+
         }
 
-        impl Reason {
-            /// Every reason, in index order.
+        impl $enum {
+            /// Every variant, in index order.
             pub const ALL: &[Self] = &[$(Self::$variant,)+];
 
             /// The stable snake_case name used by the CLI and the metrics.
@@ -50,28 +77,75 @@ macro_rules! reasons {
     };
 }
 
-reasons! {
-    /// Passed: the frame is not IPv4 or IPv6 (ARP, LLDP, ...).
-    PassNotIp = "pass_not_ip",
-    /// Passed: an IPv4 packet.
-    PassIpv4 = "pass_ipv4",
-    /// Passed: an IPv6 packet.
-    PassIpv6 = "pass_ipv6",
-    /// Passed: the frame ends before the headers it announces.
-    PassTruncated = "pass_truncated",
+named_enum! {
+    /// Why a program did what it did with a packet. Every packet a program sees is counted under
+    /// exactly one reason; the discriminant is the index into the `STATS` per-CPU array.
+    Reason {
+        /// XDP, passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+        PassNotIp = "pass_not_ip",
+        /// XDP, passed: IP, but not to a service VIP:port:proto.
+        PassNotVip = "pass_not_vip",
+        /// XDP, passed: cannot be fully parsed and not to a VIP address.
+        PassUnparsed = "pass_unparsed",
+        /// XDP, dropped: to a VIP address but truncated or with lying lengths.
+        DropMalformed = "drop_malformed",
+        /// XDP, dropped: a non-first IPv4 fragment to a VIP address.
+        DropFragment = "drop_fragment",
+        /// XDP, dropped: to a VIP address with what the program does not parse (IPv6
+        /// extension headers).
+        DropUnsupported = "drop_unsupported",
+        /// XDP, dropped: to a service with no usable backend.
+        DropNoBackend = "drop_no_backend",
+        /// XDP, DNAT then sent back out of the same interface (XDP_TX).
+        DnatTx = "dnat_tx",
+        /// XDP, DNAT then redirected to another interface.
+        DnatRedirect = "dnat_redirect",
+        /// XDP, DNAT then passed to the kernel to forward (no neighbour yet, no route, VLAN,
+        /// TTL expiring, or an egress device that takes no redirected frames).
+        DnatFibFallback = "dnat_fib_fallback",
+        /// TC egress: a reply of a tracked flow, source rewritten back to the VIP.
+        ReverseNat = "reverse_nat",
+        /// TC egress, passed: not a reply of a tracked flow.
+        EgressPass = "egress_pass",
+        /// TC egress, passed: cannot be fully parsed.
+        EgressUnparsed = "egress_unparsed",
+        /// TC egress, dropped: a reply's rewrite failed half way (a helper refused).
+        ReverseNatFailed = "reverse_nat_failed",
+    }
+}
+
+named_enum! {
+    /// Things that happen on the way to a verdict; the index into the `EVENTS` per-CPU array.
+    Event {
+        /// A packet of a VIP flow found its flow in the connection table.
+        ConntrackHit = "conntrack_hit",
+        /// A packet of a VIP flow did not: the flow is new (or its entry was evicted).
+        ConntrackMiss = "conntrack_miss",
+        /// A tracked flow's backend was removed: the flow was placed again.
+        ConntrackRebalanced = "conntrack_rebalanced",
+        /// A new flow followed its client's ClientIP affinity.
+        AffinityHit = "affinity_hit",
+        /// Inserting into the connection or reverse table failed.
+        ConntrackInsertFailed = "conntrack_insert_failed",
+    }
 }
 
 /// Number of slots in the `STATS` map.
 pub const REASON_COUNT: u32 = Reason::ALL.len() as u32;
+/// Number of slots in the `EVENTS` map.
+pub const EVENT_COUNT: u32 = Event::ALL.len() as u32;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn reason_discriminants_are_dense_indices() {
+    fn discriminants_are_dense_indices() {
         for (index, reason) in Reason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+        for (index, event) in Event::ALL.iter().enumerate() {
+            assert_eq!(*event as usize, index, "{}", event.name());
         }
     }
 }

@@ -1,37 +1,180 @@
 //! The load balancer's kernel programs. Entry points only dispatch and count; the work lives in
-//! the modules, split by concern like Katran's `lib/bpf/`.
+//! the modules, split by concern like Katran's `lib/bpf/`:
+//! `parse` (headers), `select` (conntrack, affinity, Maglev), `nat` (rewrites and checksums),
+//! `forward` (route lookup, TX/redirect), `stats` (counters), `maps`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Map keys and values are passed by reference on purpose: passing them by value copies them
+// onto the 512-byte stack once more.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
+#[cfg(target_arch = "bpf")]
+mod context;
+#[cfg(target_arch = "bpf")]
+mod forward;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod select;
 #[cfg(target_arch = "bpf")]
 mod stats;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-    use lb_common::Reason;
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+    use lb_common::{Reason, ServiceKey};
 
-    use crate::{parse, stats};
+    use crate::{
+        context::Frame as _,
+        forward,
+        maps::{REVERSE_NAT, SCRATCH, SERVICES, Scratch, VIP_ADDRS},
+        nat,
+        parse::{self, Kind},
+        select, stats,
+    };
 
-    /// Ingress of the client-facing interface.
+    /// Bytes of headers the TC program wants in the linear part of a socket buffer: Ethernet,
+    /// two VLAN tags, IPv6 and a TCP header with options.
+    const TC_HEADERS_LEN: u32 = 14 + 8 + 40 + 60;
+
+    /// Ingress of the client-facing interface: DNAT of VIP traffic.
     #[xdp]
     pub fn lb_xdp(ctx: XdpContext) -> u32 {
-        let (reason, action) = classify(&ctx);
-        stats::count(reason, &ctx);
-        action
+        let reason = xdp_ingress(&ctx);
+        stats::count(reason, ctx.len());
+        xdp_verdict(reason)
+    }
+
+    /// Egress of the client-facing interface: reverse NAT of replies.
+    #[classifier]
+    pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+        let reason = tc_egress(&ctx);
+        stats::count(reason, ctx.len() as usize);
+        tc_verdict(reason)
+    }
+
+    /// Every reason implies its verdict, so no path can count one thing and do another.
+    #[inline(always)]
+    fn xdp_verdict(reason: Reason) -> u32 {
+        match reason {
+            Reason::DropMalformed
+            | Reason::DropFragment
+            | Reason::DropUnsupported
+            | Reason::DropNoBackend => xdp_action::XDP_DROP,
+            Reason::DnatTx => xdp_action::XDP_TX,
+            Reason::DnatRedirect => xdp_action::XDP_REDIRECT,
+            _ => xdp_action::XDP_PASS,
+        }
     }
 
     #[inline(always)]
-    fn classify(ctx: &XdpContext) -> (Reason, u32) {
-        match parse::l3(ctx) {
-            Ok(parse::L3::Ipv4) => (Reason::PassIpv4, xdp_action::XDP_PASS),
-            Ok(parse::L3::Ipv6) => (Reason::PassIpv6, xdp_action::XDP_PASS),
-            Ok(parse::L3::Other) => (Reason::PassNotIp, xdp_action::XDP_PASS),
-            Err(parse::Truncated) => (Reason::PassTruncated, xdp_action::XDP_PASS),
+    fn tc_verdict(reason: Reason) -> i32 {
+        match reason {
+            Reason::ReverseNatFailed => TC_ACT_SHOT,
+            _ => TC_ACT_OK,
+        }
+    }
+
+    /// The floor of every comparison, and the program veth peers need to take redirected frames.
+    #[xdp]
+    pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    /// This CPU's scratch slot. The parser resets what it reads.
+    #[inline(always)]
+    fn scratch() -> Option<&'static mut Scratch> {
+        let scratch = SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: a per-CPU slot: nothing else runs on this CPU until the program returns.
+        Some(unsafe { &mut *scratch })
+    }
+
+    #[inline(always)]
+    fn xdp_ingress(ctx: &XdpContext) -> Reason {
+        // Index 0 of a one-slot array always exists; the branch only satisfies the verifier.
+        let Some(Scratch { packet, selected }) = scratch() else {
+            return Reason::PassUnparsed;
+        };
+        let kind = parse::packet(ctx, packet);
+        if kind != Kind::Parsed {
+            return ingress_unparsed(kind, &packet.dst);
+        }
+        let key = ServiceKey {
+            addr: packet.dst,
+            port: packet.dport,
+            proto: packet.proto,
+            pad: 0,
+        };
+        // SAFETY: the value is copied out at once.
+        let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+            return Reason::PassNotVip;
+        };
+        if !select::backend(packet, &service, selected) {
+            return Reason::DropNoBackend;
+        }
+        if nat::dnat(ctx, packet, &selected.backend).is_err() {
+            return Reason::DropMalformed;
+        }
+        stats::flow(service.id, selected.id, ctx.len(), selected.new_flow);
+        packet.dst = selected.backend.addr;
+        packet.dport = selected.backend.port;
+        forward::forward(ctx, packet)
+    }
+
+    #[inline(always)]
+    fn is_vip(addr: &[u8; 16]) -> bool {
+        VIP_ADDRS.get_ptr(addr).is_some()
+    }
+
+    #[inline(always)]
+    fn ingress_unparsed(kind: Kind, dst: &[u8; 16]) -> Reason {
+        match kind {
+            Kind::NotIp => Reason::PassNotIp,
+            Kind::Truncated => Reason::PassUnparsed,
+            Kind::Parsed | Kind::OtherProtocol => Reason::PassNotVip,
+            Kind::Fragment if is_vip(dst) => Reason::DropFragment,
+            Kind::Fragment => Reason::PassNotVip,
+            Kind::Malformed if is_vip(dst) => Reason::DropMalformed,
+            Kind::Malformed => Reason::PassUnparsed,
+            Kind::Unsupported if is_vip(dst) => Reason::DropUnsupported,
+            Kind::Unsupported => Reason::PassNotVip,
+        }
+    }
+
+    #[inline(always)]
+    fn tc_egress(ctx: &TcContext) -> Reason {
+        if (ctx.len() as usize) > ctx.data_end() - ctx.data() {
+            // Best effort: a failure leaves the headers where they were and parsing says so.
+            let _ = ctx.pull_data(ctx.len().min(TC_HEADERS_LEN));
+        }
+        let Some(Scratch { packet, .. }) = scratch() else {
+            return Reason::EgressUnparsed;
+        };
+        match parse::packet(ctx, packet) {
+            Kind::Parsed => {}
+            Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
+            _ => return Reason::EgressPass,
+        }
+        let key = select::flow_key(packet);
+        // SAFETY: the value is copied out at once.
+        let Some(to) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+            return Reason::EgressPass;
+        };
+        match nat::reverse_nat(ctx, packet, &to) {
+            Ok(()) => {
+                stats::flow(to.service_id, to.backend_id, ctx.len() as usize, false);
+                Reason::ReverseNat
+            }
+            // A half-rewritten reply must not leave: the client would see a backend address.
+            Err(_) => Reason::ReverseNatFailed,
         }
     }
 }

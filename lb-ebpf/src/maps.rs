@@ -1,7 +1,87 @@
-//! The maps shared with userspace. Names are part of the contract with `lb-userspace`.
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use lb_common::{Counter, stats::REASON_COUNT};
+//! The maps shared with userspace; their names are the contract in `lb_common::maps::names`.
+use aya_ebpf::{
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, ReverseValue,
+    ServiceKey, ServiceValue,
+    maps::{
+        AFFINITY_SIZE, BPF_F_INNER_MAP, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAX_BACKENDS,
+        MAX_SERVICES, MAX_TX_PORTS,
+    },
+    stats::{EVENT_COUNT, REASON_COUNT},
+};
+
+/// VIP:port:proto -> service.
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// VIP address -> number of services on it: decides whether an unparseable packet is ours.
+#[btf_map]
+pub static VIP_ADDRS: HashMap<[u8; 16], u32, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// A service's Maglev table: slot 0 holds the table size M, slots 1..=M the backend ids.
+/// `BPF_F_INNER_MAP` lets each service's table have its own size.
+pub type MaglevTable = Array<u32, { MAGLEV_MAX_SIZE as usize + 1 }, { BPF_F_INNER_MAP as usize }>;
+
+/// Service id -> its Maglev table, swapped whole by one update.
+#[btf_map]
+pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_SERVICES as usize }> = HashOfMaps::new();
+
+/// Backend id -> backend.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Forward 5-tuple (client -> VIP) -> backend. Userspace may resize it at load time.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue, { DEFAULT_CONNTRACK_SIZE as usize }> =
+    LruHashMap::new();
+
+/// Reply 5-tuple (backend -> client) -> the VIP:port to restore.
+#[btf_map]
+pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseValue, { DEFAULT_CONNTRACK_SIZE as usize }> =
+    LruHashMap::new();
+
+/// (client, service) -> the backend it last got.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_SIZE as usize }> =
+    LruHashMap::new();
+
+/// Interfaces that accept XDP-redirected frames, keyed by ifindex.
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+/// Per-packet working state, kept off the 512-byte stack.
+#[derive(Default)]
+pub struct Scratch {
+    /// The parsed packet.
+    pub packet: crate::parse::Packet,
+    /// The backend chosen for it.
+    pub selected: crate::select::Selected,
+}
+
+/// One [`Scratch`] per CPU; a program run owns its CPU's slot until it returns.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Scratch space for the route lookup's parameters, which do not fit the 512-byte stack beside
+/// the rest of the program's state.
+#[btf_map]
+pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
 
 /// One [`Counter`] per [`lb_common::Reason`].
 #[btf_map]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// One count per [`lb_common::Event`].
+#[btf_map]
+pub static EVENTS: PerCpuArray<u64, { EVENT_COUNT as usize }> = PerCpuArray::new();
+
+/// Traffic per service id.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<FlowCounter, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Traffic per backend id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<FlowCounter, { MAX_BACKENDS as usize }> = PerCpuArray::new();

@@ -1,44 +1,211 @@
-//! Bounds-checked header access.
-use aya_ebpf::programs::XdpContext;
+//! Parsing a frame into the 5-tuple and header offsets the data path needs.
+//!
+//! Every way a frame can fail to parse has a [`Kind`], so the caller can count it and decide on
+//! purpose: drop it if it is to a VIP address, pass it otherwise.
+use lb_common::maps::{PROTO_TCP, PROTO_UDP, ipv4_mapped};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
 };
 
-/// The frame ends before the header being read.
-pub struct Truncated;
+use crate::context::{Frame, read};
 
-/// What the Ethernet header says follows it.
-pub enum L3 {
-    Ipv4,
-    Ipv6,
-    Other,
+/// At most this many stacked VLAN tags (802.1Q in 802.1ad) are parsed.
+const MAX_VLAN_TAGS: usize = 2;
+
+/// A TCP or UDP packet over IPv4 or IPv6, parsed.
+#[derive(Default)]
+pub struct Packet {
+    /// Offset of the IP header.
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4_off: usize,
+    /// IPv4 (else IPv6).
+    pub ipv4: bool,
+    /// The frame carries at least one VLAN tag.
+    pub vlan: bool,
+    /// Source address (IPv4-mapped for IPv4).
+    pub src: [u8; 16],
+    /// Destination address (IPv4-mapped for IPv4); also set when the frame is not fully
+    /// parsed but its addresses were read.
+    pub dst: [u8; 16],
+    /// Source port, host order.
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
 }
 
-/// Returns a pointer to a `T` at `offset` bytes into the frame, if the frame holds all of it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Truncated> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(Truncated);
+impl Packet {
+    /// Offset of the TCP or UDP checksum.
+    #[inline(always)]
+    pub fn l4_check_off(&self) -> usize {
+        self.l4_off + if self.proto == PROTO_TCP { 16 } else { 6 }
     }
-    Ok((start + offset) as *mut T)
 }
 
-/// Reads the Ethernet header's EtherType and checks the fixed IP header that follows is whole.
-#[inline(always)]
-pub fn l3(ctx: &XdpContext) -> Result<L3, Truncated> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: `ptr_at` checked the header lies within the frame.
-    let ether_type = unsafe { (*eth).ether_type };
+/// What parsing found. Every kind but `Parsed` leaves the packet only partly filled.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A TCP or UDP packet, fully parsed.
+    Parsed,
+    /// Not IPv4 or IPv6.
+    NotIp,
+    /// Ends before its IP addresses: nothing to decide by (`dst` is zero).
+    Truncated,
+    /// IP, but neither TCP nor UDP (ICMP, ...): a valid packet that is not ours.
+    OtherProtocol,
+    /// A non-first IPv4 fragment to `dst`.
+    Fragment,
+    /// Lying or inconsistent lengths, or truncated after the addresses, to `dst`.
+    Malformed,
+    /// IPv6 extension headers (not parsed) before the transport header, to `dst`.
+    Unsupported,
+}
+
+/// Parses Ethernet, up to two VLAN tags, IPv4 (with options) or IPv6, and TCP or UDP into
+/// `packet`.
+///
+/// Not inlined, writing through `packet` and returning a plain enum: the parser's temporaries
+/// get a stack frame of their own, and BPF functions return no aggregates.
+#[inline(never)]
+pub fn packet(frame: &impl Frame, packet: &mut Packet) -> Kind {
+    // The packet lives in per-CPU scratch memory: clear what an earlier packet left there.
+    packet.vlan = false;
+    packet.ipv4 = false;
+    packet.dst = [0; 16];
+    let Ok(mut ether_type) = read::<[u8; 2]>(frame, 12) else {
+        return Kind::Truncated;
+    };
+    let mut l3_off = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        let tagged = u16::from_ne_bytes(ether_type);
+        if tagged != EtherType::Ieee8021q as u16 && tagged != EtherType::Ieee8021ad as u16 {
+            break;
+        }
+        // The tag's own EtherType follows its 2-byte TCI.
+        let Ok(inner) = read(frame, l3_off + 2) else {
+            return Kind::Truncated;
+        };
+        ether_type = inner;
+        l3_off += VlanHdr::LEN;
+        packet.vlan = true;
+    }
+    packet.l3_off = l3_off;
+    let ether_type = u16::from_ne_bytes(ether_type);
     if ether_type == EtherType::Ipv4 as u16 {
-        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-        Ok(L3::Ipv4)
+        ipv4(frame, packet)
     } else if ether_type == EtherType::Ipv6 as u16 {
-        ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN)?;
-        Ok(L3::Ipv6)
+        ipv6(frame, packet)
     } else {
-        Ok(L3::Other)
+        Kind::NotIp
     }
+}
+
+#[inline(always)]
+fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
+    let l3_off = packet.l3_off;
+    let Ok(ip) = frame.ptr_at::<Ipv4Hdr>(l3_off) else {
+        return Kind::Truncated;
+    };
+    // SAFETY (all dereferences of `ip`): `ptr_at` checked the header lies within the frame.
+    packet.dst = ipv4_mapped(unsafe { (*ip).dst_addr });
+    packet.src = ipv4_mapped(unsafe { (*ip).src_addr });
+    packet.ipv4 = true;
+    let vihl = unsafe { (*ip).vihl };
+    let header_len = ((vihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    if vihl >> 4 != 4
+        || header_len < Ipv4Hdr::LEN
+        || total_len < header_len
+        || l3_off + total_len > frame.len()
+    {
+        return Kind::Malformed;
+    }
+    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    if frags & 0x1fff != 0 {
+        return Kind::Fragment;
+    }
+    let proto = unsafe { (*ip).proto };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Kind::OtherProtocol;
+    }
+    packet.proto = proto;
+    packet.l4_off = l3_off + header_len;
+    // A first fragment (more-fragments set) carries only part of the datagram: its L4 lengths
+    // cannot be checked against the IP length.
+    let l4_len = if frags & 0x2000 != 0 {
+        None
+    } else {
+        Some(total_len - header_len)
+    };
+    l4(frame, packet, l4_len)
+}
+
+/// IPv6 next-header values of extension headers.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+#[inline(always)]
+fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
+    let l3_off = packet.l3_off;
+    let Ok(ip) = frame.ptr_at::<Ipv6Hdr>(l3_off) else {
+        return Kind::Truncated;
+    };
+    // SAFETY (all dereferences of `ip`): `ptr_at` checked the header lies within the frame.
+    packet.dst = unsafe { (*ip).dst_addr };
+    packet.src = unsafe { (*ip).src_addr };
+    let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 || l3_off + Ipv6Hdr::LEN + payload_len > frame.len() {
+        return Kind::Malformed;
+    }
+    let proto = unsafe { (*ip).next_hdr };
+    if is_extension_header(proto) {
+        return Kind::Unsupported;
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Kind::OtherProtocol;
+    }
+    packet.proto = proto;
+    packet.l4_off = l3_off + Ipv6Hdr::LEN;
+    l4(frame, packet, Some(payload_len))
+}
+
+/// Reads the ports of the TCP or UDP header, checking its length fields against `l4_len` (the
+/// IP payload length) when it is known.
+#[inline(always)]
+fn l4(frame: &impl Frame, packet: &mut Packet, l4_len: Option<usize>) -> Kind {
+    let ports = if packet.proto == PROTO_TCP {
+        let Ok(tcp) = read::<[u8; TcpHdr::LEN]>(frame, packet.l4_off) else {
+            return Kind::Malformed;
+        };
+        // Data offset: the high nibble of byte 12, in 32-bit words.
+        let header_len = ((tcp[12] >> 4) as usize) * 4;
+        if header_len < TcpHdr::LEN || l4_len.is_some_and(|len| header_len > len) {
+            return Kind::Malformed;
+        }
+        [tcp[0], tcp[1], tcp[2], tcp[3]]
+    } else {
+        let Ok(udp) = read::<[u8; UdpHdr::LEN]>(frame, packet.l4_off) else {
+            return Kind::Malformed;
+        };
+        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        if l4_len.is_some_and(|len| udp_len < UdpHdr::LEN || udp_len > len) {
+            return Kind::Malformed;
+        }
+        [udp[0], udp[1], udp[2], udp[3]]
+    };
+    packet.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    packet.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    Kind::Parsed
 }

@@ -1,22 +1,36 @@
-//! Loading, attaching and reading the kernel side.
+//! Loading, attaching, programming and reading the kernel side.
+//!
+//! Attach points of `attach(IFACE)`: XDP on IFACE's ingress does DNAT of VIP traffic; a TC
+//! (tcx) program on IFACE's egress does the reverse NAT of replies. Replies from backends reach
+//! IFACE's egress whether the backends sit behind the host (the Kubernetes node model: the
+//! kernel routes them from the pod interfaces to IFACE) or on IFACE's own segment (a one-armed
+//! host: the kernel routes them back out of IFACE), so one pair of attach points serves both.
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
 };
-use lb_common::{Counter, Reason};
+use lb_common::{
+    Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason, ServiceKey, ServiceValue,
+    maps::{BPF_F_INNER_MAP, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, names},
+};
 use tracing::{info, warn};
 
 /// The `lb-ebpf` object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Name of the XDP entry point in `lb-ebpf`.
+/// Name of the XDP (ingress, DNAT) entry point.
 pub const XDP_PROGRAM: &str = "lb_xdp";
-/// Name of the per-CPU counters map in `lb-ebpf`.
-pub const STATS_MAP: &str = "STATS";
+/// Name of the TC (egress, reverse NAT) entry point.
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+/// Name of the minimal XDP_PASS program (baseline, and veth peers that take redirected frames).
+pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 
-/// Errors of loading, attaching and reading the data plane.
+/// Errors of loading, attaching, programming and reading the data plane.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The binary was built with `AYA_BUILD_SKIP` and has no kernel object.
@@ -35,15 +49,17 @@ pub enum DataplaneError {
         /// The missing item's name.
         name: &'static str,
     },
-    /// Loading or attaching a program failed.
-    #[error("{action} the XDP program on {iface}: {source}")]
+    /// Loading, attaching or detaching a program failed.
+    #[error("{action} {program} on {iface}: {source}")]
     Program {
         /// What was being done.
         action: &'static str,
+        /// The program's name.
+        program: &'static str,
         /// The interface concerned.
         iface: String,
-        /// The underlying error.
-        source: ProgramError,
+        /// The underlying error (boxed: it is large and errors travel by value).
+        source: Box<ProgramError>,
     },
     /// Reading or writing a map failed.
     #[error("map {name}: {source}")]
@@ -53,6 +69,17 @@ pub enum DataplaneError {
         /// The underlying error.
         source: MapError,
     },
+    /// Adding a redirect target failed.
+    #[error("adding interface {ifindex} to TX_PORTS: {source}")]
+    TxPort {
+        /// The interface index.
+        ifindex: u32,
+        /// The underlying error.
+        source: aya::maps::xdp::XdpMapError,
+    },
+    /// A Maglev table was empty or larger than the data plane takes.
+    #[error("a Maglev table of {0} slots: tables have 1 to {MAGLEV_MAX_SIZE} slots")]
+    TableSize(usize),
 }
 
 /// How to attach the XDP program.
@@ -67,52 +94,137 @@ pub enum AttachMode {
     Generic,
 }
 
+/// Sizes chosen at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the connection table and of the reverse-NAT table.
+    pub conntrack_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_size: DEFAULT_CONNTRACK_SIZE,
+        }
+    }
+}
+
+enum Link {
+    Xdp(&'static str, XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
 /// The loaded kernel programs and maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: Vec<(String, XdpLinkId)>,
+    attached: Vec<(String, Link)>,
 }
 
 impl Dataplane {
-    /// Loads the embedded object into the kernel and verifies its XDP program.
+    /// Loads the embedded object with default sizes.
     pub fn load() -> Result<Self, DataplaneError> {
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// Loads the embedded object into the kernel and verifies its programs.
+    pub fn load_with(options: LoadOptions) -> Result<Self, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
-        let program = xdp_program_mut(&mut ebpf)?;
-        program.load().map_err(|source| DataplaneError::Program {
-            action: "loading",
-            iface: "(none)".into(),
-            source,
-        })?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, options.conntrack_size)
+            .map_max_entries(names::REVERSE_NAT, options.conntrack_size)
+            .load(EBPF_OBJECT)?;
+        let load_error = |program| {
+            move |source| DataplaneError::Program {
+                action: "loading",
+                program,
+                iface: "(none)".into(),
+                source: Box::new(source),
+            }
+        };
+        for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
+            xdp_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        }
+        tc_mut(&mut ebpf)?
+            .load()
+            .map_err(load_error(TC_EGRESS_PROGRAM))?;
         Ok(Self {
             ebpf,
             attached: Vec::new(),
         })
     }
 
-    /// The XDP program, for running packets through it with [`aya::programs::TestRun`].
+    /// The DNAT XDP program, for running packets through it with [`aya::programs::TestRun`].
     pub fn xdp_program(&self) -> Result<&Xdp, DataplaneError> {
+        self.xdp(XDP_PROGRAM)
+    }
+
+    /// The minimal XDP_PASS program.
+    pub fn xdp_pass_program(&self) -> Result<&Xdp, DataplaneError> {
+        self.xdp(XDP_PASS_PROGRAM)
+    }
+
+    /// The reverse-NAT TC program.
+    pub fn tc_egress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
         self.ebpf
-            .program(XDP_PROGRAM)
+            .program(TC_EGRESS_PROGRAM)
             .and_then(|program| program.try_into().ok())
             .ok_or(DataplaneError::Missing {
                 kind: "program",
-                name: XDP_PROGRAM,
+                name: TC_EGRESS_PROGRAM,
             })
     }
 
-    /// Attaches the XDP program to `iface` and returns the mode the kernel accepted.
+    fn xdp(&self, name: &'static str) -> Result<&Xdp, DataplaneError> {
+        self.ebpf
+            .program(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name,
+            })
+    }
+
+    /// Attaches DNAT (XDP ingress) and reverse NAT (TC egress) to `iface`; returns the XDP mode
+    /// the kernel accepted.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<XdpMode, DataplaneError> {
-        let program = xdp_program_mut(&mut self.ebpf)?;
+        let used = self.attach_xdp(iface, XDP_PROGRAM, mode)?;
+        let program = tc_mut(&mut self.ebpf)?;
+        let link = program
+            .attach(iface, TcAttachType::Egress)
+            .map_err(|source| DataplaneError::Program {
+                action: "attaching",
+                program: TC_EGRESS_PROGRAM,
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            })?;
+        info!(%iface, "TC egress program attached");
+        self.attached.push((iface.to_owned(), Link::Tc(link)));
+        Ok(used)
+    }
+
+    /// Attaches the minimal XDP_PASS program to `iface`: a veth whose peer redirects into it
+    /// needs an XDP program to take the frames.
+    pub fn attach_pass(&mut self, iface: &str) -> Result<XdpMode, DataplaneError> {
+        self.attach_xdp(iface, XDP_PASS_PROGRAM, AttachMode::Native)
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        mode: AttachMode,
+    ) -> Result<XdpMode, DataplaneError> {
+        let program = xdp_mut(&mut self.ebpf, name)?;
         let attach = |program: &mut Xdp, mode| {
             program
                 .attach(iface, mode)
                 .map_err(|source| DataplaneError::Program {
                     action: "attaching",
+                    program: name,
                     iface: iface.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })
         };
         let (link, used) = match mode {
@@ -126,44 +238,151 @@ impl Dataplane {
                 }
             },
         };
-        info!(%iface, mode = mode_name(used), "XDP program attached");
-        self.attached.push((iface.to_owned(), link));
+        info!(%iface, program = name, mode = mode_name(used), "XDP program attached");
+        self.attached
+            .push((iface.to_owned(), Link::Xdp(name, link)));
         Ok(used)
     }
 
-    /// Detaches the XDP program from every interface it was attached to.
+    /// Detaches every program from every interface it was attached to.
     pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
-        let program = xdp_program_mut(&mut self.ebpf)?;
-        for (iface, link) in self.attached.drain(..) {
-            program
-                .detach(link)
-                .map_err(|source| DataplaneError::Program {
+        for (iface, link) in std::mem::take(&mut self.attached) {
+            let detach_error = |program| {
+                let iface = iface.clone();
+                move |source| DataplaneError::Program {
                     action: "detaching",
-                    iface: iface.clone(),
-                    source,
-                })?;
-            info!(%iface, "XDP program detached");
+                    program,
+                    iface,
+                    source: Box::new(source),
+                }
+            };
+            match link {
+                Link::Xdp(name, link) => xdp_mut(&mut self.ebpf, name)?
+                    .detach(link)
+                    .map_err(detach_error(name))?,
+                Link::Tc(link) => tc_mut(&mut self.ebpf)?
+                    .detach(link)
+                    .map_err(detach_error(TC_EGRESS_PROGRAM))?,
+            }
+            info!(%iface, "detached");
         }
         Ok(())
     }
 
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map, DataplaneError> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })
+    }
+
+    /// Adds or replaces a service.
+    pub fn set_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        let name = names::SERVICES;
+        let mut map: HashMap<_, ServiceKey, ServiceValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.insert(key, value, 0).map_err(map_error(name))
+    }
+
+    /// Removes a service.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let name = names::SERVICES;
+        let mut map: HashMap<_, ServiceKey, ServiceValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.remove(key).map_err(map_error(name))
+    }
+
+    /// Records that `count` services use VIP address `addr` (0 removes it).
+    pub fn set_vip_addr(&mut self, addr: [u8; 16], count: u32) -> Result<(), DataplaneError> {
+        let name = names::VIP_ADDRS;
+        let mut map: HashMap<_, [u8; 16], u32> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        if count == 0 {
+            map.remove(&addr).map_err(map_error(name))
+        } else {
+            map.insert(addr, count, 0).map_err(map_error(name))
+        }
+    }
+
+    /// Writes backend slot `id` (a zero `flags` empties it).
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        let name = names::BACKENDS;
+        let mut map: Array<_, Backend> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.set(id, backend, 0).map_err(map_error(name))
+    }
+
+    /// Swaps in a service's Maglev table (slot -> backend id) with one map update: the table is
+    /// built whole off to the side first, so no packet sees a half-written one.
+    pub fn set_maglev_table(
+        &mut self,
+        service_id: u32,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let name = names::MAGLEV;
+        if table.is_empty() || table.len() > MAGLEV_MAX_SIZE as usize {
+            return Err(DataplaneError::TableSize(table.len()));
+        }
+        let size = table.len() as u32;
+        let mut inner: Array<MapData, u32> =
+            Array::create(size + 1, BPF_F_INNER_MAP).map_err(map_error(name))?;
+        inner.set(0, size, 0).map_err(map_error(name))?;
+        for (slot, backend_id) in table.iter().enumerate() {
+            inner
+                .set(slot as u32 + 1, backend_id, 0)
+                .map_err(map_error(name))?;
+        }
+        let mut outer: HashOfMaps<_, u32, Array<MapData, u32>> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        outer.insert(service_id, &inner, 0).map_err(map_error(name))
+    }
+
+    /// Removes a service's Maglev table.
+    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        let name = names::MAGLEV;
+        let mut outer: HashOfMaps<_, u32, Array<MapData, u32>> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        outer.remove(&service_id).map_err(map_error(name))
+    }
+
+    /// Lets the XDP program redirect frames to interface `ifindex`.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let name = names::TX_PORTS;
+        let mut map: DevMapHash<_> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.insert(ifindex, ifindex, None, 0)
+            .map_err(|source| DataplaneError::TxPort { ifindex, source })
+    }
+
+    /// The connection table's entries.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataplaneError> {
+        let name = names::CONNTRACK;
+        let map: HashMap<_, FlowKey, FlowValue> =
+            self.map(name)?.try_into().map_err(map_error(name))?;
+        map.iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(name))
+    }
+
     /// Counters summed over all CPUs, one per [`Reason`], in index order.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
-        let map_error = |source| DataplaneError::Map {
-            name: STATS_MAP,
-            source,
-        };
-        let map = self.ebpf.map(STATS_MAP).ok_or(DataplaneError::Missing {
-            kind: "map",
-            name: STATS_MAP,
-        })?;
-        let stats = PerCpuArray::<_, Counter>::try_from(map).map_err(map_error)?;
+        let name = names::STATS;
+        let stats: PerCpuArray<_, Counter> = self.map(name)?.try_into().map_err(map_error(name))?;
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error)?;
-                let total = per_cpu.iter().fold(Counter::default(), |a, b| a.plus(*b));
-                Ok((reason, total))
+                let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
+                Ok((
+                    reason,
+                    per_cpu.iter().fold(Counter::default(), |a, b| a.plus(*b)),
+                ))
             })
             .collect()
     }
@@ -172,14 +391,64 @@ impl Dataplane {
     pub fn reason_counter(&self, reason: Reason) -> Result<Counter, DataplaneError> {
         Ok(self.reason_counters()?[reason as usize].1)
     }
+
+    /// Event counts summed over all CPUs, one per [`Event`], in index order.
+    pub fn event_counters(&self) -> Result<Vec<(Event, u64)>, DataplaneError> {
+        let name = names::EVENTS;
+        let events: PerCpuArray<_, u64> = self.map(name)?.try_into().map_err(map_error(name))?;
+        Event::ALL
+            .iter()
+            .map(|&event| {
+                let per_cpu = events.get(&(event as u32), 0).map_err(map_error(name))?;
+                Ok((event, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The summed count of one event.
+    pub fn event_counter(&self, event: Event) -> Result<u64, DataplaneError> {
+        Ok(self.event_counters()?[event as usize].1)
+    }
+
+    /// A service's traffic summed over all CPUs.
+    pub fn service_counter(&self, service_id: u32) -> Result<FlowCounter, DataplaneError> {
+        self.flow_counter(names::SERVICE_STATS, service_id)
+    }
+
+    /// A backend's traffic summed over all CPUs.
+    pub fn backend_counter(&self, backend_id: u32) -> Result<FlowCounter, DataplaneError> {
+        self.flow_counter(names::BACKEND_STATS, backend_id)
+    }
+
+    fn flow_counter(&self, name: &'static str, index: u32) -> Result<FlowCounter, DataplaneError> {
+        let map: PerCpuArray<_, FlowCounter> =
+            self.map(name)?.try_into().map_err(map_error(name))?;
+        let per_cpu = map.get(&index, 0).map_err(map_error(name))?;
+        Ok(per_cpu
+            .iter()
+            .fold(FlowCounter::default(), |a, b| a.plus(*b)))
+    }
 }
 
-fn xdp_program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    ebpf.program_mut(XDP_PROGRAM)
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
         .and_then(|program| program.try_into().ok())
         .ok_or(DataplaneError::Missing {
             kind: "program",
-            name: XDP_PROGRAM,
+            name,
+        })
+}
+
+fn tc_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(TC_EGRESS_PROGRAM)
+        .and_then(|program| program.try_into().ok())
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name: TC_EGRESS_PROGRAM,
         })
 }
 

@@ -2,5 +2,6 @@
 //! attaches them and reads their counters.
 
 pub mod dataplane;
+pub mod maglev;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

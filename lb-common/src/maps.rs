@@ -1,0 +1,223 @@
+//! Map keys, values, names and sizes: the contract between the kernel programs and userspace.
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Largest Maglev table a service may have (a prime). Its inner array has one more slot: slot 0
+/// holds the table size, so that the size and the table are swapped in one map update.
+pub const MAGLEV_MAX_SIZE: u32 = 131_071;
+/// Default Maglev table size (a prime).
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
+/// Capacity of the services map, and so the largest service id plus one.
+pub const MAX_SERVICES: u32 = 16_384;
+/// Capacity of the backends array, and so the largest backend id plus one.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Default capacity of the connection table and of the reverse-NAT table.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+/// Capacity of the ClientIP affinity table.
+pub const AFFINITY_SIZE: u32 = 65_536;
+/// Capacity of the redirect-target device map.
+pub const MAX_TX_PORTS: u32 = 256;
+
+/// Names of the maps in the eBPF object.
+pub mod names {
+    /// [`super::ServiceKey`] -> [`super::ServiceValue`].
+    pub const SERVICES: &str = "SERVICES";
+    /// VIP address -> number of services on it.
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    /// Service id -> Maglev table (inner array, slot 0 = size).
+    pub const MAGLEV: &str = "MAGLEV";
+    /// Backend id -> [`super::Backend`].
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Forward 5-tuple -> [`super::FlowValue`].
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Reply 5-tuple -> [`super::ReverseValue`].
+    pub const REVERSE_NAT: &str = "REVERSE_NAT";
+    /// [`super::AffinityKey`] -> [`super::AffinityValue`].
+    pub const AFFINITY: &str = "AFFINITY";
+    /// Interfaces that accept XDP-redirected frames (ifindex -> ifindex).
+    pub const TX_PORTS: &str = "TX_PORTS";
+    /// Per-CPU [`super::super::Counter`] per [`super::super::Reason`].
+    pub const STATS: &str = "STATS";
+    /// Per-CPU count per [`super::super::Event`].
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU [`super::super::FlowCounter`] per service id.
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per-CPU [`super::super::FlowCounter`] per backend id.
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+/// `BPF_F_INNER_MAP`: lets inner arrays of one map-in-map differ in size.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Returns `addr` IPv4-mapped into 16 bytes.
+#[must_use]
+pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}
+
+/// Whether a 16-byte address is an IPv4-mapped IPv4 address.
+#[must_use]
+pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// A service's identity: VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// The VIP (16 bytes, IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    /// The service port, host byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// `ServiceValue::flags`: new connections of a client stick to its previous backend.
+pub const SERVICE_F_AFFINITY: u32 = 1;
+
+/// What the data plane needs to know of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index of the service's Maglev table and counters.
+    pub id: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// ClientIP affinity timeout in seconds (with [`SERVICE_F_AFFINITY`]).
+    pub affinity_timeout_secs: u32,
+}
+
+/// `Backend::flags`: the slot holds a live backend.
+pub const BACKEND_F_VALID: u16 = 1;
+/// `Backend::flags`: the backend keeps its flows but takes no new ones.
+pub const BACKEND_F_TERMINATING: u16 = 2;
+
+/// A backend (endpoint address and target port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Endpoint address (16 bytes, IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    /// Target port, host byte order.
+    pub port: u16,
+    /// `BACKEND_F_*` bits; zero marks an empty slot.
+    pub flags: u16,
+    /// The service this backend serves (for counters and sanity checks).
+    pub service_id: u32,
+}
+
+/// A 5-tuple, as seen on the wire (source first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
+}
+
+/// A tracked flow: which backend it goes to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// The backend id.
+    pub backend_id: u32,
+    /// The service id.
+    pub service_id: u32,
+}
+
+/// What a reply from a backend must be rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseValue {
+    /// The VIP the client used.
+    pub vip: [u8; 16],
+    /// The service port the client used, host byte order.
+    pub vip_port: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// The service id.
+    pub service_id: u32,
+    /// The backend id.
+    pub backend_id: u32,
+}
+
+/// ClientIP affinity: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client address.
+    pub client: [u8; 16],
+    /// The service id.
+    pub service_id: u32,
+}
+
+/// ClientIP affinity: the backend a client last got, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// The backend id.
+    pub backend_id: u32,
+    /// Always zero.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of the client's last new connection.
+    pub last_used_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `repr(C)`, explicit padding fields, any bit pattern valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::ReverseValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<ReverseValue>(), 28);
+        assert_eq!(size_of::<AffinityKey>(), 20);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+    }
+
+    #[test]
+    fn ipv4_mapping_round_trips() {
+        let mapped = ipv4_mapped([198, 18, 0, 1]);
+        assert!(is_ipv4_mapped(&mapped));
+        assert_eq!(mapped[12..], [198, 18, 0, 1]);
+        assert!(!is_ipv4_mapped(&[
+            0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
+    }
+}

@@ -1,0 +1,157 @@
+//! Sending a rewritten frame on: a route lookup, then XDP_TX or a redirect with the next hop's
+//! MAC addresses, or the kernel's stack where it must help.
+use core::mem;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::{Reason, checksum::replace16};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    context::Frame,
+    maps::{FIB_PARAMS, TX_PORTS},
+    parse::Packet,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// Offset of the IPv6 hop limit.
+const IPV6_HOP_LIMIT_OFF: usize = 7;
+
+/// Forwards the DNATed `packet` (whose destination fields already hold the backend) and says
+/// how: [`Reason::DnatTx`], [`Reason::DnatRedirect`] or [`Reason::DnatFibFallback`].
+///
+/// Not inlined: the route lookup's parameters get a stack frame of their own.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, packet: &Packet) -> Reason {
+    const FALLBACK: Reason = Reason::DnatFibFallback;
+    // A tagged frame belongs to a VLAN device the route lookup does not see: let the kernel
+    // untag and route it.
+    if packet.vlan {
+        return FALLBACK;
+    }
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+        return FALLBACK;
+    };
+    // SAFETY: a per-CPU scratch slot, used by this program run only.
+    let params = unsafe { &mut *params };
+    if fill_fib_params(params, ctx, packet, ingress).is_err() {
+        return FALLBACK;
+    }
+    // SAFETY: the helper reads and writes only `params`.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return FALLBACK;
+    }
+    let egress = params.ifindex;
+    let same_port = egress == ingress;
+    if !same_port && TX_PORTS.get(egress).is_none() {
+        return FALLBACK;
+    }
+    if decrement_hop_limit(ctx, packet).is_err() {
+        // TTL expiring here: the kernel sends the ICMP time-exceeded.
+        return FALLBACK;
+    }
+    let Ok(eth) = ctx.ptr_at::<EthHdr>(0) else {
+        return FALLBACK;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        (*eth).dst_addr = params.dmac;
+        (*eth).src_addr = params.smac;
+    }
+    if same_port {
+        return Reason::DnatTx;
+    }
+    // The port was found in TX_PORTS just above, so this only fails if userspace removed it in
+    // between; the kernel then drops the frame and reports an XDP redirect error.
+    let _ = TX_PORTS.redirect(egress, 0);
+    Reason::DnatRedirect
+}
+
+/// Fills the route lookup's parameters for `packet` arriving on `ingress`.
+#[inline(always)]
+fn fill_fib_params(
+    params: &mut bpf_fib_lookup,
+    ctx: &XdpContext,
+    packet: &Packet,
+    ingress: u32,
+) -> Result<(), ()> {
+    // SAFETY: an all-zero bpf_fib_lookup is valid.
+    *params = unsafe { mem::zeroed() };
+    params.l4_protocol = packet.proto;
+    params.sport = packet.sport.to_be();
+    params.dport = packet.dport.to_be();
+    params.ifindex = ingress;
+    if packet.ipv4 {
+        let ip: *const Ipv4Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
+        params.family = AF_INET;
+        // SAFETY: `ptr_at` checked bounds; the unions are written, not read.
+        unsafe {
+            params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+            params.__bindgen_anon_2.tos = (*ip).tos;
+            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        }
+    } else {
+        let ip: *const Ipv6Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
+        params.family = AF_INET6;
+        // SAFETY: `ptr_at` checked bounds.
+        let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len });
+        params.__bindgen_anon_1.tot_len = Ipv6Hdr::LEN as u16 + payload_len;
+        // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size; the unions are written only.
+        unsafe {
+            params.__bindgen_anon_3.ipv6_src = mem::transmute::<[u8; 16], [u32; 4]>(packet.src);
+            params.__bindgen_anon_4.ipv6_dst = mem::transmute::<[u8; 16], [u32; 4]>(packet.dst);
+        }
+    }
+    Ok(())
+}
+
+/// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit, as a router
+/// must; fails when it would reach zero.
+#[inline(always)]
+fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
+    if packet.ipv4 {
+        let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let ttl = (*ip).ttl;
+            if ttl <= 1 {
+                return Err(());
+            }
+            let old = u16::from_be_bytes([ttl, (*ip).proto]);
+            let new = u16::from_be_bytes([ttl - 1, (*ip).proto]);
+            (*ip).ttl = ttl - 1;
+            (*ip).check = replace16(u16::from_be_bytes((*ip).check), old, new).to_be_bytes();
+        }
+    } else {
+        let hop_limit: *mut u8 = ctx
+            .ptr_at(packet.l3_off + IPV6_HOP_LIMIT_OFF)
+            .map_err(|_| ())?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            if *hop_limit <= 1 {
+                return Err(());
+            }
+            *hop_limit -= 1;
+        }
+    }
+    Ok(())
+}

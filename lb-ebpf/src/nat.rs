@@ -1,0 +1,121 @@
+//! Address and port rewrites with incremental checksum updates.
+//!
+//! XDP rewrites the frame directly: frames from the wire carry complete checksums. TC uses the
+//! kernel's checksum helpers, which also handle socket buffers whose transport checksum is
+//! still partial (offloaded), as replies forwarded from local pods often are.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    cty::c_long,
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    Backend, ReverseValue,
+    checksum::{replace16, replace32, replace128},
+    maps::PROTO_UDP,
+};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{
+    context::{Frame, OutOfBounds},
+    parse::Packet,
+};
+
+/// Offset of the destination port in both TCP and UDP headers.
+const DPORT_OFF: usize = 2;
+/// Offsets of the IPv4 header checksum and source address.
+const IPV4_CHECK_OFF: usize = 10;
+const IPV4_SRC_OFF: usize = 12;
+/// Offset of the IPv6 source address.
+const IPV6_SRC_OFF: usize = 8;
+/// Offset of the IPv6 destination address.
+const IPV6_DST_OFF: usize = 24;
+
+/// Rewrites the destination of `packet` to `backend` (address and port), fixing the IPv4
+/// header checksum and the TCP/UDP checksum. An IPv4 UDP checksum of 0 (none) stays 0.
+///
+/// Not inlined: its temporaries get a stack frame of their own.
+#[inline(never)]
+pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), OutOfBounds> {
+    let l4_check: *mut [u8; 2] = ctx.ptr_at(packet.l4_check_off())?;
+    let dport: *mut [u8; 2] = ctx.ptr_at(packet.l4_off + DPORT_OFF)?;
+    // SAFETY (all dereferences below): every pointer comes from `ptr_at`, which checked bounds.
+    let mut check = u16::from_be_bytes(unsafe { *l4_check });
+    let no_checksum = packet.ipv4 && packet.proto == PROTO_UDP && check == 0;
+    if packet.ipv4 {
+        let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off)?;
+        let old = u32::from_be_bytes(unsafe { (*ip).dst_addr });
+        let new = u32::from_be_bytes([
+            backend.addr[12],
+            backend.addr[13],
+            backend.addr[14],
+            backend.addr[15],
+        ]);
+        unsafe {
+            let ip_check = replace32(u16::from_be_bytes((*ip).check), old, new);
+            (*ip).check = ip_check.to_be_bytes();
+            (*ip).dst_addr = new.to_be_bytes();
+        }
+        if !no_checksum {
+            check = replace32(check, old, new);
+        }
+    } else {
+        let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST_OFF)?;
+        unsafe {
+            check = replace128(check, &*dst, &backend.addr);
+            *dst = backend.addr;
+        }
+    }
+    if !no_checksum {
+        check = replace16(check, packet.dport, backend.port);
+        if packet.proto == PROTO_UDP && check == 0 {
+            // 0 means "no checksum" in UDP; the same sum is sent as 0xffff.
+            check = 0xffff;
+        }
+        unsafe { *l4_check = check.to_be_bytes() };
+    }
+    unsafe { *dport = backend.port.to_be_bytes() };
+    Ok(())
+}
+
+/// Rewrites the source of a reply back to the VIP:port the client used.
+#[inline(always)]
+pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Result<(), c_long> {
+    let check_off = packet.l4_check_off();
+    let keep_zero = if packet.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | keep_zero | 4;
+    if packet.ipv4 {
+        let old = ne32(&packet.src, 12);
+        let new = ne32(&to.vip, 12);
+        ctx.l3_csum_replace(packet.l3_off + IPV4_CHECK_OFF, old, new, 4)?;
+        ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+        let bytes: [u8; 4] = [to.vip[12], to.vip[13], to.vip[14], to.vip[15]];
+        ctx.store(packet.l3_off + IPV4_SRC_OFF, &bytes, 0)?;
+    } else {
+        for word in 0..4 {
+            let old = ne32(&packet.src, word * 4);
+            let new = ne32(&to.vip, word * 4);
+            ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+        }
+        ctx.store(packet.l3_off + IPV6_SRC_OFF, &to.vip, 0)?;
+    }
+    let old_port = u64::from(u16::from_ne_bytes(packet.sport.to_be_bytes()));
+    let new_port_bytes = to.vip_port.to_be_bytes();
+    let new_port = u64::from(u16::from_ne_bytes(new_port_bytes));
+    ctx.l4_csum_replace(check_off, old_port, new_port, keep_zero | 2)?;
+    ctx.store(packet.l4_off, &new_port_bytes, 0)
+}
+
+/// The 4 bytes of `addr` at `at` as the helpers take them: in memory (network) order.
+#[inline(always)]
+fn ne32(addr: &[u8; 16], at: usize) -> u64 {
+    u64::from(u32::from_ne_bytes([
+        addr[at],
+        addr[at + 1],
+        addr[at + 2],
+        addr[at + 3],
+    ]))
+}

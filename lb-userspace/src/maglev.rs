@@ -1,0 +1,162 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016), with weights.
+//!
+//! The table depends only on the set of backends (their identity bytes and weights) and its
+//! size: backends are sorted by identity first, so every machine builds the same table whatever
+//! order the endpoints were listed in, and several load balancers behind ECMP agree on every
+//! flow.
+
+use lb_common::hash::bytes_hash;
+
+/// Seeds of the two hashes that give a backend its offset and skip.
+const OFFSET_SEED: u32 = 0x5f3c_9d21;
+const SKIP_SEED: u32 = 0x2b8e_1a47;
+
+/// One backend to place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevBackend {
+    /// What the table stores for this backend (the data plane's backend id).
+    pub id: u32,
+    /// Stable identity bytes (address and port): they alone decide the placement.
+    pub identity: Vec<u8>,
+    /// Relative weight; 0 takes no slots.
+    pub weight: u32,
+}
+
+/// Errors of table building.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MaglevError {
+    /// The size is not a prime, so skips would not visit every slot.
+    #[error("Maglev table size {0} is not a prime")]
+    NotPrime(u32),
+}
+
+/// Whether `n` is a prime.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Builds a table of `size` slots (a prime). Returns `None` when no backend has weight.
+pub fn build(backends: &[MaglevBackend], size: u32) -> Result<Option<Vec<u32>>, MaglevError> {
+    if !is_prime(size) {
+        return Err(MaglevError::NotPrime(size));
+    }
+    let mut live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+    if live.is_empty() {
+        return Ok(None);
+    }
+    live.sort_by(|a, b| a.identity.cmp(&b.identity));
+    let m = u64::from(size);
+    let permutations: Vec<(u64, u64)> = live
+        .iter()
+        .map(|b| {
+            let offset = u64::from(bytes_hash(OFFSET_SEED, &b.identity)) % m;
+            let skip = u64::from(bytes_hash(SKIP_SEED, &b.identity)) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    // Weights are turns per round: a backend of weight w claims w slots for every 1 a backend
+    // of weight 1 claims.
+    let max_weight = live.iter().map(|b| b.weight).max().unwrap_or(1);
+    let mut next = vec![0u64; live.len()];
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0u32;
+    let mut round = 0u32;
+    loop {
+        round += 1;
+        for (i, backend) in live.iter().enumerate() {
+            // Spread a backend's turns over the rounds: it plays in round r when its share
+            // of r turns grows past the turns it already took.
+            let turns = (u64::from(backend.weight) * u64::from(round)) / u64::from(max_weight)
+                - (u64::from(backend.weight) * u64::from(round - 1)) / u64::from(max_weight);
+            for _ in 0..turns {
+                let (offset, skip) = permutations[i];
+                let mut slot = ((offset + next[i] * skip) % m) as usize;
+                while table[slot] != u32::MAX {
+                    next[i] += 1;
+                    slot = ((offset + next[i] * skip) % m) as usize;
+                }
+                table[slot] = backend.id;
+                next[i] += 1;
+                filled += 1;
+                if filled == size {
+                    return Ok(Some(table));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn backends(n: u32) -> Vec<MaglevBackend> {
+        (0..n)
+            .map(|i| MaglevBackend {
+                id: i,
+                identity: format!("10.0.{}.{}:8080", i / 250, i % 250).into_bytes(),
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn shares(table: &[u32]) -> HashMap<u32, usize> {
+        let mut shares = HashMap::new();
+        for id in table {
+            *shares.entry(*id).or_default() += 1;
+        }
+        shares
+    }
+
+    #[test]
+    fn rejects_non_prime_sizes() {
+        assert_eq!(build(&backends(3), 100), Err(MaglevError::NotPrime(100)));
+    }
+
+    #[test]
+    fn no_weighted_backend_gives_no_table() {
+        assert_eq!(build(&[], 13).unwrap(), None);
+    }
+
+    #[test]
+    fn every_slot_is_filled_and_shares_are_even() {
+        let n = 10;
+        let table = build(&backends(n), 16381).unwrap().unwrap();
+        assert!(table.iter().all(|id| *id < n));
+        let fair = 16381.0 / f64::from(n);
+        for (id, count) in shares(&table) {
+            let off = (count as f64 - fair).abs() / fair;
+            assert!(off < 0.01, "backend {id}: {count} slots, fair {fair}");
+        }
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let forward = backends(7);
+        let mut reversed = forward.clone();
+        reversed.reverse();
+        assert_eq!(build(&forward, 65537), build(&reversed, 65537));
+    }
+
+    #[test]
+    fn weights_split_slots_proportionally() {
+        let mut list = backends(2);
+        list[1].weight = 3;
+        let table = build(&list, 16381).unwrap().unwrap();
+        let shares = shares(&table);
+        let ratio = shares[&1] as f64 / shares[&0] as f64;
+        assert!((ratio - 3.0).abs() < 0.05, "ratio {ratio}");
+    }
+}

@@ -1,0 +1,190 @@
+//! Test frames built with etherparse, so that expected outputs (and their checksums) are
+//! computed independently of the code under test.
+
+use std::net::IpAddr;
+
+use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Header, PacketBuilder, VlanId};
+
+/// MAC of the sending client in fixtures.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+/// MAC of the load balancer's interface in fixtures.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// Everything that describes one test frame.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP (else UDP).
+    pub tcp: bool,
+    /// Number of VLAN tags (0, 1 or 2).
+    pub vlans: u8,
+    /// Bytes of IPv4 options (a multiple of 4, at most 40).
+    pub ipv4_options: usize,
+    /// IPv4 more-fragments flag.
+    pub more_fragments: bool,
+    /// IPv4 fragment offset in 8-byte units.
+    pub fragment_offset: u16,
+    pub ttl: u8,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub payload: Vec<u8>,
+}
+
+impl Spec {
+    /// A TCP SYN from `src:sport` to `dst:dport`.
+    pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            tcp: true,
+            vlans: 0,
+            ipv4_options: 0,
+            more_fragments: false,
+            fragment_offset: 0,
+            ttl: 64,
+            src_mac: CLIENT_MAC,
+            dst_mac: LB_MAC,
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        }
+    }
+
+    /// A UDP datagram from `src:sport` to `dst:dport`.
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
+        Self {
+            tcp: false,
+            payload: b"ping".to_vec(),
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// The same frame with another destination.
+    pub fn to(&self, dst: IpAddr, dport: u16) -> Self {
+        Self {
+            dst,
+            dport,
+            ..self.clone()
+        }
+    }
+
+    /// The frame's bytes, checksums computed by etherparse.
+    pub fn build(&self) -> Vec<u8> {
+        let ip = match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let proto = if self.tcp {
+                    IpNumber::TCP
+                } else {
+                    IpNumber::UDP
+                };
+                let mut header = Ipv4Header::new(0, self.ttl, proto, src.octets(), dst.octets())
+                    .expect("IPv4 header");
+                // NOP options (kind 1).
+                header.options =
+                    Ipv4Options::try_from(&vec![1u8; self.ipv4_options][..]).expect("IPv4 options");
+                header.more_fragments = self.more_fragments;
+                header.fragment_offset =
+                    etherparse::IpFragOffset::try_new(self.fragment_offset).expect("offset");
+                IpHeaders::Ipv4(header, Default::default())
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => IpHeaders::Ipv6(
+                Ipv6Header {
+                    hop_limit: self.ttl,
+                    next_header: if self.tcp {
+                        IpNumber::TCP
+                    } else {
+                        IpNumber::UDP
+                    },
+                    source: src.octets(),
+                    destination: dst.octets(),
+                    ..Default::default()
+                },
+                Default::default(),
+            ),
+            _ => panic!("mixed address families"),
+        };
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let vlan = |id| VlanId::try_new(id).expect("VLAN id");
+        let with_ip = match self.vlans {
+            0 => eth.ip(ip),
+            1 => eth.single_vlan(vlan(100)).ip(ip),
+            _ => eth.double_vlan(vlan(200), vlan(100)).ip(ip),
+        };
+        let mut frame = Vec::new();
+        if self.tcp {
+            with_ip
+                .tcp(self.sport, self.dport, 1000, 64240)
+                .syn()
+                .write(&mut frame, &self.payload)
+                .expect("write TCP frame");
+        } else {
+            with_ip
+                .udp(self.sport, self.dport)
+                .write(&mut frame, &self.payload)
+                .expect("write UDP frame");
+        }
+        frame
+    }
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP checksum of `frame` from scratch.
+/// Fragments' transport checksums (which cover bytes the frame lacks) are not checked.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(frame).expect("output frame parses");
+    let Some(net) = sliced.net else { return };
+    match (&net, &sliced.transport) {
+        (NetSlice::Ipv4(ip), transport) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.header_checksum,
+                header.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            if ip.is_payload_fragmented() {
+                return;
+            }
+            match transport {
+                Some(TransportSlice::Tcp(tcp)) => assert_eq!(
+                    tcp.checksum(),
+                    tcp.to_header()
+                        .calc_checksum_ipv4(&header, tcp.payload())
+                        .unwrap(),
+                    "TCP checksum"
+                ),
+                Some(TransportSlice::Udp(udp)) if udp.checksum() != 0 => assert_eq!(
+                    udp.checksum(),
+                    udp.to_header()
+                        .calc_checksum_ipv4(&header, udp.payload())
+                        .unwrap(),
+                    "UDP checksum"
+                ),
+                _ => {}
+            }
+        }
+        (NetSlice::Ipv6(ip), transport) => {
+            let header = ip.header().to_header();
+            match transport {
+                Some(TransportSlice::Tcp(tcp)) => assert_eq!(
+                    tcp.checksum(),
+                    tcp.to_header()
+                        .calc_checksum_ipv6(&header, tcp.payload())
+                        .unwrap(),
+                    "TCP checksum"
+                ),
+                Some(TransportSlice::Udp(udp)) => assert_eq!(
+                    udp.checksum(),
+                    udp.to_header()
+                        .calc_checksum_ipv6(&header, udp.payload())
+                        .unwrap(),
+                    "UDP checksum"
+                ),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,858 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN, in the style of Katran's tester: each case
+//! programs the maps, runs an input frame through the loaded program and checks the verdict, the
+//! exact output bytes (built independently with etherparse), valid checksums and the counter of
+//! the reason it was counted under. Every case runs inside a fresh network namespace so route
+//! lookups are deterministic (no route: DNATed frames go to the kernel).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{
+    Backend, Event, Reason, ServiceKey, ServiceValue,
+    maps::{
+        BACKEND_F_TERMINATING, BACKEND_F_VALID, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY,
+        ipv4_mapped,
+    },
+};
+use lb_tests::{
+    frames::{Spec, assert_checksums_valid},
+    netns::Netns,
+};
+use lb_userspace::{
+    Dataplane,
+    maglev::{self, MaglevBackend},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+
+const VIP4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1));
+const VIP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1));
+const CLIENT4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10));
+const CLIENT6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+const PORT: u16 = 8080;
+const TARGET_PORT: u16 = 9090;
+const TABLE_SIZE: u32 = 1021;
+
+fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn backend4(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 1, i))
+}
+
+fn backend6(i: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i))
+}
+
+/// A loaded data plane with helpers to program services.
+struct Lb {
+    dataplane: Dataplane,
+}
+
+impl Lb {
+    fn new() -> Self {
+        Self {
+            dataplane: Dataplane::load().expect("load the data plane"),
+        }
+    }
+
+    /// Programs service `id` on `vip:PORT/proto` with backends `(backend id, address, flags)`
+    /// listening on TARGET_PORT, and a Maglev table of its non-terminating backends.
+    fn service(
+        &mut self,
+        id: u32,
+        vip: IpAddr,
+        proto: u8,
+        flags: u32,
+        backends: &[(u32, IpAddr, u16)],
+    ) {
+        let key = ServiceKey {
+            addr: addr16(vip),
+            port: PORT,
+            proto,
+            pad: 0,
+        };
+        let value = ServiceValue {
+            id,
+            flags,
+            affinity_timeout_secs: 10800,
+        };
+        self.dataplane.set_service(&key, &value).unwrap();
+        self.dataplane.set_vip_addr(addr16(vip), 1).unwrap();
+        for &(backend_id, addr, backend_flags) in backends {
+            let backend = Backend {
+                addr: addr16(addr),
+                port: TARGET_PORT,
+                flags: backend_flags,
+                service_id: id,
+            };
+            self.dataplane.set_backend(backend_id, &backend).unwrap();
+        }
+        self.table(id, backends);
+    }
+
+    /// Builds and swaps in service `id`'s Maglev table from its accepting backends.
+    fn table(&mut self, id: u32, backends: &[(u32, IpAddr, u16)]) {
+        let placed: Vec<MaglevBackend> = backends
+            .iter()
+            .filter(|(_, _, flags)| flags & BACKEND_F_TERMINATING == 0)
+            .map(|&(backend_id, addr, _)| MaglevBackend {
+                id: backend_id,
+                identity: addr16(addr).to_vec(),
+                weight: 1,
+            })
+            .collect();
+        match maglev::build(&placed, TABLE_SIZE).unwrap() {
+            Some(table) => self.dataplane.set_maglev_table(id, &table).unwrap(),
+            None => {
+                let _ = self.dataplane.remove_maglev_table(id);
+            }
+        }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_xdp(self.dataplane.xdp_program().unwrap(), frame, None)
+    }
+
+    fn reason(&self, reason: Reason) -> u64 {
+        self.dataplane.reason_counter(reason).unwrap().packets
+    }
+
+    fn total(&self) -> u64 {
+        self.dataplane
+            .reason_counters()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| c.packets)
+            .sum()
+    }
+
+    fn event(&self, event: Event) -> u64 {
+        self.dataplane.event_counter(event).unwrap()
+    }
+}
+
+/// Runs `frame` through an XDP program, optionally as if received on `ingress_ifindex`.
+fn run_xdp(
+    program: &aya::programs::Xdp,
+    frame: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> (u32, Vec<u8>) {
+    let mut output = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ctx_in: ingress_ifindex.map(|_| &ctx[..]),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    output.truncate(result.data_size_out as usize);
+    (result.return_value, output)
+}
+
+/// What a case expects.
+enum Expect {
+    /// Passed byte for byte.
+    Unchanged(Reason),
+    /// Dropped.
+    Dropped(Reason),
+    /// DNATed to this frame and passed to the kernel (no route in the test namespace).
+    Dnat(Vec<u8>),
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+/// Runs `f` on a thread inside a fresh namespace.
+fn in_fresh_netns<T: Send>(tag: &str, f: impl FnOnce(&Netns) -> T + Send) -> T {
+    let ns = Netns::create(tag).unwrap();
+    let result = ns.enter(|| f(&ns)).unwrap();
+    drop(ns);
+    result
+}
+
+fn check(lb: &Lb, case: &Case) {
+    let name = case.name;
+    let (reason, verdict, output) = match &case.expect {
+        Expect::Unchanged(reason) => (*reason, XDP_PASS, &case.input),
+        Expect::Dropped(reason) => (*reason, XDP_DROP, &case.input),
+        Expect::Dnat(output) => (Reason::DnatFibFallback, XDP_PASS, output),
+    };
+    let before = lb.reason(reason);
+    let total_before = lb.total();
+    let (got_verdict, got_output) = lb.run(&case.input);
+    assert_eq!(got_verdict, verdict, "{name}: verdict");
+    if verdict != XDP_DROP {
+        assert_eq!(&got_output, output, "{name}: output bytes");
+    }
+    if matches!(case.expect, Expect::Dnat(_)) {
+        assert_checksums_valid(&got_output);
+    }
+    assert_eq!(
+        lb.reason(reason),
+        before + 1,
+        "{name}: counted under {}",
+        reason.name()
+    );
+    assert_eq!(lb.total(), total_before + 1, "{name}: counted exactly once");
+}
+
+/// The service every stateless case uses: TCP and UDP on VIP4 and VIP6, one backend each, so
+/// the expected backend is known without consulting the table.
+fn single_backend_lb() -> Lb {
+    let mut lb = Lb::new();
+    lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+    lb.service(2, VIP4, PROTO_UDP, 0, &[(2, backend4(2), BACKEND_F_VALID)]);
+    lb.service(3, VIP6, PROTO_TCP, 0, &[(3, backend6(3), BACKEND_F_VALID)]);
+    lb.service(4, VIP6, PROTO_UDP, 0, &[(4, backend6(4), BACKEND_F_VALID)]);
+    lb
+}
+
+fn truncated(frame: Vec<u8>, len: usize) -> Vec<u8> {
+    frame[..len].to_vec()
+}
+
+/// Sets a big-endian u16 at `at` and fixes the IPv4 header checksum of the header at 14.
+fn patch_ipv4(mut frame: Vec<u8>, at: usize, value: u16) -> Vec<u8> {
+    frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let check = lb_common::checksum::compute(&frame[14..14 + ((frame[14] & 0xf) as usize) * 4]);
+    frame[24..26].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// Inserts an 8-byte hop-by-hop options header after the IPv6 header at 14.
+fn with_hop_by_hop(mut frame: Vec<u8>) -> Vec<u8> {
+    let next = frame[14 + 6];
+    frame[14 + 6] = 0;
+    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + 8;
+    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    let hop_by_hop = [next, 0, 1, 4, 0, 0, 0, 0];
+    frame.splice(54..54, hop_by_hop);
+    frame
+}
+
+fn stateless_cases() -> Vec<Case> {
+    let tcp4 = Spec::tcp(CLIENT4, 40000, VIP4, PORT);
+    let udp4 = Spec::udp(CLIENT4, 40001, VIP4, PORT);
+    let tcp6 = Spec::tcp(CLIENT6, 40002, VIP6, PORT);
+    let udp6 = Spec::udp(CLIENT6, 40003, VIP6, PORT);
+    let dnat = |spec: &Spec, backend: IpAddr| Expect::Dnat(spec.to(backend, TARGET_PORT).build());
+    let with = |spec: &Spec, f: &dyn Fn(&mut Spec)| {
+        let mut spec = spec.clone();
+        f(&mut spec);
+        spec
+    };
+    let mut udp4_no_checksum = udp4.build();
+    udp4_no_checksum[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let mut udp4_no_checksum_out = udp4.to(backend4(2), TARGET_PORT).build();
+    udp4_no_checksum_out[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let arp = {
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 10], [0xff; 6])
+            .arp(
+                etherparse::ArpPacket::new(
+                    etherparse::ArpHardwareId::ETHERNET,
+                    etherparse::EtherType::IPV4,
+                    etherparse::ArpOperation::REQUEST,
+                    &[2, 0, 0, 0, 0, 10],
+                    &[198, 18, 0, 10],
+                    &[0; 6],
+                    &[198, 18, 100, 1],
+                )
+                .unwrap(),
+            )
+            .write(&mut frame)
+            .unwrap();
+        frame
+    };
+    let mut lldp = tcp4.build();
+    lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
+    let icmp_to_vip = {
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 10], [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 0, 10], [198, 18, 100, 1], 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut frame, b"ping")
+            .unwrap();
+        frame
+    };
+    let tcp4_len = tcp4.build().len();
+    vec![
+        // DNAT of each family and protocol.
+        Case {
+            name: "tcp4 dnat",
+            input: tcp4.build(),
+            expect: dnat(&tcp4, backend4(1)),
+        },
+        Case {
+            name: "udp4 dnat",
+            input: udp4.build(),
+            expect: dnat(&udp4, backend4(2)),
+        },
+        Case {
+            name: "tcp6 dnat",
+            input: tcp6.build(),
+            expect: dnat(&tcp6, backend6(3)),
+        },
+        Case {
+            name: "udp6 dnat",
+            input: udp6.build(),
+            expect: dnat(&udp6, backend6(4)),
+        },
+        Case {
+            name: "udp4 checksum 0 stays 0",
+            input: udp4_no_checksum,
+            expect: Expect::Dnat(udp4_no_checksum_out),
+        },
+        Case {
+            name: "tcp4 with a large payload",
+            input: with(&tcp4, &|s| s.payload = vec![0xab; 1400]).build(),
+            expect: dnat(&with(&tcp4, &|s| s.payload = vec![0xab; 1400]), backend4(1)),
+        },
+        // IPv4 options are skipped by IHL, and kept.
+        Case {
+            name: "tcp4 with 4 bytes of options",
+            input: with(&tcp4, &|s| s.ipv4_options = 4).build(),
+            expect: dnat(&with(&tcp4, &|s| s.ipv4_options = 4), backend4(1)),
+        },
+        Case {
+            name: "udp4 with 40 bytes of options",
+            input: with(&udp4, &|s| s.ipv4_options = 40).build(),
+            expect: dnat(&with(&udp4, &|s| s.ipv4_options = 40), backend4(2)),
+        },
+        // VLAN tags are kept; the kernel routes tagged frames.
+        Case {
+            name: "802.1Q tcp4 dnat",
+            input: with(&tcp4, &|s| s.vlans = 1).build(),
+            expect: dnat(&with(&tcp4, &|s| s.vlans = 1), backend4(1)),
+        },
+        Case {
+            name: "QinQ udp6 dnat",
+            input: with(&udp6, &|s| s.vlans = 2).build(),
+            expect: dnat(&with(&udp6, &|s| s.vlans = 2), backend6(4)),
+        },
+        Case {
+            name: "802.1Q non-VIP passes",
+            input: with(&tcp4, &|s| {
+                s.vlans = 1;
+                s.dst = CLIENT4;
+            })
+            .build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        // Fragments: the first carries the ports and is DNATed; later ones to a VIP are dropped.
+        Case {
+            name: "first fragment udp4 dnat",
+            input: with(&udp4, &|s| s.more_fragments = true).build(),
+            expect: dnat(&with(&udp4, &|s| s.more_fragments = true), backend4(2)),
+        },
+        Case {
+            name: "non-first fragment to VIP dropped",
+            input: with(&udp4, &|s| s.fragment_offset = 185).build(),
+            expect: Expect::Dropped(Reason::DropFragment),
+        },
+        Case {
+            name: "non-first fragment elsewhere passes",
+            input: with(&udp4, &|s| {
+                s.fragment_offset = 185;
+                s.dst = CLIENT4;
+            })
+            .build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        // Not ours: untouched.
+        Case {
+            name: "ARP passes",
+            input: arp,
+            expect: Expect::Unchanged(Reason::PassNotIp),
+        },
+        Case {
+            name: "LLDP passes",
+            input: lldp,
+            expect: Expect::Unchanged(Reason::PassNotIp),
+        },
+        Case {
+            name: "tcp4 to another address passes",
+            input: tcp4.to(backend4(9), PORT).build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        Case {
+            name: "tcp4 to the VIP on another port passes",
+            input: tcp4.to(VIP4, 22).build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        Case {
+            name: "tcp6 to another address passes",
+            input: tcp6.to(backend6(9), PORT).build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        Case {
+            name: "ICMP echo to the VIP passes",
+            input: icmp_to_vip,
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        // Truncation at every header boundary.
+        Case {
+            name: "truncated inside the second VLAN tag",
+            input: truncated(with(&tcp4, &|s| s.vlans = 2).build(), 20),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        Case {
+            name: "truncated after Ethernet (IPv4 type)",
+            input: truncated(tcp4.build(), 14),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        Case {
+            name: "truncated inside the IPv4 header",
+            input: truncated(tcp4.build(), 14 + 10),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        Case {
+            name: "truncated after the IPv4 header, to a VIP",
+            input: truncated(tcp4.build(), 14 + 20),
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "truncated inside the TCP header, to a VIP",
+            input: truncated(tcp4.build(), 14 + 20 + 10),
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "truncated inside the UDP header, to a VIP",
+            input: truncated(udp4.build(), 14 + 20 + 4),
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "truncated inside the IPv6 header",
+            input: truncated(tcp6.build(), 14 + 30),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        Case {
+            name: "truncated after the IPv6 header, to a VIP",
+            input: truncated(tcp6.build(), 14 + 40),
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "truncated inside the VLAN tag",
+            input: truncated(with(&tcp4, &|s| s.vlans = 1).build(), 16),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        // Lying length fields.
+        Case {
+            name: "IHL below 5, to a VIP",
+            input: {
+                let mut f = tcp4.build();
+                f[14] = 0x44;
+                f
+            },
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "IPv4 total length beyond the frame, to a VIP",
+            input: patch_ipv4(tcp4.build(), 16, (tcp4_len - 14 + 100) as u16),
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "IPv4 total length beyond the frame, elsewhere",
+            input: patch_ipv4(tcp4.to(CLIENT4, PORT).build(), 16, 1500),
+            expect: Expect::Unchanged(Reason::PassUnparsed),
+        },
+        Case {
+            name: "TCP data offset below 5, to a VIP",
+            input: {
+                let mut f = tcp4.build();
+                f[14 + 20 + 12] = 0x40;
+                f
+            },
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "UDP length beyond the IP payload, to a VIP",
+            input: {
+                let mut f = udp4.build();
+                f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&600u16.to_be_bytes());
+                f
+            },
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        Case {
+            name: "IPv6 payload length beyond the frame, to a VIP",
+            input: {
+                let mut f = udp6.build();
+                f[18..20].copy_from_slice(&900u16.to_be_bytes());
+                f
+            },
+            expect: Expect::Dropped(Reason::DropMalformed),
+        },
+        // IPv6 extension headers are not parsed.
+        Case {
+            name: "IPv6 hop-by-hop to a VIP dropped",
+            input: with_hop_by_hop(udp6.build()),
+            expect: Expect::Dropped(Reason::DropUnsupported),
+        },
+        Case {
+            name: "IPv6 hop-by-hop elsewhere passes",
+            input: with_hop_by_hop(udp6.to(backend6(9), PORT).build()),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        // Wrong protocol for the service.
+        Case {
+            name: "UDP to a TCP-only VIP:port (v6 UDP service absent on port 8081)",
+            input: udp6.to(VIP6, PORT + 1).build(),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+    ]
+}
+
+#[test]
+fn stateless_fixtures() {
+    let count = in_fresh_netns("fx", |_| {
+        let lb = single_backend_lb();
+        let cases = stateless_cases();
+        for case in &cases {
+            check(&lb, case);
+        }
+        cases.len()
+    });
+    assert!(count >= 38, "{count} stateless cases");
+}
+
+#[test]
+fn no_backend_drops() {
+    in_fresh_netns("nob", |_| {
+        let mut lb = Lb::new();
+        // A service with no table at all, and one whose only backend was removed.
+        lb.service(1, VIP4, PROTO_TCP, 0, &[]);
+        lb.service(2, VIP4, PROTO_UDP, 0, &[(2, backend4(2), BACKEND_F_VALID)]);
+        lb.dataplane.set_backend(2, &Backend::default()).unwrap();
+        for (name, spec) in [
+            ("no table", Spec::tcp(CLIENT4, 1, VIP4, PORT)),
+            ("backend removed", Spec::udp(CLIENT4, 1, VIP4, PORT)),
+        ] {
+            check(
+                &lb,
+                &Case {
+                    name,
+                    input: spec.build(),
+                    expect: Expect::Dropped(Reason::DropNoBackend),
+                },
+            );
+        }
+    });
+}
+
+/// Which backend a DNATed output frame went to (its IPv4 destination's last byte).
+fn backend_of(output: &[u8]) -> u8 {
+    output[14 + 19]
+}
+
+#[test]
+fn conntrack_keeps_flows_on_their_backend_when_the_table_changes() {
+    in_fresh_netns("ct", |_| {
+        let mut lb = Lb::new();
+        let four: Vec<_> = (1..=4)
+            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+            .collect();
+        lb.service(1, VIP4, PROTO_TCP, 0, &four);
+        let flows: Vec<Spec> = (0..64)
+            .map(|p| Spec::tcp(CLIENT4, 20000 + p, VIP4, PORT))
+            .collect();
+        let first: Vec<u8> = flows
+            .iter()
+            .map(|f| backend_of(&lb.run(&f.build()).1))
+            .collect();
+        assert!(
+            first.iter().any(|b| *b != first[0]),
+            "64 flows spread over 4 backends"
+        );
+        assert_eq!(lb.event(Event::ConntrackMiss), 64);
+
+        // Scale to 8 backends: a new table, but established flows stay where they are.
+        let eight: Vec<_> = (1..=8)
+            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+            .collect();
+        lb.service(1, VIP4, PROTO_TCP, 0, &eight);
+        let again: Vec<u8> = flows
+            .iter()
+            .map(|f| backend_of(&lb.run(&f.build()).1))
+            .collect();
+        assert_eq!(first, again, "established flows kept their backends");
+        assert_eq!(lb.event(Event::ConntrackHit), 64);
+
+        // New flows use the new table: some land on the new backends.
+        let fresh: Vec<u8> = (0..64)
+            .map(|p| backend_of(&lb.run(&Spec::tcp(CLIENT4, 30000 + p, VIP4, PORT).build()).1))
+            .collect();
+        assert!(
+            fresh.iter().any(|b| *b > 4),
+            "new flows reach the new backends"
+        );
+        let counted = lb.dataplane.backend_counter(1).unwrap();
+        assert!(counted.new_flows >= 1 && counted.packets >= counted.new_flows);
+    });
+}
+
+#[test]
+fn a_removed_backends_flows_are_rebalanced() {
+    in_fresh_netns("rb", |_| {
+        let mut lb = Lb::new();
+        let two = [
+            (1, backend4(1), BACKEND_F_VALID),
+            (2, backend4(2), BACKEND_F_VALID),
+        ];
+        lb.service(1, VIP4, PROTO_TCP, 0, &two);
+        let flows: Vec<Spec> = (0..32)
+            .map(|p| Spec::tcp(CLIENT4, 20000 + p, VIP4, PORT))
+            .collect();
+        for flow in &flows {
+            lb.run(&flow.build());
+        }
+        // Remove backend 2: empty its slot and rebuild the table without it.
+        lb.dataplane.set_backend(2, &Backend::default()).unwrap();
+        lb.table(1, &two[..1]);
+        for flow in &flows {
+            let (verdict, output) = lb.run(&flow.build());
+            assert_eq!(verdict, XDP_PASS);
+            assert_eq!(
+                backend_of(&output),
+                1,
+                "every flow now on the surviving backend"
+            );
+        }
+        assert!(lb.event(Event::ConntrackRebalanced) >= 1);
+    });
+}
+
+#[test]
+fn a_terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
+    in_fresh_netns("term", |_| {
+        let mut lb = Lb::new();
+        let two = [
+            (1, backend4(1), BACKEND_F_VALID),
+            (2, backend4(2), BACKEND_F_VALID),
+        ];
+        lb.service(1, VIP4, PROTO_TCP, 0, &two);
+        let flows: Vec<Spec> = (0..32)
+            .map(|p| Spec::tcp(CLIENT4, 20000 + p, VIP4, PORT))
+            .collect();
+        let before: Vec<u8> = flows
+            .iter()
+            .map(|f| backend_of(&lb.run(&f.build()).1))
+            .collect();
+        assert!(before.contains(&2));
+        let terminating = [
+            (1, backend4(1), BACKEND_F_VALID),
+            (2, backend4(2), BACKEND_F_VALID | BACKEND_F_TERMINATING),
+        ];
+        lb.service(1, VIP4, PROTO_TCP, 0, &terminating);
+        let after: Vec<u8> = flows
+            .iter()
+            .map(|f| backend_of(&lb.run(&f.build()).1))
+            .collect();
+        assert_eq!(
+            before, after,
+            "existing flows stay, terminating backend included"
+        );
+        for p in 0..32 {
+            let (_, output) = lb.run(&Spec::tcp(CLIENT4, 40000 + p, VIP4, PORT).build());
+            assert_eq!(
+                backend_of(&output),
+                1,
+                "no new flow to the terminating backend"
+            );
+        }
+    });
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_clients_connections_together() {
+    in_fresh_netns("aff", |_| {
+        let mut lb = Lb::new();
+        let four: Vec<_> = (1..=4)
+            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+            .collect();
+        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
+        lb.service(
+            2,
+            VIP4,
+            PROTO_UDP,
+            0,
+            &four
+                .iter()
+                .map(|&(i, a, f)| (i + 10, a, f))
+                .collect::<Vec<_>>(),
+        );
+        let backends: Vec<u8> = (0..16)
+            .map(|p| backend_of(&lb.run(&Spec::tcp(CLIENT4, 20000 + p, VIP4, PORT).build()).1))
+            .collect();
+        assert!(
+            backends.iter().all(|b| *b == backends[0]),
+            "one client, one backend: {backends:?}"
+        );
+        assert_eq!(lb.event(Event::AffinityHit), 15);
+        // Without affinity the same client's flows spread.
+        let spread: Vec<u8> = (0..16)
+            .map(|p| backend_of(&lb.run(&Spec::udp(CLIENT4, 20000 + p, VIP4, PORT).build()).1))
+            .collect();
+        assert!(
+            spread.iter().any(|b| *b != spread[0]),
+            "no affinity: flows spread"
+        );
+    });
+}
+
+#[test]
+fn replies_are_reverse_nated_on_egress() {
+    in_fresh_netns("rnat", |_| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        lb.service(4, VIP6, PROTO_UDP, 0, &[(4, backend6(4), BACKEND_F_VALID)]);
+        let tc = lb.dataplane.tc_egress_program().unwrap();
+        let run_tc = |frame: &[u8]| {
+            let mut output = vec![0u8; frame.len() + 256];
+            let result = tc
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut output),
+                    ..TestRunOptions::new()
+                })
+                .expect("BPF_PROG_TEST_RUN (tc)");
+            output.truncate(result.data_size_out as usize);
+            (result.return_value, output)
+        };
+        for (name, request, backend) in [
+            ("tcp4", Spec::tcp(CLIENT4, 41000, VIP4, PORT), backend4(1)),
+            ("udp6", Spec::udp(CLIENT6, 41001, VIP6, PORT), backend6(4)),
+        ] {
+            lb.run(&request.build());
+            let mut reply = request.clone();
+            reply.src = backend;
+            reply.sport = TARGET_PORT;
+            reply.dst = request.src;
+            reply.dport = request.sport;
+            let mut expected = reply.clone();
+            expected.src = request.dst;
+            expected.sport = PORT;
+            let before = lb.reason(Reason::ReverseNat);
+            let (verdict, output) = run_tc(&reply.build());
+            assert_eq!(verdict, TC_ACT_OK, "{name}");
+            assert_eq!(
+                output,
+                expected.build(),
+                "{name}: reply rewritten to the VIP"
+            );
+            assert_checksums_valid(&output);
+            assert_eq!(lb.reason(Reason::ReverseNat), before + 1, "{name}");
+        }
+        // A packet of no tracked flow leaves untouched.
+        let stranger = Spec::tcp(backend4(1), TARGET_PORT, CLIENT4, 5).build();
+        let before = lb.reason(Reason::EgressPass);
+        let (verdict, output) = run_tc(&stranger);
+        assert_eq!((verdict, output), (TC_ACT_OK, stranger));
+        assert_eq!(lb.reason(Reason::EgressPass), before + 1);
+    });
+}
+
+/// Reads an interface's index and MAC in `ns` (`ip netns exec` mounts the namespace's /sys).
+fn link(ns: &Netns, name: &str) -> (u32, [u8; 6]) {
+    let read = |file: &str| {
+        let path = format!("/sys/class/net/{name}/{file}");
+        String::from_utf8(ns.exec("cat", &[&path]).unwrap().stdout).unwrap()
+    };
+    let mac: Vec<u8> = read("address")
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    (
+        read("ifindex").trim().parse().unwrap(),
+        mac.try_into().unwrap(),
+    )
+}
+
+#[test]
+fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
+    let ns = Netns::create("fwd").unwrap();
+    ns.ip(&[
+        "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1",
+    ])
+    .unwrap();
+    for dev in ["fwd0", "fwd1"] {
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "fwd0"])
+        .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "198.18.1.1",
+        "lladdr",
+        "02:00:00:00:01:01",
+        "dev",
+        "fwd0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    let (fwd0, fwd0_mac) = link(&ns, "fwd0");
+    let (fwd1, _) = link(&ns, "fwd1");
+    ns.enter(|| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        let program = lb.dataplane.xdp_program().unwrap();
+        let request = Spec::tcp(CLIENT4, 42000, VIP4, PORT);
+        let mut expected = request.to(backend4(1), TARGET_PORT);
+        expected.ttl -= 1;
+        expected.src_mac = fwd0_mac;
+        expected.dst_mac = [2, 0, 0, 0, 1, 1];
+
+        // Arriving on the egress port itself: XDP_TX with the next hop's MACs and TTL - 1.
+        let (verdict, output) = run_xdp(program, &request.build(), Some(fwd0));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(output, expected.build());
+        assert_checksums_valid(&output);
+        assert_eq!(lb.reason(Reason::DnatTx), 1);
+
+        // Arriving elsewhere, with the egress port not registered: the kernel forwards it.
+        let other = Spec::tcp(CLIENT4, 42001, VIP4, PORT);
+        let (verdict, output) = run_xdp(program, &other.build(), Some(fwd1));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(output, other.to(backend4(1), TARGET_PORT).build());
+
+        // Registered as a redirect target: redirected.
+        lb.dataplane.add_tx_port(fwd0).unwrap();
+        let program = lb.dataplane.xdp_program().unwrap();
+        let third = Spec::tcp(CLIENT4, 42002, VIP4, PORT);
+        let (verdict, _) = run_xdp(program, &third.build(), Some(fwd1));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(lb.reason(Reason::DnatRedirect), 1);
+
+        // TTL 1: the kernel must answer with time-exceeded, so it gets the frame.
+        let mut expiring = Spec::tcp(CLIENT4, 42003, VIP4, PORT);
+        expiring.ttl = 1;
+        let (verdict, output) = run_xdp(program, &expiring.build(), Some(fwd0));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
+    })
+    .unwrap();
+}
