@@ -21,6 +21,7 @@ const BPF_LINKER_FOR_LLVM: &[(u32, &str)] = &[(22, "0.10.4")];
 /// Debian packages used by the tests, the sandbox, the demo and the benchmarks.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    "ethtool",
     "iptables",
     "nftables",
     "bpftool",
