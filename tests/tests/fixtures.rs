@@ -55,12 +55,38 @@ fn backend6(i: u16) -> IpAddr {
 /// A loaded data plane with helpers to program services.
 struct Lb {
     dataplane: Dataplane,
+    /// Frames run through `lb_xdp`, to check the counters account for every one.
+    runs: std::cell::Cell<u64>,
+}
+
+impl Drop for Lb {
+    /// Every frame run through the program is counted under exactly one reason.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let xdp_total: u64 = self
+                .dataplane
+                .reason_counters()
+                .unwrap()
+                .iter()
+                .filter(|(reason, _)| {
+                    !reason.name().starts_with("egress") && !reason.name().starts_with("reverse")
+                })
+                .map(|(_, c)| c.packets)
+                .sum();
+            assert_eq!(
+                xdp_total,
+                self.runs.get(),
+                "XDP counters account for every frame"
+            );
+        }
+    }
 }
 
 impl Lb {
     fn new() -> Self {
         Self {
             dataplane: Dataplane::load().expect("load the data plane"),
+            runs: std::cell::Cell::new(0),
         }
     }
 
@@ -119,7 +145,16 @@ impl Lb {
     }
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        run_xdp(self.dataplane.xdp_program().unwrap(), frame, None)
+        self.run_on(frame, None)
+    }
+
+    fn run_on(&self, frame: &[u8], ingress_ifindex: Option<u32>) -> (u32, Vec<u8>) {
+        self.runs.set(self.runs.get() + 1);
+        run_xdp(
+            self.dataplane.xdp_program().unwrap(),
+            frame,
+            ingress_ifindex,
+        )
     }
 
     fn reason(&self, reason: Reason) -> u64 {
@@ -720,6 +755,39 @@ fn client_ip_affinity_keeps_a_clients_connections_together() {
 }
 
 #[test]
+fn client_ip_affinity_expires_after_its_timeout() {
+    in_fresh_netns("affexp", |_| {
+        let mut lb = Lb::new();
+        let four: Vec<_> = (1..=4)
+            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+            .collect();
+        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
+        let key = ServiceKey {
+            addr: addr16(VIP4),
+            port: PORT,
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let value = ServiceValue {
+            id: 1,
+            flags: SERVICE_F_AFFINITY,
+            affinity_timeout_secs: 1,
+        };
+        lb.dataplane.set_service(&key, &value).unwrap();
+        lb.run(&Spec::tcp(CLIENT4, 20000, VIP4, PORT).build());
+        lb.run(&Spec::tcp(CLIENT4, 20001, VIP4, PORT).build());
+        assert_eq!(lb.event(Event::AffinityHit), 1, "within the timeout");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        lb.run(&Spec::tcp(CLIENT4, 20002, VIP4, PORT).build());
+        assert_eq!(
+            lb.event(Event::AffinityHit),
+            1,
+            "after the timeout the entry is not used"
+        );
+    });
+}
+
+#[test]
 fn replies_are_reverse_nated_on_egress() {
     in_fresh_netns("rnat", |_| {
         let mut lb = Lb::new();
@@ -819,7 +887,6 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
     ns.enter(|| {
         let mut lb = Lb::new();
         lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
-        let program = lb.dataplane.xdp_program().unwrap();
         let request = Spec::tcp(CLIENT4, 42000, VIP4, PORT);
         let mut expected = request.to(backend4(1), TARGET_PORT);
         expected.ttl -= 1;
@@ -827,7 +894,7 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
         expected.dst_mac = [2, 0, 0, 0, 1, 1];
 
         // Arriving on the egress port itself: XDP_TX with the next hop's MACs and TTL - 1.
-        let (verdict, output) = run_xdp(program, &request.build(), Some(fwd0));
+        let (verdict, output) = lb.run_on(&request.build(), Some(fwd0));
         assert_eq!(verdict, XDP_TX);
         assert_eq!(output, expected.build());
         assert_checksums_valid(&output);
@@ -835,22 +902,21 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
 
         // Arriving elsewhere, with the egress port not registered: the kernel forwards it.
         let other = Spec::tcp(CLIENT4, 42001, VIP4, PORT);
-        let (verdict, output) = run_xdp(program, &other.build(), Some(fwd1));
+        let (verdict, output) = lb.run_on(&other.build(), Some(fwd1));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(output, other.to(backend4(1), TARGET_PORT).build());
 
         // Registered as a redirect target: redirected.
         lb.dataplane.add_tx_port(fwd0).unwrap();
-        let program = lb.dataplane.xdp_program().unwrap();
         let third = Spec::tcp(CLIENT4, 42002, VIP4, PORT);
-        let (verdict, _) = run_xdp(program, &third.build(), Some(fwd1));
+        let (verdict, _) = lb.run_on(&third.build(), Some(fwd1));
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(lb.reason(Reason::DnatRedirect), 1);
 
         // TTL 1: the kernel must answer with time-exceeded, so it gets the frame.
         let mut expiring = Spec::tcp(CLIENT4, 42003, VIP4, PORT);
         expiring.ttl = 1;
-        let (verdict, output) = run_xdp(program, &expiring.build(), Some(fwd0));
+        let (verdict, output) = lb.run_on(&expiring.build(), Some(fwd0));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
     })
