@@ -3,5 +3,7 @@
 
 pub mod dataplane;
 pub mod maglev;
+pub mod manifest;
+pub mod model;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

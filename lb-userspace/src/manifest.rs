@@ -1,0 +1,254 @@
+//! Reading Kubernetes manifests: `v1 Service`, `v1 Endpoints`, `discovery.k8s.io/v1
+//! EndpointSlice`, and `v1 List`s of them, from a file or a folder of multi-document YAML (or
+//! JSON) as written by hand or by `kubectl get ... -o yaml`.
+//!
+//! Other well-known kinds (a Deployment beside its Service, say) are skipped; anything else is
+//! an error, as is a document that does not parse, naming the file, the object and the field.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize as _;
+use serde_yaml_ng::Value;
+
+/// A manifest that cannot be used, located as precisely as the reader could.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {object}: {field}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The object: `Kind namespace/name`, or `document N` when it has no name.
+    pub object: String,
+    /// The field path, `-` when the whole object is concerned.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// An object and where it came from.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The object.
+    pub object: T,
+}
+
+/// Every object read from a path.
+#[derive(Debug, Default, Clone)]
+pub struct Manifests {
+    /// `v1 Service`s.
+    pub services: Vec<Located<Service>>,
+    /// `v1 Endpoints`.
+    pub endpoints: Vec<Located<Endpoints>>,
+    /// `discovery.k8s.io/v1 EndpointSlice`s.
+    pub slices: Vec<Located<EndpointSlice>>,
+}
+
+/// Kinds that may sit beside services in a folder and are not ours to read.
+const SKIPPED_KINDS: &[&str] = &[
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "DaemonSet",
+    "Pod",
+    "ConfigMap",
+    "Secret",
+    "Namespace",
+    "ServiceAccount",
+    "Ingress",
+    "NetworkPolicy",
+    "HorizontalPodAutoscaler",
+    "Job",
+    "CronJob",
+];
+
+/// File endings read from a folder.
+const MANIFEST_EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
+
+/// Reads `path`: one file, or every `*.yaml`, `*.yml` and `*.json` file of a folder (not its
+/// subfolders), in name order.
+pub fn load(path: &Path) -> Result<Manifests, ConfigError> {
+    let files = if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| io_error(path, &e))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| MANIFEST_EXTENSIONS.contains(&e))
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut manifests = Manifests::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| io_error(&file, &e))?;
+        read_text(&file, &text, &mut manifests)?;
+    }
+    Ok(manifests)
+}
+
+fn io_error(path: &Path, error: &std::io::Error) -> ConfigError {
+    ConfigError {
+        file: path.display().to_string(),
+        object: "-".into(),
+        field: "-".into(),
+        message: error.to_string(),
+    }
+}
+
+/// Reads every document of one file's text into `manifests`.
+pub fn read_text(file: &Path, text: &str, manifests: &mut Manifests) -> Result<(), ConfigError> {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let object = format!("document {}", index + 1);
+        let value = Value::deserialize(document).map_err(|e| ConfigError {
+            file: file.display().to_string(),
+            object: object.clone(),
+            field: "-".into(),
+            message: format!("not valid YAML: {e}"),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        read_object(file, &object, value, manifests)?;
+    }
+    Ok(())
+}
+
+/// `Kind namespace/name` of a raw object, for messages.
+fn describe(value: &Value, fallback: &str) -> String {
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    let metadata = value.get("metadata");
+    let name = metadata.and_then(|m| m.get("name")).and_then(Value::as_str);
+    let namespace = metadata
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match name {
+        Some(name) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} ({fallback})"),
+    }
+}
+
+fn read_object(
+    file: &Path,
+    fallback: &str,
+    value: Value,
+    manifests: &mut Manifests,
+) -> Result<(), ConfigError> {
+    let object = describe(&value, fallback);
+    let error = |field: &str, message: String| ConfigError {
+        file: file.display().to_string(),
+        object: object.clone(),
+        field: field.into(),
+        message,
+    };
+    if !value.is_mapping() {
+        return Err(error(
+            "-",
+            "expected a Kubernetes object (a mapping)".into(),
+        ));
+    }
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| error("apiVersion", "missing".into()))?
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or_else(|| error("kind", "missing".into()))?
+        .to_owned();
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = value
+                .get("items")
+                .and_then(Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                read_object(
+                    file,
+                    &format!("{fallback}, item {}", i + 1),
+                    item,
+                    manifests,
+                )?;
+            }
+            Ok(())
+        }
+        ("v1", "Service") => {
+            let object = parse(value, &error)?;
+            manifests.services.push(Located {
+                file: file.to_path_buf(),
+                object,
+            });
+            Ok(())
+        }
+        ("v1", "Endpoints") => {
+            let object = parse(value, &error)?;
+            manifests.endpoints.push(Located {
+                file: file.to_path_buf(),
+                object,
+            });
+            Ok(())
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let object = parse(value, &error)?;
+            manifests.slices.push(Located {
+                file: file.to_path_buf(),
+                object,
+            });
+            Ok(())
+        }
+        (_, kind) if SKIPPED_KINDS.contains(&kind) => {
+            tracing::debug!(file = %file.display(), %object, "skipping a kind that is not ours");
+            Ok(())
+        }
+        (api_version, kind) => Err(error(
+            "kind",
+            format!(
+                "unknown kind {kind} ({api_version}); expected v1 Service, v1 Endpoints, \
+                 discovery.k8s.io/v1 EndpointSlice or v1 List"
+            ),
+        )),
+    }
+}
+
+/// Deserializes a typed object, reporting the path of the field that failed.
+fn parse<T: serde::de::DeserializeOwned>(
+    value: Value,
+    error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "-".to_owned() } else { path };
+        error(&field, e.into_inner().to_string())
+    })
+}
+
+impl fmt::Display for Manifests {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} services, {} endpoints, {} endpoint slices",
+            self.services.len(),
+            self.endpoints.len(),
+            self.slices.len()
+        )
+    }
+}

@@ -1,0 +1,797 @@
+//! The desired state: services as the data plane serves them, built from manifests and
+//! validated. Kubernetes' own rules apply: ready endpoints serve; when none is ready, serving
+//! and terminating ones do; terminating ones otherwise keep their existing flows only.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use lb_common::maps::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, PROTO_TCP, PROTO_UDP};
+use serde::Serialize;
+
+use crate::{
+    maglev::is_prime,
+    manifest::{ConfigError, Located, Manifests},
+};
+
+/// Service annotation: per-endpoint Maglev weights, `"IP=WEIGHT,IP=WEIGHT"` (default 1; 0
+/// takes no new flows).
+pub const ANNOTATION_WEIGHTS: &str = "lb.xdp.rs/endpoint-weights";
+/// Service annotation: the Maglev table size (a prime up to 131071; default 16381).
+pub const ANNOTATION_TABLE_SIZE: &str = "lb.xdp.rs/maglev-table-size";
+/// EndpointSlice label naming the service it belongs to.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default ClientIP affinity timeout.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+
+/// Options that are not in the manifests.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Node addresses on which `nodePort`s are served as VIPs too.
+    pub node_ips: Vec<IpAddr>,
+}
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    /// TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP.
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    /// `TCP` or `UDP`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+/// An endpoint of a service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointModel {
+    /// The endpoint address.
+    pub addr: IpAddr,
+    /// The resolved target port.
+    pub port: u16,
+    /// Keeps its existing flows but takes no new ones.
+    pub terminating: bool,
+    /// Maglev weight (0: no new flows).
+    pub weight: u32,
+    /// The pod behind it, if the manifest names it.
+    pub pod: Option<String>,
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortModel {
+    /// The port's name (empty when unnamed).
+    pub name: String,
+    /// The service port.
+    pub port: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// `targetPort` as written (a number or a name).
+    pub target_port: String,
+    /// The node port, if any.
+    pub node_port: Option<u16>,
+    /// The endpoints, in a stable order.
+    pub endpoints: Vec<EndpointModel>,
+}
+
+/// A service as the data plane serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceModel {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The manifest file.
+    pub file: String,
+    /// `spec.type`.
+    pub service_type: String,
+    /// `spec.selector`.
+    pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIP`.
+    pub cluster_ip: Option<String>,
+    /// Every address the service is reached on (cluster IPs, external IPs, load balancer
+    /// IPs).
+    pub vips: Vec<IpAddr>,
+    /// ClientIP affinity timeout in seconds, when `sessionAffinity: ClientIP`.
+    pub affinity_timeout_secs: Option<u32>,
+    /// `spec.externalTrafficPolicy`.
+    pub external_traffic_policy: String,
+    /// Maglev table size.
+    pub table_size: u32,
+    /// The ports.
+    pub ports: Vec<PortModel>,
+}
+
+/// The whole desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    /// Services, sorted by namespace and name.
+    pub services: Vec<ServiceModel>,
+    /// Problems that leave the rest served (an SCTP port, say).
+    pub warnings: Vec<String>,
+}
+
+/// A raw endpoint, before Kubernetes' serving rules are applied.
+#[derive(Debug, Clone)]
+struct RawEndpoint {
+    addr: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    pod: Option<String>,
+    /// (name, port, protocol) of the endpoint's ports.
+    ports: Vec<(String, u16, String)>,
+}
+
+/// Reads manifests at `path` into the desired state.
+pub fn load(path: &Path, options: &Options) -> Result<Cluster, ConfigError> {
+    build(&crate::manifest::load(path)?, options)
+}
+
+/// Builds and validates the desired state.
+pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, ConfigError> {
+    let mut cluster = Cluster::default();
+    let mut claimed: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
+    for located in &manifests.services {
+        let Some(service) = service_model(located, manifests, &mut cluster.warnings)? else {
+            continue;
+        };
+        let label = format!("Service {}/{}", service.namespace, service.name);
+        for port in &service.ports {
+            let node_vips = port
+                .node_port
+                .map(|node_port| options.node_ips.iter().map(move |ip| (*ip, node_port)))
+                .into_iter()
+                .flatten();
+            for (vip, vport) in service
+                .vips
+                .iter()
+                .map(|v| (*v, port.port))
+                .chain(node_vips)
+            {
+                if let Some(other) = claimed.insert((vip, vport, port.protocol), label.clone()) {
+                    return Err(ConfigError {
+                        file: service.file.clone(),
+                        object: label,
+                        field: "spec.ports".into(),
+                        message: format!(
+                            "{vip}:{vport}/{} is already served by {other}",
+                            port.protocol.name()
+                        ),
+                    });
+                }
+            }
+        }
+        cluster.services.push(service);
+    }
+    cluster
+        .services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(cluster)
+}
+
+fn service_model(
+    located: &Located<Service>,
+    manifests: &Manifests,
+    warnings: &mut Vec<String>,
+) -> Result<Option<ServiceModel>, ConfigError> {
+    let service = &located.object;
+    let file = located.file.display().to_string();
+    let namespace = service
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let Some(name) = service.metadata.name.clone() else {
+        return Err(ConfigError {
+            file,
+            object: "Service".into(),
+            field: "metadata.name".into(),
+            message: "missing".into(),
+        });
+    };
+    let object = format!("Service {namespace}/{name}");
+    let error = |field: &str, message: String| ConfigError {
+        file: file.clone(),
+        object: object.clone(),
+        field: field.into(),
+        message,
+    };
+    let spec = service.spec.clone().unwrap_or_default();
+    let service_type = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
+    if service_type == "ExternalName" {
+        warnings.push(format!(
+            "{file}: {object}: ExternalName services have no data plane"
+        ));
+        return Ok(None);
+    }
+
+    let mut vips: Vec<IpAddr> = Vec::new();
+    let mut add_vip = |field: &str, text: &str| -> Result<(), ConfigError> {
+        if text.is_empty() || text == "None" {
+            return Ok(());
+        }
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| error(field, format!("{text:?} is not an IP address")))?;
+        if !vips.contains(&ip) {
+            vips.push(ip);
+        }
+        Ok(())
+    };
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .unwrap_or_default();
+    for (i, entry) in ingress.iter().enumerate() {
+        if let Some(ip) = &entry.ip {
+            add_vip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        }
+    }
+    if let Some(ip) = &spec.load_balancer_ip {
+        add_vip("spec.loadBalancerIP", ip)?;
+    }
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        add_vip(&format!("spec.externalIPs[{i}]"), ip)?;
+    }
+    match &spec.cluster_ips {
+        Some(ips) => {
+            for (i, ip) in ips.iter().enumerate() {
+                add_vip(&format!("spec.clusterIPs[{i}]"), ip)?;
+            }
+        }
+        None => {
+            if let Some(ip) = &spec.cluster_ip {
+                add_vip("spec.clusterIP", ip)?;
+            }
+        }
+    }
+
+    let annotations = service.metadata.annotations.clone().unwrap_or_default();
+    let weights = parse_weights(annotations.get(ANNOTATION_WEIGHTS), &error)?;
+    let table_size = match annotations.get(ANNOTATION_TABLE_SIZE) {
+        None => MAGLEV_DEFAULT_SIZE,
+        Some(text) => {
+            let field = format!("metadata.annotations[{ANNOTATION_TABLE_SIZE}]");
+            let size: u32 = text
+                .parse()
+                .map_err(|_| error(&field, format!("{text:?} is not a number")))?;
+            if !is_prime(size) || size > MAGLEV_MAX_SIZE {
+                return Err(error(
+                    &field,
+                    format!("{size} is not a prime up to {MAGLEV_MAX_SIZE}"),
+                ));
+            }
+            size
+        }
+    };
+    let affinity_timeout_secs = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => Some(
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT_SECS), |t| {
+                    u32::try_from(t)
+                        .ok()
+                        .filter(|t| (1..=86_400).contains(t))
+                        .ok_or_else(|| {
+                            error(
+                                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                format!("{t} is not within 1..=86400"),
+                            )
+                        })
+                })?,
+        ),
+        Some("None") | None => None,
+        Some(other) => {
+            return Err(error(
+                "spec.sessionAffinity",
+                format!("{other:?}: expected None or ClientIP"),
+            ));
+        }
+    };
+
+    let raw = raw_endpoints(&namespace, &name, manifests)
+        .map_err(|(field, message)| error(&field, message))?;
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                warnings.push(format!(
+                    "{file}: {object}: {field}.protocol: {other} is not supported; this port is \
+                     not served, the service's other ports are"
+                ));
+                continue;
+            }
+        };
+        let number = port_number(port.port, &format!("{field}.port"), &error)?;
+        let node_port = port
+            .node_port
+            .map(|p| port_number(p, &format!("{field}.nodePort"), &error))
+            .transpose()?;
+        let endpoints = endpoints_for_port(port, number, protocol, &raw, &weights)
+            .map_err(|message| error(&format!("{field}.targetPort"), message))?;
+        ports.push(PortModel {
+            name: port.name.clone().unwrap_or_default(),
+            port: number,
+            protocol,
+            target_port: match &port.target_port {
+                Some(IntOrString::Int(n)) => n.to_string(),
+                Some(IntOrString::String(s)) => s.clone(),
+                None => number.to_string(),
+            },
+            node_port,
+            endpoints,
+        });
+    }
+    Ok(Some(ServiceModel {
+        namespace,
+        name,
+        file,
+        service_type,
+        selector: spec.selector.clone().unwrap_or_default(),
+        cluster_ip: spec.cluster_ip.clone(),
+        vips,
+        affinity_timeout_secs,
+        external_traffic_policy: spec
+            .external_traffic_policy
+            .clone()
+            .unwrap_or_else(|| "Cluster".into()),
+        table_size,
+        ports,
+    }))
+}
+
+fn port_number(
+    value: i32,
+    field: &str,
+    error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| error(field, format!("{value} is not a port (1..=65535)")))
+}
+
+fn parse_weights(
+    text: Option<&String>,
+    error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HashMap<IpAddr, u32>, ConfigError> {
+    let mut weights = HashMap::new();
+    let Some(text) = text else {
+        return Ok(weights);
+    };
+    let field = format!("metadata.annotations[{ANNOTATION_WEIGHTS}]");
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = item
+            .split_once('=')
+            .and_then(|(ip, w)| Some((ip.trim().parse().ok()?, w.trim().parse().ok()?)));
+        let Some((ip, weight)) = parsed else {
+            return Err(error(&field, format!("{item:?}: expected IP=WEIGHT")));
+        };
+        if weight > 1000 {
+            return Err(error(&field, format!("{item:?}: weights go up to 1000")));
+        }
+        weights.insert(ip, weight);
+    }
+    Ok(weights)
+}
+
+/// The endpoints of a service: from its EndpointSlices when it has any (as kube-proxy does),
+/// else from its Endpoints object.
+fn raw_endpoints(
+    namespace: &str,
+    name: &str,
+    manifests: &Manifests,
+) -> Result<Vec<RawEndpoint>, (String, String)> {
+    let mut raw = Vec::new();
+    let slices: Vec<_> = manifests
+        .slices
+        .iter()
+        .filter(|s| {
+            s.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && s.object
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|n| n == name)
+        })
+        .collect();
+    if !slices.is_empty() {
+        for slice in slices {
+            let ports: Vec<(String, u16, String)> = slice
+                .object
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        u16::try_from(p.port?).ok()?,
+                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    ))
+                })
+                .collect();
+            for endpoint in slice.object.endpoints.iter().flatten() {
+                let conditions = endpoint.conditions.clone().unwrap_or_default();
+                let ready = conditions.ready.unwrap_or(true);
+                for text in &endpoint.addresses {
+                    let addr = text.parse().map_err(|_| {
+                        (
+                            "endpoints[].addresses".to_owned(),
+                            format!(
+                                "{text:?} in EndpointSlice {} is not an IP address",
+                                slice.object.metadata.name.clone().unwrap_or_default()
+                            ),
+                        )
+                    })?;
+                    raw.push(RawEndpoint {
+                        addr,
+                        ready,
+                        serving: conditions.serving.unwrap_or(ready),
+                        terminating: conditions.terminating.unwrap_or(false),
+                        pod: endpoint.target_ref.as_ref().and_then(|t| t.name.clone()),
+                        ports: ports.clone(),
+                    });
+                }
+            }
+        }
+        return Ok(raw);
+    }
+    let Some(endpoints) = manifests.endpoints.iter().find(|e| {
+        e.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            && e.object.metadata.name.as_deref() == Some(name)
+    }) else {
+        return Ok(raw);
+    };
+    for subset in endpoints.object.subsets.iter().flatten() {
+        let ports: Vec<(String, u16, String)> = subset
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port).ok()?,
+                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                ))
+            })
+            .collect();
+        for (ready, addresses) in [
+            (true, subset.addresses.iter().flatten()),
+            (false, subset.not_ready_addresses.iter().flatten()),
+        ] {
+            for address in addresses {
+                let addr = address.ip.parse().map_err(|_| {
+                    (
+                        "subsets[].addresses[].ip".to_owned(),
+                        format!("{:?} in Endpoints {name} is not an IP address", address.ip),
+                    )
+                })?;
+                raw.push(RawEndpoint {
+                    addr,
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                    pod: address.target_ref.as_ref().and_then(|t| t.name.clone()),
+                    ports: ports.clone(),
+                });
+            }
+        }
+    }
+    Ok(raw)
+}
+
+/// The endpoints serving one service port, with resolved target ports.
+fn endpoints_for_port(
+    port: &ServicePort,
+    number: u16,
+    protocol: Protocol,
+    raw: &[RawEndpoint],
+    weights: &HashMap<IpAddr, u32>,
+) -> Result<Vec<EndpointModel>, String> {
+    let any_ready = raw.iter().any(|e| e.ready);
+    let port_name = port.name.clone().unwrap_or_default();
+    let mut endpoints = Vec::new();
+    for endpoint in raw {
+        // Kubernetes' rule: ready endpoints serve; with none ready, serving+terminating ones do.
+        let (serves, terminating) = if any_ready {
+            (endpoint.ready, !endpoint.ready && endpoint.terminating)
+        } else {
+            (endpoint.serving && endpoint.terminating, false)
+        };
+        if !serves && !terminating {
+            continue;
+        }
+        let resolved = endpoint
+            .ports
+            .iter()
+            .find(|(name, _, proto)| *name == port_name && proto == protocol.name())
+            .or_else(|| match &port.target_port {
+                Some(IntOrString::String(target)) => {
+                    endpoint.ports.iter().find(|(name, _, _)| name == target)
+                }
+                _ => None,
+            })
+            .map(|(_, p, _)| *p);
+        let target = match (resolved, &port.target_port) {
+            (Some(p), _) => p,
+            (None, Some(IntOrString::Int(n))) => u16::try_from(*n)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{n} is not a port (1..=65535)"))?,
+            (None, None) => number,
+            (None, Some(IntOrString::String(name))) => {
+                return Err(format!(
+                    "named port {name:?} is not among the ports of endpoint {}",
+                    endpoint.addr
+                ));
+            }
+        };
+        endpoints.push(EndpointModel {
+            addr: endpoint.addr,
+            port: target,
+            terminating: !serves,
+            weight: weights.get(&endpoint.addr).copied().unwrap_or(1),
+            pod: endpoint.pod.clone(),
+        });
+    }
+    endpoints.sort_by_key(|e| (e.addr, e.port));
+    endpoints.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
+    Ok(endpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::manifest::{self, Manifests};
+
+    fn parse(yaml: &str) -> Result<Cluster, ConfigError> {
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("test.yaml"), yaml, &mut manifests)?;
+        build(&manifests, &Options::default())
+    }
+
+    fn service(extra_spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 198.18.100.1\n  selector:\n    app: web\n  ports:\n  - name: http\n    \
+             port: 8080\n    targetPort: 8080\n{extra_spec}"
+        )
+    }
+
+    fn slice(endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  \
+             labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  \
+             port: 8080\n  protocol: TCP\nendpoints:\n{endpoints}"
+        )
+    }
+
+    #[test]
+    fn reads_kubectl_output_of_the_tutorial() {
+        let path = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/kubectl-tomcat.yaml"
+        ));
+        let cluster = load(&path, &Options::default()).unwrap();
+        let [service] = &cluster.services[..] else {
+            panic!("one service: {cluster:?}")
+        };
+        assert_eq!(service.name, "tomcat-load-balancer");
+        assert_eq!(service.service_type, "LoadBalancer");
+        assert_eq!(
+            service.vips,
+            vec!["10.96.43.114".parse::<IpAddr>().unwrap()]
+        );
+        let port = &service.ports[0];
+        assert_eq!(
+            (port.port, port.protocol, port.node_port),
+            (8080, Protocol::Tcp, Some(30854))
+        );
+        let endpoints: Vec<String> = port
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.addr, e.port))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "172.17.0.5:8080",
+                "172.17.0.7:8080",
+                "172.17.0.8:8080",
+                "172.17.0.9:8080"
+            ]
+        );
+        assert_eq!(
+            port.endpoints[0].pod.as_deref(),
+            Some("tomcat-deployment-5b8c7d9f4-abcde")
+        );
+    }
+
+    #[test]
+    fn vips_come_from_every_address_field() {
+        let yaml = service(
+            "  loadBalancerIP: 198.18.200.1\n  externalIPs: [198.18.200.2]\nstatus:\n  \
+             loadBalancer:\n    ingress:\n    - ip: 198.18.200.3\n",
+        );
+        let cluster = parse(&yaml).unwrap();
+        let vips: Vec<String> = cluster.services[0]
+            .vips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            vips,
+            [
+                "198.18.200.3",
+                "198.18.200.1",
+                "198.18.200.2",
+                "198.18.100.1"
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_follow_kubernetes_serving_rules() {
+        let endpoints = "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n\
+                         - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+                         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false}\n";
+        let cluster = parse(&(service("") + &slice(endpoints))).unwrap();
+        let endpoints = &cluster.services[0].ports[0].endpoints;
+        assert_eq!(endpoints.len(), 2, "{endpoints:?}");
+        assert!(!endpoints[0].terminating, "ready serves");
+        assert!(endpoints[1].terminating, "terminating keeps flows only");
+
+        // None ready: serving and terminating ones serve.
+        let endpoints = "- addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n";
+        let cluster = parse(&(service("") + &slice(endpoints))).unwrap();
+        let endpoints = &cluster.services[0].ports[0].endpoints;
+        assert_eq!(endpoints.len(), 1);
+        assert!(!endpoints[0].terminating);
+    }
+
+    #[test]
+    fn named_target_ports_resolve_through_endpoint_ports() {
+        let yaml = service("").replace("targetPort: 8080", "targetPort: web-http");
+        let slice = slice("- addresses: [198.18.1.1]\n")
+            .replace("port: 8080\n  protocol", "port: 9999\n  protocol");
+        let cluster = parse(&(yaml.clone() + &slice)).unwrap();
+        assert_eq!(cluster.services[0].ports[0].endpoints[0].port, 9999);
+        assert_eq!(cluster.services[0].ports[0].target_port, "web-http");
+        // An Endpoints object without ports cannot resolve a name.
+        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
+        let error = parse(&(yaml + endpoints)).unwrap_err();
+        assert_eq!(error.field, "spec.ports[0].targetPort");
+    }
+
+    #[test]
+    fn weights_table_size_and_affinity_come_from_the_service() {
+        let yaml = service(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
+        )
+        .replace(
+            "  name: web\n",
+            "  name: web\n  annotations:\n    lb.xdp.rs/endpoint-weights: \"198.18.1.1=3\"\n    lb.xdp.rs/maglev-table-size: \"65537\"\n",
+        );
+        let cluster =
+            parse(&(yaml + &slice("- addresses: [198.18.1.1]\n- addresses: [198.18.1.2]\n")))
+                .unwrap();
+        let service = &cluster.services[0];
+        assert_eq!(service.affinity_timeout_secs, Some(60));
+        assert_eq!(service.table_size, 65537);
+        let weights: Vec<u32> = service.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.weight)
+            .collect();
+        assert_eq!(weights, [3, 1]);
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_with_a_warning() {
+        let yaml = service("  - name: sctp\n    port: 9000\n    protocol: SCTP\n");
+        let cluster = parse(&yaml).unwrap();
+        assert_eq!(cluster.services[0].ports.len(), 1);
+        assert!(
+            cluster.warnings[0].contains("spec.ports[1].protocol: SCTP"),
+            "{:?}",
+            cluster.warnings
+        );
+    }
+
+    #[test]
+    fn bad_input_names_file_object_and_field() {
+        for (yaml, field, needle) in [
+            (
+                service("").replace("port: 8080\n    targetPort", "port: 70000\n    targetPort"),
+                "spec.ports[0].port",
+                "70000",
+            ),
+            (
+                service("").replace("198.18.100.1", "not-an-ip"),
+                "spec.clusterIP",
+                "not-an-ip",
+            ),
+            (
+                service("").replace("port: 8080\n    targetPort", "port: eighty\n    targetPort"),
+                "spec.ports[0].port",
+                "invalid",
+            ),
+            (
+                "apiVersion: v1\nkind: Frobnicator\nmetadata: {name: x}\n".into(),
+                "kind",
+                "unknown kind",
+            ),
+            (
+                "kind: Service\nmetadata: {name: x}\n".into(),
+                "apiVersion",
+                "missing",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x\n".into(),
+                "-",
+                "not valid YAML",
+            ),
+            (
+                service("").replace(
+                    "name: web\n",
+                    "name: web\n  annotations:\n    lb.xdp.rs/maglev-table-size: \"1000\"\n",
+                ),
+                "metadata.annotations[lb.xdp.rs/maglev-table-size]",
+                "prime",
+            ),
+            (
+                service("") + "---\n" + &service("").replace("name: http", "name: other"),
+                "spec.ports",
+                "already served",
+            ),
+        ] {
+            let error = parse(&yaml).unwrap_err();
+            assert_eq!(error.file, "test.yaml");
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+    }
+
+    #[test]
+    fn other_kinds_beside_services_are_skipped() {
+        let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: tomcat-deployment}\nspec: {replicas: 4}\n---\n"
+            .to_owned()
+            + &service("");
+        assert_eq!(parse(&yaml).unwrap().services.len(), 1);
+    }
+}
