@@ -10,12 +10,17 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
 };
+use std::path::{Path, PathBuf};
+
 use lb_common::{
-    Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
+    ReverseValue, ServiceKey, ServiceValue,
     maps::{BPF_F_INNER_MAP, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, names},
 };
 use tracing::{info, warn};
@@ -77,6 +82,14 @@ pub enum DataplaneError {
         /// The underlying error.
         source: aya::maps::xdp::XdpMapError,
     },
+    /// Pinning, adopting or unpinning failed.
+    #[error("{what}: {source}")]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// A Maglev table was empty or larger than the data plane takes.
     #[error("a Maglev table of {0} slots: tables have 1 to {MAGLEV_MAX_SIZE} slots")]
     TableSize(usize),
@@ -94,20 +107,45 @@ pub enum AttachMode {
     Generic,
 }
 
-/// Sizes chosen at load time.
-#[derive(Clone, Copy, Debug)]
+/// Choices made at load time.
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Capacity of the connection table and of the reverse-NAT table.
     pub conntrack_size: u32,
+    /// A bpffs folder where the maps (and, once attached, the links) are pinned. Maps already
+    /// pinned there are reused: a restarted controller adopts the running data plane and its
+    /// flows.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            pin_dir: None,
         }
     }
 }
+
+/// Maps that outlive the controller when pinned: the data plane's whole state.
+pub const PINNED_MAPS: &[&str] = &[
+    names::SERVICES,
+    names::VIP_ADDRS,
+    names::MAGLEV,
+    names::BACKENDS,
+    names::CONNTRACK,
+    names::REVERSE_NAT,
+    names::AFFINITY,
+    names::TX_PORTS,
+    names::STATS,
+    names::EVENTS,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+];
+
+/// File names of the pinned links in a pin folder.
+const XDP_LINK_PIN: &str = "link_xdp";
+const TC_LINK_PIN: &str = "link_tc_egress";
 
 enum Link {
     Xdp(&'static str, XdpLinkId),
@@ -118,6 +156,7 @@ enum Link {
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Vec<(String, Link)>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Dataplane {
@@ -131,10 +170,16 @@ impl Dataplane {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::CONNTRACK, options.conntrack_size)
-            .map_max_entries(names::REVERSE_NAT, options.conntrack_size)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(names::REVERSE_NAT, options.conntrack_size);
+        if let Some(dir) = &options.pin_dir {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let load_error = |program| {
             move |source| DataplaneError::Program {
                 action: "loading",
@@ -152,6 +197,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             attached: Vec::new(),
+            pin_dir: options.pin_dir,
         })
     }
 
@@ -188,8 +234,127 @@ impl Dataplane {
 
     /// Attaches DNAT (XDP ingress) and reverse NAT (TC egress) to `iface`; returns the XDP mode
     /// the kernel accepted.
+    ///
+    /// With a pin folder, links pinned there by an earlier controller are adopted: their
+    /// programs are replaced atomically by these, so traffic never stops. New links are pinned,
+    /// so the data plane keeps serving if this process dies.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<XdpMode, DataplaneError> {
+        if let Some(dir) = self.pin_dir.clone()
+            && dir.join(XDP_LINK_PIN).exists()
+            && dir.join(TC_LINK_PIN).exists()
+        {
+            return self.adopt(iface, &dir);
+        }
         let used = self.attach_xdp(iface, XDP_PROGRAM, mode)?;
+        self.attach_tc(iface)?;
+        if let Some(dir) = self.pin_dir.clone() {
+            self.pin_links(&dir)?;
+        }
+        Ok(used)
+    }
+
+    /// Replaces the programs of the links pinned in `dir` with this instance's.
+    fn adopt(&mut self, iface: &str, dir: &Path) -> Result<XdpMode, DataplaneError> {
+        let pin_error =
+            |what: &'static str| move |source: std::io::Error| DataplaneError::Pin { what, source };
+        let xdp_link = PinnedLink::from_pin(dir.join(XDP_LINK_PIN))
+            .map_err(|e| pin_error("opening the pinned XDP link")(std::io::Error::other(e)))?;
+        let xdp_link = XdpLink::try_from(FdLink::from(xdp_link))
+            .map_err(|e| pin_error("reading the pinned XDP link")(std::io::Error::other(e)))?;
+        let link = xdp_mut(&mut self.ebpf, XDP_PROGRAM)?
+            .attach_to_link(xdp_link)
+            .map_err(|source| DataplaneError::Program {
+                action: "adopting the XDP link with",
+                program: XDP_PROGRAM,
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            })?;
+        self.attached
+            .push((iface.to_owned(), Link::Xdp(XDP_PROGRAM, link)));
+        let tc_link = PinnedLink::from_pin(dir.join(TC_LINK_PIN))
+            .map_err(|e| pin_error("opening the pinned TC link")(std::io::Error::other(e)))?;
+        let tc_link = SchedClassifierLink::try_from(FdLink::from(tc_link))
+            .map_err(|e| pin_error("reading the pinned TC link")(std::io::Error::other(e)))?;
+        let link = tc_mut(&mut self.ebpf)?
+            .attach_to_link(tc_link)
+            .map_err(|source| DataplaneError::Program {
+                action: "adopting the TC link with",
+                program: TC_EGRESS_PROGRAM,
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            })?;
+        self.attached.push((iface.to_owned(), Link::Tc(link)));
+        info!(%iface, dir = %dir.display(), "adopted the pinned data plane: programs replaced in place");
+        Ok(XdpMode::Default)
+    }
+
+    /// Pins the XDP and TC links just attached, so they outlive this process.
+    fn pin_links(&mut self, dir: &Path) -> Result<(), DataplaneError> {
+        let pin_error = |what: &'static str| {
+            move |e: String| DataplaneError::Pin {
+                what,
+                source: std::io::Error::other(e),
+            }
+        };
+        for (iface, link) in std::mem::take(&mut self.attached) {
+            match link {
+                Link::Xdp(name, id) => {
+                    let program = xdp_mut(&mut self.ebpf, name)?;
+                    let owned = program
+                        .take_link(id)
+                        .map_err(|e| pin_error("taking the XDP link")(e.to_string()))?;
+                    let fd_link = FdLink::try_from(owned).map_err(|e| {
+                        pin_error("pinning the XDP link (attached through netlink, which cannot be pinned)")(e.to_string())
+                    })?;
+                    let pinned = fd_link
+                        .pin(dir.join(XDP_LINK_PIN))
+                        .map_err(|e| pin_error("pinning the XDP link")(e.to_string()))?;
+                    let link = XdpLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| pin_error("reopening the XDP link")(e.to_string()))?;
+                    let id = xdp_mut(&mut self.ebpf, name)?
+                        .attach_to_link(link)
+                        .map_err(|e| pin_error("keeping the XDP link")(e.to_string()))?;
+                    self.attached.push((iface, Link::Xdp(name, id)));
+                }
+                Link::Tc(id) => {
+                    let program = tc_mut(&mut self.ebpf)?;
+                    let owned = program
+                        .take_link(id)
+                        .map_err(|e| pin_error("taking the TC link")(e.to_string()))?;
+                    let fd_link = FdLink::try_from(owned)
+                        .map_err(|e| pin_error("pinning the TC link")(e.to_string()))?;
+                    let pinned = fd_link
+                        .pin(dir.join(TC_LINK_PIN))
+                        .map_err(|e| pin_error("pinning the TC link")(e.to_string()))?;
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| pin_error("reopening the TC link")(e.to_string()))?;
+                    let id = tc_mut(&mut self.ebpf)?
+                        .attach_to_link(link)
+                        .map_err(|e| pin_error("keeping the TC link")(e.to_string()))?;
+                    self.attached.push((iface, Link::Tc(id)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned links, maps and state under `dir`: the programs detach as soon as no
+    /// process holds their links. Returns the files removed.
+    pub fn unpin_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        if !dir.exists() {
+            return Ok(removed);
+        }
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(dir)?;
+        Ok(removed)
+    }
+
+    fn attach_tc(&mut self, iface: &str) -> Result<(), DataplaneError> {
         let program = tc_mut(&mut self.ebpf)?;
         let link = program
             .attach(iface, TcAttachType::Egress)
@@ -201,7 +366,7 @@ impl Dataplane {
             })?;
         info!(%iface, "TC egress program attached");
         self.attached.push((iface.to_owned(), Link::Tc(link)));
-        Ok(used)
+        Ok(())
     }
 
     /// Attaches the minimal XDP_PASS program to `iface`: a veth whose peer redirects into it
@@ -359,6 +524,79 @@ impl Dataplane {
         let mut map: DevMapHash<_> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
         map.insert(ifindex, ifindex, None, 0)
             .map_err(|source| DataplaneError::TxPort { ifindex, source })
+    }
+
+    /// Removes every connection-table, reverse-NAT and affinity entry that points at one of
+    /// `backend_ids`; returns how many flows were removed.
+    pub fn purge_backends(
+        &mut self,
+        backend_ids: &std::collections::HashSet<u32>,
+    ) -> Result<usize, DataplaneError> {
+        if backend_ids.is_empty() {
+            return Ok(0);
+        }
+        let name = names::CONNTRACK;
+        let mut conntrack: HashMap<_, FlowKey, FlowValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        let stale: Vec<FlowKey> = conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            // An entry the LRU evicted meanwhile is gone already.
+            let _ = conntrack.remove(key);
+        }
+        let name = names::REVERSE_NAT;
+        let mut reverse: HashMap<_, FlowKey, ReverseValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        let stale_replies: Vec<FlowKey> = reverse
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_replies {
+            let _ = reverse.remove(key);
+        }
+        let name = names::AFFINITY;
+        let mut affinity: HashMap<_, AffinityKey, AffinityValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        let stale_clients: Vec<AffinityKey> = affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_clients {
+            let _ = affinity.remove(key);
+        }
+        Ok(stale.len())
+    }
+
+    /// Looks up a flow in the connection table.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
+        let name = names::CONNTRACK;
+        let map: HashMap<_, FlowKey, FlowValue> =
+            self.map(name)?.try_into().map_err(map_error(name))?;
+        match map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map { name, source }),
+        }
+    }
+
+    /// Looks up a client's affinity entry.
+    pub fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityValue>, DataplaneError> {
+        let name = names::AFFINITY;
+        let map: HashMap<_, AffinityKey, AffinityValue> =
+            self.map(name)?.try_into().map_err(map_error(name))?;
+        match map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map { name, source }),
+        }
     }
 
     /// The connection table's entries.

@@ -1,9 +1,13 @@
 //! Controller of the XDP service load balancer: loads the kernel programs embedded at build time,
 //! attaches them and reads their counters.
 
+pub mod controller;
 pub mod dataplane;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
+pub mod pins;
+pub mod views;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

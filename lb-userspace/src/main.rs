@@ -1,12 +1,33 @@
 //! `lb-userspace`: the load balancer's controller and CLI.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use lb_userspace::{AttachMode, Dataplane};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    AttachMode, Dataplane,
+    controller::{AppliedState, Controller},
+    dataplane::LoadOptions,
+    metrics::{self, Reloads},
+    model::{self, Cluster, Options},
+    pins::{self, Paths},
+    views,
+};
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tracing::{error, info, warn};
+
+/// How long a configuration must stay unchanged before it is applied: editors and `kubectl`
+/// write files in several steps.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// XDP service load balancer for Kubernetes `Service`s of type LoadBalancer.
 #[derive(Debug, Parser)]
@@ -16,18 +37,100 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    /// Tables, as kubectl prints them.
+    Wide,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct Roots {
+    /// bpffs folder of the pinned maps and links (one subfolder per interface).
+    #[arg(long, default_value = pins::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Folder of the applied states (one file per interface).
+    #[arg(long, default_value = pins::DEFAULT_STATE_ROOT)]
+    state_root: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load the data plane, attach it to IFACE and serve until Ctrl-C or SIGTERM.
+    /// Load the data plane, attach it to IFACE, serve the services of --config and follow its
+    /// changes until Ctrl-C or SIGTERM.
     Attach {
         /// The client-facing interface.
         iface: String,
+        /// A manifest file or a folder of them (Service, Endpoints, EndpointSlice, List).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t)]
         mode: AttachMode,
+        /// Node addresses on which nodePorts are served too.
+        #[arg(long = "node-ip")]
+        node_ips: Vec<IpAddr>,
+        /// Where Prometheus metrics are served (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: SocketAddr,
         /// Seconds between counter summaries in the log (0: only at exit).
         #[arg(long, default_value_t = 10)]
         stats_interval: u64,
+        /// On Ctrl-C/SIGTERM leave the data plane attached and serving (pinned), for a
+        /// restart or an upgrade; `detach` removes it. Without it, exiting detaches.
+        #[arg(long)]
+        keep_on_exit: bool,
+        /// Capacity of the connection table.
+        #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONNTRACK_SIZE)]
+        conntrack_size: u32,
+        #[command(flatten)]
+        roots: Roots,
+    },
+    /// Remove everything `attach` created for IFACE: pinned links (which detaches the programs
+    /// once no controller holds them), pinned maps and the applied state.
+    Detach {
+        /// The interface.
+        iface: String,
+        #[command(flatten)]
+        roots: Roots,
+    },
+    /// List services, as `kubectl get services`, with live packet counts.
+    Get {
+        /// What to list: `services` (or `svc`).
+        resource: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "wide")]
+        output: Output,
+        #[command(flatten)]
+        roots: Roots,
+    },
+    /// Show a service, as `kubectl describe service`, with live per-endpoint counters.
+    Describe {
+        /// `service` (or `svc`).
+        resource: String,
+        /// The service's name.
+        name: String,
+        /// The service's namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "wide")]
+        output: Output,
+        #[command(flatten)]
+        roots: Roots,
+    },
+    /// Which backend a flow gets and why: `explain 198.18.0.1:40000 198.18.100.1:8080/TCP`.
+    Explain {
+        /// The client's address and port.
+        source: String,
+        /// The VIP, port and protocol.
+        frontend: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "wide")]
+        output: Output,
+        #[command(flatten)]
+        roots: Roots,
     },
 }
 
@@ -41,43 +144,297 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Attach {
             iface,
+            config,
             mode,
+            node_ips,
+            metrics_addr,
             stats_interval,
-        } => attach(&iface, mode, stats_interval).await,
+            keep_on_exit,
+            conntrack_size,
+            roots,
+        } => {
+            let settings = AttachSettings {
+                iface,
+                config,
+                mode,
+                options: Options { node_ips },
+                metrics_addr,
+                stats_interval,
+                keep_on_exit,
+                conntrack_size,
+            };
+            attach(settings, &roots).await
+        }
+        Command::Detach { iface, roots } => detach(&iface, &roots),
+        Command::Get {
+            resource,
+            output,
+            roots,
+        } => {
+            check_resource(&resource)?;
+            let all = views::read_all(&roots.state_root, &roots.pin_root)?;
+            print!(
+                "{}",
+                views::get_services(&all, matches!(output, Output::Json))
+            );
+            Ok(())
+        }
+        Command::Describe {
+            resource,
+            name,
+            namespace,
+            output,
+            roots,
+        } => {
+            check_resource(&resource)?;
+            let all = views::read_all(&roots.state_root, &roots.pin_root)?;
+            print!(
+                "{}",
+                views::describe_service(&all, &namespace, &name, matches!(output, Output::Json))?
+            );
+            Ok(())
+        }
+        Command::Explain {
+            source,
+            frontend,
+            output,
+            roots,
+        } => {
+            let all = views::read_all(&roots.state_root, &roots.pin_root)?;
+            print!(
+                "{}",
+                views::explain(&all, &source, &frontend, matches!(output, Output::Json))?
+            );
+            Ok(())
+        }
     }
 }
 
-async fn attach(iface: &str, mode: AttachMode, stats_interval: u64) -> anyhow::Result<()> {
-    let mut dataplane = Dataplane::load().context("loading the data plane")?;
-    dataplane.attach(iface, mode)?;
+fn check_resource(resource: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(resource, "service" | "services" | "svc"),
+        "unknown resource {resource:?}: only services are served"
+    );
+    Ok(())
+}
+
+struct AttachSettings {
+    iface: String,
+    config: Option<PathBuf>,
+    mode: AttachMode,
+    options: Options,
+    metrics_addr: SocketAddr,
+    stats_interval: u64,
+    keep_on_exit: bool,
+    conntrack_size: u32,
+}
+
+/// A request of the metrics endpoint, answered by the controller loop that owns the maps.
+type MetricsRequest = oneshot::Sender<String>;
+
+async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
+    let AttachSettings {
+        iface,
+        config,
+        mode,
+        options,
+        metrics_addr,
+        stats_interval,
+        keep_on_exit,
+        conntrack_size,
+    } = settings;
+    // A configuration that does not validate stops us before anything changes.
+    let cluster = match &config {
+        Some(path) => Some(model::load(path, &options)?),
+        None => None,
+    };
+    let paths = Paths::new(&roots.pin_root, &roots.state_root, &iface);
+    paths.prepare(&roots.pin_root)?;
+    let dataplane = Dataplane::load_with(LoadOptions {
+        conntrack_size,
+        pin_dir: Some(paths.pin_dir.clone()),
+    })
+    .context("loading the data plane")?;
+    let state = AppliedState::read(&paths.state_file)?;
+    if state.generation > 0 {
+        info!(
+            generation = state.generation,
+            services = state.services.len(),
+            "adopting the state of the previous controller"
+        );
+    }
+    let mut controller = Controller::new(
+        dataplane,
+        state,
+        Some(paths.state_file.clone()),
+        options.clone(),
+    );
+    controller.dataplane_mut().attach(&iface, mode)?;
+    let mut reloads = Reloads::default();
+    if let Some(cluster) = &cluster {
+        log_warnings(cluster);
+        controller.apply(cluster)?;
+        reloads.succeeded += 1;
+    }
+
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<MetricsRequest>(8);
+    let listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
+    info!(%metrics_addr, "serving Prometheus metrics on /metrics");
+    tokio::spawn(serve_metrics(listener, metrics_tx));
+
+    let (change_tx, mut change_rx) = mpsc::channel::<()>(64);
+    let _watcher = match &config {
+        Some(path) => Some(watch(path, change_tx)?),
+        None => None,
+    };
+
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut ticker =
-        (stats_interval > 0).then(|| tokio::time::interval(Duration::from_secs(stats_interval)));
+    let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
+    let mut settle_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
-            () = async { ticker.as_mut().unwrap().tick().await; }, if ticker.is_some() => {
-                log_counters(&dataplane)?;
+            Some(()) = change_rx.recv() => settle_at = Some(Instant::now() + SETTLE),
+            () = async { tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)).await }, if settle_at.is_some() => {
+                settle_at = None;
+                if let Some(path) = &config {
+                    reload(&mut controller, path, &options, &mut reloads);
+                }
             }
+            Some(reply) = metrics_rx.recv() => {
+                let _ = reply.send(metrics::render(&controller, reloads));
+            }
+            _ = ticker.tick(), if stats_interval > 0 => log_counters(controller.dataplane()),
         }
     }
     info!("stopping");
-    log_counters(&dataplane)?;
-    dataplane.detach_all()?;
+    log_counters(controller.dataplane());
+    if keep_on_exit {
+        info!(pins = %paths.pin_dir.display(), "leaving the data plane attached and serving (--keep-on-exit)");
+        return Ok(());
+    }
+    Dataplane::unpin_all(&paths.pin_dir).context("removing the pins")?;
+    let _ = std::fs::remove_file(&paths.state_file);
+    controller.dataplane_mut().detach_all()?;
     Ok(())
 }
 
-fn log_counters(dataplane: &Dataplane) -> anyhow::Result<()> {
-    for (reason, counter) in dataplane.reason_counters()? {
-        if counter.packets > 0 {
-            info!(
-                reason = reason.name(),
-                packets = counter.packets,
-                bytes = counter.bytes,
-                "counter"
-            );
+fn log_warnings(cluster: &Cluster) {
+    for warning in &cluster.warnings {
+        warn!("{warning}");
+    }
+}
+
+fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: &mut Reloads) {
+    let cluster = match model::load(path, options) {
+        Ok(cluster) => cluster,
+        Err(e) => {
+            reloads.failed += 1;
+            error!(error = %e, "configuration rejected; the previous state keeps serving");
+            return;
+        }
+    };
+    if cluster == controller.state().cluster {
+        return;
+    }
+    log_warnings(&cluster);
+    match controller.apply(&cluster) {
+        Ok(_) => reloads.succeeded += 1,
+        Err(e) => {
+            reloads.failed += 1;
+            error!(error = %e, "applying the configuration failed");
         }
     }
+}
+
+/// Watches `path` (a file, through its folder, since editors replace files; or a folder) and
+/// signals every change.
+fn watch(path: &Path, changes: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let (folder, file) = if path.is_dir() {
+        (path.to_path_buf(), None)
+    } else {
+        let folder = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        (folder, path.file_name().map(ToOwned::to_owned))
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = match &file {
+            Some(name) => event.paths.iter().any(|p| p.file_name() == Some(name)),
+            None => true,
+        };
+        if relevant {
+            let _ = changes.try_send(());
+        }
+    })?;
+    watcher
+        .watch(&folder, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", folder.display()))?;
+    info!(path = %path.display(), "watching the configuration");
+    Ok(watcher)
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<MetricsRequest>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let requests = requests.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                if requests.send(tx).await.is_err() {
+                    return String::new();
+                }
+                rx.await.unwrap_or_default()
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        error!(error = %e, "the metrics server stopped");
+    }
+}
+
+fn detach(iface: &str, roots: &Roots) -> anyhow::Result<()> {
+    let paths = Paths::new(&roots.pin_root, &roots.state_root, iface);
+    let removed = Dataplane::unpin_all(&paths.pin_dir)
+        .with_context(|| format!("removing {}", paths.pin_dir.display()))?;
+    let state_removed = std::fs::remove_file(&paths.state_file).is_ok();
+    if removed.is_empty() && !state_removed {
+        anyhow::bail!(
+            "nothing is attached to {iface} under {}",
+            roots.pin_root.display()
+        );
+    }
+    println!(
+        "detached {iface}: removed {} pins{}; a controller still running for it keeps it attached until it exits",
+        removed.len(),
+        if state_removed { " and the state" } else { "" }
+    );
     Ok(())
+}
+
+fn log_counters(dataplane: &Dataplane) {
+    match dataplane.reason_counters() {
+        Ok(counters) => {
+            for (reason, counter) in counters {
+                if counter.packets > 0 {
+                    info!(
+                        reason = reason.name(),
+                        packets = counter.packets,
+                        bytes = counter.bytes,
+                        "counter"
+                    );
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "reading the counters"),
+    }
 }

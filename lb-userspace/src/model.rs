@@ -13,7 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use lb_common::maps::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, PROTO_TCP, PROTO_UDP};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     maglev::is_prime,
@@ -38,7 +38,7 @@ pub struct Options {
 }
 
 /// Transport protocol of a service port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     /// TCP.
     #[serde(rename = "TCP")]
@@ -67,7 +67,7 @@ impl Protocol {
 }
 
 /// An endpoint of a service port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointModel {
     /// The endpoint address.
     pub addr: IpAddr,
@@ -82,7 +82,7 @@ pub struct EndpointModel {
 }
 
 /// One port of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortModel {
     /// The port's name (empty when unnamed).
     pub name: String,
@@ -99,7 +99,7 @@ pub struct PortModel {
 }
 
 /// A service as the data plane serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceModel {
     /// Namespace.
     pub namespace: String,
@@ -127,7 +127,7 @@ pub struct ServiceModel {
 }
 
 /// The whole desired state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
     /// Services, sorted by namespace and name.
     pub services: Vec<ServiceModel>,

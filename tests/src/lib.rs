@@ -27,6 +27,51 @@ pub fn lb_userspace_bin() -> PathBuf {
     bin
 }
 
+/// Pin and state roots private to one test (under the default bpffs root), removed on drop.
+#[derive(Debug)]
+pub struct Roots {
+    /// `--pin-root`.
+    pub pin_root: String,
+    /// `--state-root`.
+    pub state_root: String,
+}
+
+impl Roots {
+    /// Roots named `lbt-<tag>-<pid>`. Mounts the bpffs at `/run/lb/bpf` from this process
+    /// when it is not there: a controller run by `ip netns exec` gets a mount namespace of its
+    /// own, and a bpffs it mounted there would vanish with it, pins and all.
+    pub fn new(tag: &str) -> Self {
+        use nix::{
+            mount::{MsFlags, mount},
+            sys::statfs::{BPF_FS_MAGIC, statfs},
+        };
+        let root = std::path::Path::new("/run/lb/bpf");
+        std::fs::create_dir_all(root).expect("creating /run/lb/bpf");
+        if !statfs(root).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
+            mount(
+                Some("bpf"),
+                root,
+                Some("bpf"),
+                MsFlags::empty(),
+                Some("mode=0700"),
+            )
+            .expect("mounting a bpffs at /run/lb/bpf");
+        }
+        let name = format!("{}{tag}-{}", netns::PREFIX, std::process::id());
+        Self {
+            pin_root: format!("/run/lb/bpf/{name}"),
+            state_root: format!("/run/lb/state/{name}"),
+        }
+    }
+}
+
+impl Drop for Roots {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        let _ = std::fs::remove_dir_all(&self.state_root);
+    }
+}
+
 /// A child process that is stopped (SIGTERM, then SIGKILL after a grace period) when dropped,
 /// so an early return or a panic never leaves a controller running.
 #[derive(Debug)]

@@ -87,9 +87,16 @@ fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
 #[test]
 fn cli_attaches_counts_and_detaches_on_sigterm() {
     let Pair { client, server } = pair("cli");
+    let roots = lb_tests::Roots::new("cli");
     let child = server
         .command(lb_tests::lb_userspace_bin())
         .args(["attach", "veth-s", "--stats-interval", "1"])
+        .args([
+            "--pin-root",
+            &roots.pin_root,
+            "--state-root",
+            &roots.state_root,
+        ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

@@ -1,0 +1,480 @@
+//! Applying a desired state to the data plane: diff against what was applied, build each
+//! changed service's Maglev table off to the side and swap it in with one map update, then
+//! retire what is no longer used and clear its flows.
+//!
+//! Order matters so that no packet sees a half-made state: backends are written before any
+//! table names them, tables before their service appears, and slots are emptied only after the
+//! tables that named them were replaced.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{
+    Backend, ServiceKey, ServiceValue,
+    maps::{
+        BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY,
+        ipv4_mapped,
+    },
+};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    maglev::{self, MaglevBackend},
+    model::{Cluster, Options, Protocol},
+};
+
+/// Errors of applying a state.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The data plane refused an update.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// More services or backends than the data plane holds.
+    #[error("out of {0} ids: the data plane holds {1}")]
+    OutOfIds(&'static str, u32),
+    /// A Maglev table could not be built.
+    #[error(transparent)]
+    Maglev(#[from] maglev::MaglevError),
+    /// Saving or reading the applied state failed.
+    #[error("state file {path}: {message}")]
+    State {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// One VIP:port:proto: a service as the data plane knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VipKey {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for VipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.vip {
+            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.protocol.name()),
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.protocol.name()),
+        }
+    }
+}
+
+/// A backend as applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedBackend {
+    /// Slot in the BACKENDS array.
+    pub id: u32,
+    /// Address.
+    pub addr: IpAddr,
+    /// Target port.
+    pub port: u16,
+    /// Keeps its flows, takes no new ones.
+    pub terminating: bool,
+    /// Maglev weight.
+    pub weight: u32,
+    /// The pod, if known.
+    pub pod: Option<String>,
+}
+
+/// A data plane service as applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedService {
+    /// Where it is reached.
+    pub key: VipKey,
+    /// Slot of its counters and its Maglev table.
+    pub id: u32,
+    /// The Kubernetes service's namespace.
+    pub namespace: String,
+    /// The Kubernetes service's name.
+    pub name: String,
+    /// The service port's name.
+    pub port_name: String,
+    /// ClientIP affinity timeout, if any.
+    pub affinity_timeout_secs: Option<u32>,
+    /// Maglev table size.
+    pub table_size: u32,
+    /// Backends, sorted by address and port.
+    pub backends: Vec<AppliedBackend>,
+}
+
+/// Everything applied, saved beside the pinned maps so a restarted controller knows the ids.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    /// Count of successful applies.
+    pub generation: u64,
+    /// The desired state last applied (for the views).
+    pub cluster: Cluster,
+    /// The data plane services.
+    pub services: Vec<AppliedService>,
+}
+
+impl AppliedState {
+    /// Reads a saved state; a missing file is an empty state.
+    pub fn read(path: &Path) -> Result<Self, ControllerError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| ControllerError::State {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ControllerError::State {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Saves the state atomically (write, then rename).
+    pub fn write(&self, path: &Path) -> Result<(), ControllerError> {
+        let error = |e: &dyn std::fmt::Display| ControllerError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| error(&e))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(|e| error(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| error(&e))
+    }
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Services added.
+    pub added: usize,
+    /// Services whose Maglev table or settings changed.
+    pub changed: usize,
+    /// Services removed.
+    pub removed: usize,
+    /// Backends whose slots were emptied.
+    pub backends_removed: usize,
+    /// Flows cleared because their backend was removed.
+    pub flows_cleared: usize,
+}
+
+/// The 16-byte form of an address the data plane uses.
+pub fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The data plane's key of a service.
+pub fn service_key(key: &VipKey) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(key.vip),
+        port: key.port,
+        proto: key.protocol.number(),
+        pad: 0,
+    }
+}
+
+/// Drives a [`Dataplane`] towards desired states.
+pub struct Controller {
+    dataplane: Dataplane,
+    state: AppliedState,
+    state_path: Option<PathBuf>,
+    options: Options,
+}
+
+impl Controller {
+    /// A controller over `dataplane`, which already holds `state` (empty for a fresh one).
+    pub fn new(
+        dataplane: Dataplane,
+        state: AppliedState,
+        state_path: Option<PathBuf>,
+        options: Options,
+    ) -> Self {
+        Self {
+            dataplane,
+            state,
+            state_path,
+            options,
+        }
+    }
+
+    /// The data plane.
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dataplane
+    }
+
+    /// The data plane, mutably (attaching, detaching).
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
+
+    /// What is applied.
+    pub fn state(&self) -> &AppliedState {
+        &self.state
+    }
+
+    /// The data plane services `cluster` asks for, with ids still unassigned (0).
+    fn desired(&self, cluster: &Cluster) -> Vec<AppliedService> {
+        let mut services = Vec::new();
+        for service in &cluster.services {
+            for port in &service.ports {
+                let node_vips = port
+                    .node_port
+                    .map(|node_port| self.options.node_ips.iter().map(move |ip| (*ip, node_port)))
+                    .into_iter()
+                    .flatten();
+                for (vip, vport) in service
+                    .vips
+                    .iter()
+                    .map(|v| (*v, port.port))
+                    .chain(node_vips)
+                {
+                    let backends = port
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.addr.is_ipv4() == vip.is_ipv4())
+                        .map(|e| AppliedBackend {
+                            id: 0,
+                            addr: e.addr,
+                            port: e.port,
+                            terminating: e.terminating,
+                            weight: e.weight,
+                            pod: e.pod.clone(),
+                        })
+                        .collect();
+                    services.push(AppliedService {
+                        key: VipKey {
+                            vip,
+                            port: vport,
+                            protocol: port.protocol,
+                        },
+                        id: 0,
+                        namespace: service.namespace.clone(),
+                        name: service.name.clone(),
+                        port_name: port.name.clone(),
+                        affinity_timeout_secs: service.affinity_timeout_secs,
+                        table_size: service.table_size,
+                        backends,
+                    });
+                }
+            }
+        }
+        services.sort_by_key(|s| s.key);
+        services
+    }
+
+    /// Applies `cluster`: only what changed is written.
+    pub fn apply(&mut self, cluster: &Cluster) -> Result<ApplyReport, ControllerError> {
+        let mut report = ApplyReport::default();
+        let old_services = self.state.services.clone();
+        let old: BTreeMap<VipKey, &AppliedService> =
+            old_services.iter().map(|s| (s.key, s)).collect();
+        let mut desired = self.desired(cluster);
+
+        // Ids: kept for what stays, the lowest free one for what is new. Ids freed by this apply
+        // are not reused by it, since their flows are cleared only at its end.
+        let mut used_services: HashSet<u32> = old.values().map(|s| s.id).collect();
+        let mut used_backends: HashSet<u32> = old
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        for service in &mut desired {
+            let previous = old.get(&service.key);
+            service.id = match previous {
+                Some(p) => p.id,
+                None => allocate(&mut used_services, MAX_SERVICES, "service")?,
+            };
+            for backend in &mut service.backends {
+                let kept = previous.and_then(|p| {
+                    p.backends
+                        .iter()
+                        .find(|b| (b.addr, b.port) == (backend.addr, backend.port))
+                });
+                backend.id = match kept {
+                    Some(b) => b.id,
+                    None => allocate(&mut used_backends, MAX_BACKENDS, "backend")?,
+                };
+            }
+        }
+
+        // 1. Backends, before any table names them.
+        for service in &desired {
+            let previous = old.get(&service.key);
+            for backend in &service.backends {
+                let unchanged = previous.is_some_and(|p| {
+                    p.backends
+                        .iter()
+                        .any(|b| b.id == backend.id && b.terminating == backend.terminating)
+                });
+                if !unchanged {
+                    self.dataplane
+                        .set_backend(backend.id, &data_plane_backend(service, backend))?;
+                }
+            }
+        }
+        // 2. Tables, swapped whole; then 3. the services themselves.
+        for service in &desired {
+            let previous = old.get(&service.key).copied();
+            let table_inputs_changed = previous.is_none_or(|p| {
+                p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
+            });
+            if table_inputs_changed {
+                let placed: Vec<MaglevBackend> = service
+                    .backends
+                    .iter()
+                    .filter(|b| !b.terminating)
+                    .map(|b| MaglevBackend {
+                        id: b.id,
+                        identity: identity(b),
+                        weight: b.weight,
+                    })
+                    .collect();
+                match maglev::build(&placed, service.table_size)? {
+                    Some(table) => self.dataplane.set_maglev_table(service.id, &table)?,
+                    None if previous.is_some() => {
+                        // No backend takes new flows: without a table the data plane drops
+                        // and counts them.
+                        let _ = self.dataplane.remove_maglev_table(service.id);
+                    }
+                    None => {}
+                }
+            }
+            let settings_changed =
+                previous.is_none_or(|p| p.affinity_timeout_secs != service.affinity_timeout_secs);
+            if settings_changed {
+                self.dataplane
+                    .set_service(&service_key(&service.key), &service_value(service))?;
+            }
+            match previous {
+                None => report.added += 1,
+                Some(_) if table_inputs_changed || settings_changed => report.changed += 1,
+                Some(_) => {}
+            }
+        }
+        self.set_vip_counts(&desired)?;
+
+        // 4. Retire what is gone, and the flows of removed backends.
+        let desired_keys: HashSet<VipKey> = desired.iter().map(|s| s.key).collect();
+        let kept_backends: HashSet<u32> = desired
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        for service in old.values().filter(|s| !desired_keys.contains(&s.key)) {
+            self.dataplane.remove_service(&service_key(&service.key))?;
+            let _ = self.dataplane.remove_maglev_table(service.id);
+            report.removed += 1;
+        }
+        let removed_backends: HashSet<u32> = old
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .filter(|id| !kept_backends.contains(id))
+            .collect();
+        for id in &removed_backends {
+            self.dataplane.set_backend(*id, &Backend::default())?;
+        }
+        report.backends_removed = removed_backends.len();
+        report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
+
+        self.state = AppliedState {
+            generation: self.state.generation + 1,
+            cluster: cluster.clone(),
+            services: desired,
+        };
+        if let Some(path) = &self.state_path {
+            self.state.write(path)?;
+        }
+        info!(
+            generation = self.state.generation,
+            services = self.state.services.len(),
+            added = report.added,
+            changed = report.changed,
+            removed = report.removed,
+            backends_removed = report.backends_removed,
+            flows_cleared = report.flows_cleared,
+            "applied"
+        );
+        Ok(report)
+    }
+
+    /// Updates `VIP_ADDRS` to count the services on each address.
+    fn set_vip_counts(&mut self, desired: &[AppliedService]) -> Result<(), ControllerError> {
+        let count = |services: &[AppliedService]| {
+            let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
+            for s in services {
+                *counts.entry(s.key.vip).or_default() += 1;
+            }
+            counts
+        };
+        let old = count(&self.state.services);
+        let new = count(desired);
+        for (addr, n) in &new {
+            if old.get(addr) != Some(n) {
+                self.dataplane.set_vip_addr(addr16(*addr), *n)?;
+            }
+        }
+        for addr in old.keys().filter(|a| !new.contains_key(a)) {
+            self.dataplane.set_vip_addr(addr16(*addr), 0)?;
+        }
+        Ok(())
+    }
+}
+
+fn allocate(
+    used: &mut HashSet<u32>,
+    capacity: u32,
+    what: &'static str,
+) -> Result<u32, ControllerError> {
+    let id = (0..capacity)
+        .find(|id| !used.contains(id))
+        .ok_or(ControllerError::OutOfIds(what, capacity))?;
+    used.insert(id);
+    Ok(id)
+}
+
+/// The bytes that place a backend in Maglev: its address and port, so every load balancer
+/// computes the same table whatever ids it gave.
+fn identity(backend: &AppliedBackend) -> Vec<u8> {
+    let mut bytes = addr16(backend.addr).to_vec();
+    bytes.extend_from_slice(&backend.port.to_be_bytes());
+    bytes
+}
+
+fn table_inputs(service: &AppliedService) -> Vec<(u32, bool, u32)> {
+    service
+        .backends
+        .iter()
+        .map(|b| (b.id, b.terminating, b.weight))
+        .collect()
+}
+
+fn data_plane_backend(service: &AppliedService, backend: &AppliedBackend) -> Backend {
+    let mut flags = BACKEND_F_VALID;
+    if backend.terminating {
+        flags |= BACKEND_F_TERMINATING;
+    }
+    Backend {
+        addr: addr16(backend.addr),
+        port: backend.port,
+        flags,
+        service_id: service.id,
+    }
+}
+
+fn service_value(service: &AppliedService) -> ServiceValue {
+    ServiceValue {
+        id: service.id,
+        flags: if service.affinity_timeout_secs.is_some() {
+            SERVICE_F_AFFINITY
+        } else {
+            0
+        },
+        affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
+    }
+}

@@ -1,0 +1,107 @@
+//! The controller's diffing against the real maps: ids stay stable, only what changed is
+//! written, removed backends' flows are cleared, removed services disappear.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_tests::{frames::Spec, netns::Netns};
+use lb_userspace::{
+    Dataplane,
+    controller::{AppliedState, ApplyReport, Controller},
+    manifest::{self, Manifests},
+    model::{self, Cluster, Options},
+};
+
+fn cluster(pods: &[&str], extra: &str) -> Cluster {
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n".to_owned();
+    for pod in pods {
+        yaml += &format!("  - ip: {pod}\n");
+    }
+    yaml += extra;
+    let mut manifests = Manifests::default();
+    manifest::read_text(&PathBuf::from("apply.yaml"), &yaml, &mut manifests).unwrap();
+    model::build(&manifests, &Options::default()).unwrap()
+}
+
+#[test]
+fn apply_diffs_against_what_is_applied() {
+    let ns = Netns::create("apply").unwrap();
+    ns.enter(|| {
+        let dataplane = Dataplane::load().unwrap();
+        let mut controller =
+            Controller::new(dataplane, AppliedState::default(), None, Options::default());
+        let three = cluster(&["198.18.1.1", "198.18.1.2", "198.18.1.3"], "");
+        let report = controller.apply(&three).unwrap();
+        assert_eq!(
+            report,
+            ApplyReport {
+                added: 1,
+                ..ApplyReport::default()
+            }
+        );
+        let ids: Vec<u32> = controller.state().services[0]
+            .backends
+            .iter()
+            .map(|b| b.id)
+            .collect();
+
+        // Same state again: nothing to write.
+        assert_eq!(controller.apply(&three).unwrap(), ApplyReport::default());
+
+        // Flows to every backend.
+        let program = controller.dataplane().xdp_program().unwrap();
+        for port in 0..60u16 {
+            let frame = Spec::tcp(
+                IpAddr::from([198, 18, 0, 1]),
+                10000 + port,
+                IpAddr::from([198, 18, 100, 1]),
+                8080,
+            )
+            .build();
+            program
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    ..TestRunOptions::new()
+                })
+                .unwrap();
+        }
+        let flows_before = controller.dataplane().flows().unwrap().len();
+        assert_eq!(flows_before, 60);
+
+        // Remove one backend: its slot is emptied and its flows cleared; the others keep ids.
+        let two = cluster(&["198.18.1.1", "198.18.1.3"], "");
+        let report = controller.apply(&two).unwrap();
+        assert_eq!(report.changed, 1);
+        assert_eq!(report.backends_removed, 1);
+        assert!(
+            report.flows_cleared > 0 && report.flows_cleared < 60,
+            "{report:?}"
+        );
+        let kept: Vec<u32> = controller.state().services[0]
+            .backends
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(
+            kept,
+            vec![ids[0], ids[2]],
+            "surviving backends keep their ids"
+        );
+        let flows = controller.dataplane().flows().unwrap();
+        assert_eq!(flows.len(), 60 - report.flows_cleared);
+        assert!(flows.iter().all(|(_, v)| v.backend_id != ids[1]));
+
+        // Adding a backend changes the table and removes nothing.
+        let report = controller
+            .apply(&cluster(&["198.18.1.1", "198.18.1.3", "198.18.1.4"], ""))
+            .unwrap();
+        assert_eq!((report.changed, report.backends_removed), (1, 0));
+
+        // The service goes away entirely.
+        let report = controller.apply(&Cluster::default()).unwrap();
+        assert_eq!((report.removed, report.backends_removed), (1, 3));
+        assert!(controller.dataplane().flows().unwrap().is_empty());
+        assert!(controller.state().services.is_empty());
+    })
+    .unwrap();
+}

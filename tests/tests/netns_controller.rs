@@ -1,0 +1,367 @@
+//! The controller as an operator runs it: `lb-userspace attach --config DIR` on a routing node
+//! between a client and two pods, in namespaces this test creates. The manifests change under
+//! it, it is killed with SIGKILL and restarted, and a long-lived TCP connection is served
+//! throughout.
+//!
+//! ```text
+//! client 198.18.0.1 --- 198.18.0.2 node 198.18.1.254 --- 198.18.1.1 pod-1
+//!                       (controller on veth-n)    198.18.2.254 --- 198.18.2.1 pod-2
+//! ```
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    ChildGuard, Roots,
+    netns::{Netns, veth_pair},
+};
+
+const VIP: &str = "198.18.100.1:8080";
+
+fn service_yaml() -> &'static str {
+    "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\nspec:\n  \
+     type: LoadBalancer\n  clusterIP: 198.18.100.1\n  selector:\n    app: web\n  ports:\n  - \
+     port: 8080\n    targetPort: 8080\n    protocol: TCP\n"
+}
+
+fn endpoints_yaml(pods: &[&str]) -> String {
+    let mut yaml = "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n  namespace: default\nsubsets:\n- addresses:\n".to_owned();
+    for pod in pods {
+        yaml += &format!("  - ip: {pod}\n");
+    }
+    yaml += "  ports:\n  - port: 8080\n    protocol: TCP\n";
+    yaml
+}
+
+/// Writes a file the way kubectl and editors do: a new file renamed over the old one.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A pod: answers every line of every connection with its name.
+fn serve_pod(pod: &Netns, name: &'static str) {
+    let listener = pod
+        .enter(|| TcpListener::bind("0.0.0.0:8080").unwrap())
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines() {
+                    if line.is_err() || writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A client connection kept open across the test.
+struct Conversation {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conversation {
+    fn open(client: &Netns) -> Self {
+        let stream = client
+            .enter(|| {
+                let stream =
+                    TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(5))
+                        .expect("connecting to the VIP");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                stream
+            })
+            .unwrap();
+        Self {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Sends a line, returns the pod that answered.
+    fn ask(&mut self) -> String {
+        self.writer
+            .write_all(b"who?\n")
+            .expect("sending on the connection");
+        let mut answer = String::new();
+        self.reader
+            .read_line(&mut answer)
+            .expect("an answer on the connection");
+        answer.trim().to_owned()
+    }
+}
+
+/// Which pods answer `count` new connections.
+fn new_connections(client: &Netns, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| Conversation::open(client).ask())
+        .collect()
+}
+
+struct Controller {
+    child: ChildGuard,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Controller {
+    fn start(node: &Netns, config: &Path, roots: &Roots) -> Self {
+        let child = node
+            .command(lb_tests::lb_userspace_bin())
+            .args(["attach", "veth-n", "--stats-interval", "0"])
+            .arg("--config")
+            .arg(config)
+            .args([
+                "--pin-root",
+                &roots.pin_root,
+                "--state-root",
+                &roots.state_root,
+            ])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = ChildGuard::new(child);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.child_mut().stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.child_mut().stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let controller = Self { child, log };
+        controller.wait_for("applied", 1);
+        controller
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `needle` was logged `times` times.
+    fn wait_for(&self, needle: &str, times: usize) {
+        let start = Instant::now();
+        while self.count(needle) < times {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {needle:?} (x{times}) in the log: {:#?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn cli(roots: &Roots, args: &[&str]) -> String {
+    let output = Command::new(lb_tests::lb_userspace_bin())
+        .args(args)
+        .args([
+            "--pin-root",
+            &roots.pin_root,
+            "--state-root",
+            &roots.state_root,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn scrape_metrics(node: &Netns) -> String {
+    node.enter(|| {
+        let mut stream = TcpStream::connect("127.0.0.1:9464").expect("the metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    })
+    .unwrap()
+}
+
+#[test]
+fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
+    let client = Netns::create("ctlc").unwrap();
+    let node = Netns::create("ctln").unwrap();
+    let pod1 = Netns::create("ctlp1").unwrap();
+    let pod2 = Netns::create("ctlp2").unwrap();
+    veth_pair((&client, "veth-c"), (&node, "veth-n")).unwrap();
+    veth_pair((&node, "veth-p1"), (&pod1, "eth0")).unwrap();
+    veth_pair((&node, "veth-p2"), (&pod2, "eth0")).unwrap();
+    client
+        .ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-c"])
+        .unwrap();
+    client
+        .ip(&["route", "add", "198.18.100.0/24", "via", "198.18.0.2"])
+        .unwrap();
+    client
+        .exec("ethtool", &["-K", "veth-c", "tx", "off"])
+        .unwrap();
+    node.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-n"])
+        .unwrap();
+    node.ip(&["addr", "add", "198.18.1.254/24", "dev", "veth-p1"])
+        .unwrap();
+    node.ip(&["addr", "add", "198.18.2.254/24", "dev", "veth-p2"])
+        .unwrap();
+    node.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    for (pod, addr, gateway) in [
+        (&pod1, "198.18.1.1/24", "198.18.1.254"),
+        (&pod2, "198.18.2.1/24", "198.18.2.254"),
+    ] {
+        pod.ip(&["addr", "add", addr, "dev", "eth0"]).unwrap();
+        pod.ip(&["route", "add", "default", "via", gateway])
+            .unwrap();
+    }
+    serve_pod(&pod1, "pod-1");
+    serve_pod(&pod2, "pod-2");
+
+    let roots = Roots::new("ctl");
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("service.yaml"), service_yaml()).unwrap();
+    let endpoints = config.path().join("endpoints.yaml");
+    std::fs::write(&endpoints, endpoints_yaml(&["198.18.1.1"])).unwrap();
+
+    // One endpoint: everything goes to pod-1, including a connection kept open throughout.
+    let controller = Controller::start(&node, config.path(), &roots);
+    let mut held = Conversation::open(&client);
+    assert_eq!(held.ask(), "pod-1");
+    assert!(new_connections(&client, 5).iter().all(|p| p == "pod-1"));
+
+    // Scale up: the rewritten manifest is applied, new connections reach pod-2 too.
+    write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "198.18.2.1"]));
+    controller.wait_for("applied", 2);
+    let spread = new_connections(&client, 30);
+    assert!(
+        spread.iter().any(|p| p == "pod-2") && spread.iter().any(|p| p == "pod-1"),
+        "{spread:?}"
+    );
+    assert_eq!(held.ask(), "pod-1", "the held connection stays on its pod");
+
+    // A broken manifest is rejected and the previous state keeps serving.
+    write_atomically(
+        &endpoints,
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web\n",
+    );
+    controller.wait_for("configuration rejected", 1);
+    assert_eq!(held.ask(), "pod-1");
+    assert!(
+        new_connections(&client, 4)
+            .iter()
+            .all(|p| p == "pod-1" || p == "pod-2")
+    );
+    write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "198.18.2.1"]));
+
+    // The operator's views, from another process, and the metrics.
+    let services = cli(&roots, &["get", "services"]);
+    assert!(
+        services.contains("web") && services.contains("198.18.100.1"),
+        "{services}"
+    );
+    let described = cli(&roots, &["describe", "service", "web"]);
+    for needle in [
+        "Name:",
+        "Selector:",
+        "app=web",
+        "Type:",
+        "LoadBalancer",
+        "IP:",
+        "Port:",
+        "TargetPort:",
+        "Endpoints:",
+        "198.18.1.1:8080,198.18.2.1:8080",
+        "Session Affinity:",
+        "External Traffic Policy:",
+    ] {
+        assert!(described.contains(needle), "{needle} missing:\n{described}");
+    }
+    println!("{services}\n{described}");
+    let explained = cli(
+        &roots,
+        &["explain", "198.18.0.1:1234", "198.18.100.1:8080/TCP"],
+    );
+    println!("{explained}");
+    assert!(explained.contains("maglev"), "{explained}");
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&roots, &["get", "services", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["service"]["name"], "web");
+    let metrics = scrape_metrics(&node);
+    assert!(
+        metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080\",frontend=\"198.18.100.1:8080/TCP\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    println!(
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("lb_service") || l.starts_with("lb_endpoint_new"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // SIGKILL: nothing is cleaned up, the pinned data plane keeps serving.
+    let mut controller = controller;
+    controller.child.child_mut().kill().unwrap();
+    controller.child.child_mut().wait().unwrap();
+    assert_eq!(held.ask(), "pod-1", "served while no controller runs");
+    assert!(!new_connections(&client, 4).is_empty());
+
+    // Restart: it adopts the pinned maps and links; the held flow is untouched.
+    let restarted = Controller::start(&node, config.path(), &roots);
+    assert!(restarted.count("adopting the state of the previous controller") == 1);
+    assert_eq!(
+        held.ask(),
+        "pod-1",
+        "the held connection survived kill -9 and restart"
+    );
+
+    // Scale down to pod-2 only: new connections all go there.
+    write_atomically(&endpoints, &endpoints_yaml(&["198.18.2.1"]));
+    restarted.wait_for("applied", 2);
+    assert!(new_connections(&client, 10).iter().all(|p| p == "pod-2"));
+
+    // A clean stop detaches and removes the pins.
+    let status = restarted.child.stop(Duration::from_secs(5)).unwrap();
+    assert!(status.success());
+    assert!(
+        !Path::new(&roots.pin_root).join("veth-n").exists(),
+        "pins removed"
+    );
+    let link = node.exec("ip", &["-d", "link", "show", "veth-n"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP detached"
+    );
+}
