@@ -21,6 +21,13 @@ pub trait Frame {
         self.end() - self.start()
     }
 
+    /// Length of the whole packet, which the IP length fields are checked against. For a
+    /// socket buffer this includes paged data beyond the directly readable part.
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len()
+    }
+
     /// A pointer to a `T` at `offset`, if the frame holds all of it.
     #[inline(always)]
     fn ptr_at<T>(&self, offset: usize) -> Result<*mut T, OutOfBounds> {
@@ -64,6 +71,11 @@ impl Frame for TcContext {
     fn end(&self) -> usize {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data_end) as usize }
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).len) as usize }
     }
 }
 

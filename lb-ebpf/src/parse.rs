@@ -123,7 +123,7 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
     if vihl >> 4 != 4
         || header_len < Ipv4Hdr::LEN
         || total_len < header_len
-        || l3_off + total_len > frame.len()
+        || l3_off + total_len > frame.packet_len()
     {
         return Kind::Malformed;
     }
@@ -166,7 +166,8 @@ fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
     packet.dst = unsafe { (*ip).dst_addr };
     packet.src = unsafe { (*ip).src_addr };
     let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
-    if unsafe { (*ip).vcf[0] } >> 4 != 6 || l3_off + Ipv6Hdr::LEN + payload_len > frame.len() {
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 || l3_off + Ipv6Hdr::LEN + payload_len > frame.packet_len()
+    {
         return Kind::Malformed;
     }
     let proto = unsafe { (*ip).next_hdr };

@@ -243,6 +243,13 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
         keep_on_exit,
         conntrack_size,
     } = settings;
+    // Watch before the first read, so a change written while we start is not missed: it
+    // triggers a reload that finds either a new state or nothing to do.
+    let (change_tx, mut change_rx) = mpsc::channel::<()>(64);
+    let _watcher = match &config {
+        Some(path) => Some(watch(path, change_tx)?),
+        None => None,
+    };
     // A configuration that does not validate stops us before anything changes.
     let cluster = match &config {
         Some(path) => Some(model::load(path, &options)?),
@@ -283,12 +290,6 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
     info!(%metrics_addr, "serving Prometheus metrics on /metrics");
     tokio::spawn(serve_metrics(listener, metrics_tx));
-
-    let (change_tx, mut change_rx) = mpsc::channel::<()>(64);
-    let _watcher = match &config {
-        Some(path) => Some(watch(path, change_tx)?),
-        None => None,
-    };
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));

@@ -126,7 +126,19 @@ pub fn veth_pair(a: (&Netns, &str), b: (&Netns, &str)) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes `lbt-*` namespaces whose creating process is gone (left by a crash or `kill -9`).
+/// Whether a `lbt-...-<pid>` name belongs to a process that is gone.
+fn is_stale(name: &str) -> bool {
+    name.strip_prefix(PREFIX).is_some_and(|rest| {
+        !rest
+            .rsplit_once('-')
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    })
+}
+
+/// Removes what crashed or killed runs left behind: `lbt-*` namespaces whose creating process
+/// is gone (after killing the processes still running inside them), and their pin and state
+/// folders.
 pub fn sweep_stale() -> anyhow::Result<Vec<String>> {
     let output = run("ip", &["netns", "list"])?;
     let mut removed = Vec::new();
@@ -134,16 +146,31 @@ pub fn sweep_stale() -> anyhow::Result<Vec<String>> {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        let Some(rest) = name.strip_prefix(PREFIX) else {
+        if !is_stale(name) {
+            continue;
+        }
+        let pids = run("ip", &["netns", "pids", name])?;
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        ip(&["netns", "del", name])?;
+        removed.push(name.to_owned());
+    }
+    for root in ["/run/lb/bpf", "/run/lb/state"] {
+        let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
-        let alive = rest
-            .rsplit_once('-')
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            ip(&["netns", "del", name])?;
-            removed.push(name.to_owned());
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_stale(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
+                removed.push(entry.path().display().to_string());
+            }
         }
     }
     Ok(removed)

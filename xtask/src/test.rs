@@ -47,6 +47,14 @@ pub fn run() -> anyhow::Result<()> {
     if !live.is_empty() || !leftovers.is_empty() {
         bail!("the tests left network namespaces behind: {live:?} {leftovers:?}");
     }
+    let processes = leftover_processes();
+    if !processes.is_empty() {
+        bail!("the tests left processes behind: {processes:?}");
+    }
+    let pins = leftover_pins();
+    if !pins.is_empty() {
+        bail!("the tests left pins or states behind: {pins:?}");
+    }
     println!(
         "cargo xtask test: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
@@ -101,6 +109,34 @@ fn cargo_test() -> anyhow::Result<Totals> {
         );
     }
     Ok(totals)
+}
+
+/// `lb-pod` and `lb-userspace` processes still running.
+fn leftover_processes() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| {
+            let program = cmdline.split(' ').next().unwrap_or_default();
+            program.ends_with("/lb-pod") || program.ends_with("/lb-userspace")
+        })
+        .collect()
+}
+
+/// Test pin or state folders still present under the default roots.
+fn leftover_pins() -> Vec<String> {
+    ["/run/lb/bpf", "/run/lb/state"]
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().display().to_string())
+        .filter(|path| path.contains(lb_tests::netns::PREFIX))
+        .collect()
 }
 
 fn list_project_namespaces() -> anyhow::Result<Vec<String>> {

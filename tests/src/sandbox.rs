@@ -1,0 +1,562 @@
+//! The veth sandbox that mirrors a Kubernetes node: a `client` namespace, a `node` namespace
+//! (the load balancer host, routing between client and pods, running `lb-userspace attach` on
+//! its client-facing veth) and one namespace per pod, each running `lb-pod` (HTTP on 8080
+//! answering its name, UDP echo). The demo, the end-to-end tests and `cargo xtask sandbox` all
+//! use it.
+//!
+//! ```text
+//! client 198.18.0.1, 2001:db8::1 ── veth-client ══ veth-node ── node 198.18.0.2, 2001:db8::2
+//! node 198.18.N.254, 2001:db8:N::fe ── veth-pN ══ eth0 ── pod-N 198.18.N.1, 2001:db8:N::1
+//! VIPs: cluster IP 198.18.100.1 / 2001:db8:100::1, load balancer IP 198.18.200.1 / 2001:db8:200::1
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    ChildGuard, Roots,
+    netns::{Netns, veth_pair},
+};
+
+/// The service's load balancer IPv4 address (what clients use).
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+/// The service's load balancer IPv6 address.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
+/// The service's cluster IP.
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// The service port, and every pod's port.
+pub const PORT: u16 = 8080;
+/// Namespace and name of the tutorial's service.
+pub const SERVICE: &str = "tomcat-load-balancer";
+/// Name of the client-facing interface in the node namespace.
+pub const NODE_IFACE: &str = "veth-node";
+
+/// The binaries the sandbox runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `lb-userspace`.
+    pub controller: PathBuf,
+    /// `lb-pod`.
+    pub pod: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries beside `lb-userspace` in a target profile folder.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            controller: dir.join("lb-userspace"),
+            pod: dir.join("lb-pod"),
+        }
+    }
+}
+
+/// A child whose stdout and stderr lines are collected.
+pub struct LoggedChild {
+    /// The process.
+    pub child: ChildGuard,
+    /// Its output lines so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl LoggedChild {
+    /// Spawns `command` and collects its output; `echo` also prints each line.
+    pub fn spawn(mut command: std::process::Command, echo: bool) -> anyhow::Result<Self> {
+        let mut child = ChildGuard::new(
+            command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting a sandbox process")?,
+        );
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.child_mut().stdout.take().expect("piped")),
+            Box::new(child.child_mut().stderr.take().expect("piped")),
+        ];
+        for pipe in pipes {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if echo {
+                        println!("    | {line}");
+                    }
+                    log.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        Ok(Self { child, log })
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `needle` was logged `times` times.
+    pub fn wait_for(&self, needle: &str, times: usize, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while self.count(needle) < times {
+            if start.elapsed() > timeout {
+                bail!(
+                    "no {needle:?} (x{times}) in the log:\n{}",
+                    self.log.lock().expect("log lock").join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+/// A pod of the Deployment.
+pub struct Pod {
+    /// Its namespace.
+    pub ns: Netns,
+    /// `tomcat-deployment-N`.
+    pub name: String,
+    /// Its IPv4 address.
+    pub v4: Ipv4Addr,
+    /// Its IPv6 address.
+    pub v6: Ipv6Addr,
+    server: ChildGuard,
+}
+
+/// How an endpoint appears in the EndpointSlices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// Ready: takes new connections.
+    Ready,
+    /// Terminating: keeps its connections, takes no new ones.
+    Terminating,
+}
+
+/// The sandbox. Dropping it stops every process and removes every namespace and pin.
+pub struct Sandbox {
+    /// The client's namespace.
+    pub client: Netns,
+    /// The load balancer host's namespace.
+    pub node: Netns,
+    /// Pods by index (1-based).
+    pub pods: BTreeMap<u8, Pod>,
+    /// The manifests folder the controller watches.
+    pub config: tempfile::TempDir,
+    /// Pin and state roots of this sandbox's controller.
+    pub roots: Roots,
+    /// The controller, once started.
+    pub controller: Option<LoggedChild>,
+    binaries: Binaries,
+    tag: String,
+}
+
+impl Sandbox {
+    /// Builds client and node; no pod yet.
+    pub fn up(tag: &str, binaries: Binaries) -> anyhow::Result<Self> {
+        for binary in [&binaries.controller, &binaries.pod] {
+            if !binary.exists() {
+                bail!("{} is missing: build the workspace first", binary.display());
+            }
+        }
+        let client = Netns::create(&format!("{tag}-client"))?;
+        let node = Netns::create(&format!("{tag}-node"))?;
+        veth_pair((&client, "veth-client"), (&node, NODE_IFACE))?;
+        client.ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-client"])?;
+        client.ip(&[
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            "veth-client",
+            "nodad",
+        ])?;
+        node.ip(&["addr", "add", "198.18.0.2/24", "dev", NODE_IFACE])?;
+        node.ip(&["addr", "add", "2001:db8::2/64", "dev", NODE_IFACE, "nodad"])?;
+        for prefix in ["198.18.100.0/24", "198.18.200.0/24"] {
+            client.ip(&["route", "add", prefix, "via", "198.18.0.2"])?;
+        }
+        for prefix in ["2001:db8:100::/48", "2001:db8:200::/48"] {
+            client.ip(&["-6", "route", "add", prefix, "via", "2001:db8::2"])?;
+        }
+        // A NIC hands XDP frames with complete checksums; a veth would hand it the sender's
+        // offloaded partial ones. Make the client's link behave like a wire.
+        client.exec("ethtool", &["-K", "veth-client", "tx", "off"])?;
+        for sysctl in [
+            "net.ipv4.conf.all.forwarding=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ] {
+            node.exec("sysctl", &["-qw", sysctl])?;
+        }
+        Ok(Self {
+            client,
+            node,
+            pods: BTreeMap::new(),
+            config: tempfile::tempdir()?,
+            roots: Roots::new(&format!("{tag}-roots")),
+            controller: None,
+            binaries,
+            tag: tag.to_owned(),
+        })
+    }
+
+    /// Starts pod `index`: its namespace, its link to the node and its server.
+    pub fn start_pod(&mut self, index: u8) -> anyhow::Result<()> {
+        let ns = Netns::create(&format!("{}-pod{index}", self.tag))?;
+        let node_end = format!("veth-p{index}");
+        veth_pair((&self.node, &node_end), (&ns, "eth0"))?;
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{index}.254/24"),
+            "dev",
+            &node_end,
+        ])?;
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("2001:db8:{index}::fe/64"),
+            "dev",
+            &node_end,
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{index}.1/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("2001:db8:{index}::1/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{index}.254"),
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("2001:db8:{index}::fe"),
+        ])?;
+        let name = format!("tomcat-deployment-{index}");
+        let server = ns
+            .command(&self.binaries.pod)
+            .args([&name, &PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting lb-pod")?;
+        let pod = Pod {
+            ns,
+            name,
+            v4: Ipv4Addr::new(198, 18, index, 1),
+            v6: Ipv6Addr::new(0x2001, 0xdb8, u16::from(index), 0, 0, 0, 0, 1),
+            server: ChildGuard::new(server),
+        };
+        // Wait until it answers, so endpoints are only published for a serving pod.
+        let target = SocketAddr::new(IpAddr::V4(pod.v4), PORT);
+        let start = Instant::now();
+        while self
+            .node
+            .enter(move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100))
+            })?
+            .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("{} did not start", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.pods.insert(index, pod);
+        Ok(())
+    }
+
+    /// Stops pod `index` and removes its namespace.
+    pub fn stop_pod(&mut self, index: u8) -> anyhow::Result<()> {
+        if let Some(pod) = self.pods.remove(&index) {
+            pod.server.stop(Duration::from_secs(2))?;
+            drop(pod.ns);
+        }
+        Ok(())
+    }
+
+    /// Writes the Deployment (skipped by the controller, as in a real manifest folder) and the
+    /// `tomcat-load-balancer` Service, optionally with ClientIP affinity.
+    pub fn write_service(&self, replicas: usize, affinity: bool) -> anyhow::Result<()> {
+        let affinity = if affinity {
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n"
+        } else {
+            "  sessionAffinity: None\n"
+        };
+        let yaml = format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: tomcat-deployment
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: tomcat
+  template:
+    metadata:
+      labels:
+        app: tomcat
+    spec:
+      containers:
+      - name: tomcat
+        image: tomcat:9
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {SERVICE}
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector:
+    app: tomcat
+  clusterIP: {CLUSTER_IP}
+  clusterIPs: [{CLUSTER_IP}]
+  externalTrafficPolicy: Cluster
+{affinity}  ports:
+  - name: http
+    port: {PORT}
+    targetPort: {PORT}
+    protocol: TCP
+    nodePort: 30854
+  - name: echo
+    port: {PORT}
+    targetPort: {PORT}
+    protocol: UDP
+status:
+  loadBalancer:
+    ingress:
+    - ip: {VIP4}
+    - ip: {VIP6}
+"
+        );
+        write_atomically(&self.config.path().join("tomcat.yaml"), &yaml)
+    }
+
+    /// Writes the service's EndpointSlices (IPv4 and IPv6) for the given pods.
+    pub fn write_endpoints(&self, endpoints: &[(u8, EndpointState)]) -> anyhow::Result<()> {
+        let mut yaml = String::new();
+        for (family, address_type) in [("v4", "IPv4"), ("v6", "IPv6")] {
+            yaml += &format!(
+                "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {SERVICE}-{family}
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {SERVICE}
+addressType: {address_type}
+ports:
+- name: http
+  port: {PORT}
+  protocol: TCP
+- name: echo
+  port: {PORT}
+  protocol: UDP
+endpoints:
+"
+            );
+            for (index, state) in endpoints {
+                let Some(pod) = self.pods.get(index) else {
+                    bail!("pod {index} is not running");
+                };
+                let address = if family == "v4" {
+                    pod.v4.to_string()
+                } else {
+                    pod.v6.to_string()
+                };
+                let conditions = match state {
+                    EndpointState::Ready => "{ready: true, serving: true, terminating: false}",
+                    EndpointState::Terminating => {
+                        "{ready: false, serving: true, terminating: true}"
+                    }
+                };
+                yaml += &format!(
+                    "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",
+                    pod.name
+                );
+            }
+        }
+        write_atomically(&self.config.path().join("tomcat-endpoints.yaml"), &yaml)
+    }
+
+    /// Starts (or restarts) the controller on the node and waits for its first apply.
+    pub fn start_controller(&mut self, echo: bool) -> anyhow::Result<()> {
+        let mut command = self.node.command(&self.binaries.controller);
+        command
+            .args(["attach", NODE_IFACE, "--stats-interval", "0", "--config"])
+            .arg(self.config.path())
+            .args(["--pin-root", &self.roots.pin_root])
+            .args(["--state-root", &self.roots.state_root])
+            .env("NO_COLOR", "1");
+        let controller = LoggedChild::spawn(command, echo)?;
+        controller.wait_for("applied", 1, Duration::from_secs(10))?;
+        self.controller = Some(controller);
+        Ok(())
+    }
+
+    /// Waits until the controller applied `count` configurations since it started.
+    pub fn wait_applied(&self, count: usize) -> anyhow::Result<()> {
+        self.controller.as_ref().context("no controller")?.wait_for(
+            "applied",
+            count,
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Runs `lb-userspace ARGS` against this sandbox's roots, from the host.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = std::process::Command::new(&self.binaries.controller)
+            .args(args)
+            .args(["--pin-root", &self.roots.pin_root])
+            .args(["--state-root", &self.roots.state_root])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "lb-userspace {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// One HTTP GET on a new connection from the client; returns the pod that answered.
+    pub fn http_get(&self, vip: IpAddr) -> anyhow::Result<String> {
+        let url = match vip {
+            IpAddr::V4(v4) => format!("http://{v4}:{PORT}/"),
+            IpAddr::V6(v6) => format!("http://[{v6}]:{PORT}/"),
+        };
+        self.client.enter(move || -> anyhow::Result<String> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .max_idle_connections(0)
+                .build()
+                .into();
+            let body = agent.get(&url).call()?.body_mut().read_to_string()?;
+            Ok(body.trim().to_owned())
+        })?
+    }
+
+    /// `count` HTTP requests, each on a new connection; the answering pods.
+    pub fn http_batch(&self, vip: IpAddr, count: usize) -> anyhow::Result<Vec<String>> {
+        (0..count).map(|_| self.http_get(vip)).collect()
+    }
+
+    /// A UDP datagram to the VIP and its echo, from the client.
+    pub fn udp_echo(&self, vip: IpAddr, payload: &[u8]) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+        let payload = payload.to_vec();
+        self.client
+            .enter(move || -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+                let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let socket = UdpSocket::bind(bind)?;
+                socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+                socket.send_to(&payload, SocketAddr::new(vip, PORT))?;
+                let mut buf = [0u8; 2048];
+                let (n, from) = socket.recv_from(&mut buf)?;
+                Ok((buf[..n].to_vec(), from))
+            })?
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // The controller first (it detaches and unpins), then the pods, then the namespaces.
+        if let Some(controller) = self.controller.take() {
+            let _ = controller.child.stop(Duration::from_secs(5));
+        }
+        self.pods.clear();
+    }
+}
+
+/// Writes a file the way kubectl and editors do: a new file renamed over the old one.
+pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A long-lived HTTP/1.1 keep-alive connection from the client.
+pub struct HeldConnection {
+    stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl HeldConnection {
+    /// Opens a connection to `vip` from the client namespace.
+    pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
+        let stream = sandbox.client.enter(move || {
+            let stream = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(vip, PORT),
+                Duration::from_secs(5),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            anyhow::Ok(stream)
+        })??;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+        })
+    }
+
+    /// Sends a GET on the connection; returns the answering pod.
+    pub fn get(&mut self) -> anyhow::Result<String> {
+        use std::io::{Read as _, Write as _};
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: tomcat\r\nConnection: keep-alive\r\n\r\n")?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the connection was closed");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(value) = line
+                .to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(str::trim)
+                .map(str::to_owned)
+            {
+                length = value.parse()?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body).trim().to_owned())
+    }
+}
