@@ -219,12 +219,19 @@ pub fn get_services(all: &[Attached], json: bool) -> String {
     if json {
         return serde_json::to_string_pretty(&views).unwrap_or_default();
     }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<12} {:<24} {:<13} {:<16} {:<20} {:<22} {:>9} {:>10}",
-        "NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "ENDPOINTS", "PACKETS"
-    );
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "ENDPOINTS",
+            "PACKETS",
+        ]
+        .map(str::to_owned),
+    ];
     for view in &views {
         let s = &view.service;
         let external: Vec<String> = s
@@ -243,12 +250,10 @@ pub fn get_services(all: &[Attached], json: bool) -> String {
             .collect();
         let endpoints: usize = s.ports.iter().map(|p| p.endpoints.len()).max().unwrap_or(0);
         let packets: u64 = view.frontends.values().map(|c| c.packets).sum();
-        let _ = writeln!(
-            out,
-            "{:<12} {:<24} {:<13} {:<16} {:<20} {:<22} {:>9} {:>10}",
-            s.namespace,
-            s.name,
-            s.service_type,
+        rows.push([
+            s.namespace.clone(),
+            s.name.clone(),
+            s.service_type.clone(),
             s.cluster_ip.clone().unwrap_or_else(|| "<none>".into()),
             if external.is_empty() {
                 "<none>".into()
@@ -256,9 +261,21 @@ pub fn get_services(all: &[Attached], json: bool) -> String {
                 external.join(",")
             },
             ports.join(","),
-            endpoints,
-            packets
-        );
+            endpoints.to_string(),
+            packets.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("   ").trim_end());
     }
     out
 }
@@ -349,14 +366,13 @@ pub fn describe_service(
             .filter(|e| !e.terminating)
             .map(|e| SocketAddr::new(e.addr, e.port).to_string())
             .collect();
-        line(
-            "Endpoints",
-            if serving.is_empty() {
-                "<none>".into()
-            } else {
-                serving.join(",")
-            },
-        );
+        // kubectl shows three endpoints, then how many more.
+        let shown = match serving.len() {
+            0 => "<none>".to_owned(),
+            1..=3 => serving.join(","),
+            n => format!("{} + {} more...", serving[..3].join(","), n - 3),
+        };
+        line("Endpoints", shown);
     }
     line(
         "Session Affinity",

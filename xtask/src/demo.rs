@@ -1,65 +1,180 @@
-//! `cargo xtask demo`: the main job. Builds the release binary, makes a two-namespace veth
-//! sandbox (client 198.18.0.1 -> node 198.18.0.2), runs `lb-userspace attach` on the node's
-//! veth, sends UDP from the client and shows the counters the program kept.
+//! `cargo xtask demo`: the tutorial's story, played in the veth sandbox with real HTTP clients.
+//! A Deployment of one tomcat pod behind `tomcat-load-balancer` (LoadBalancer, 8080 -> 8080);
+//! scaled to 4 replicas; scaled back to 2, with connections held open to the surviving pods
+//! never broken. The machine is left clean.
 
-use std::{
-    process::Stdio,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use anyhow::Context as _;
-use lb_tests::{
-    ChildGuard,
-    netns::{Netns, sweep_stale, veth_pair},
+use lb_tests::sandbox::{
+    Binaries,
+    EndpointState::{Ready, Terminating},
+    HeldConnection, SERVICE, Sandbox, VIP4,
 };
 
 use crate::cmd::{cargo, require_root, status, workspace_root};
 
-/// Runs the demo and removes the sandbox whatever happens.
+/// Requests per batch.
+const BATCH: usize = 200;
+
+/// Builds the release binaries the sandbox runs.
+pub fn build_binaries() -> anyhow::Result<Binaries> {
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]))?;
+    Ok(Binaries::in_dir(&workspace_root().join("target/release")))
+}
+
+fn step(text: &str) {
+    println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+fn command(text: &str) {
+    println!("$ {text}");
+}
+
+/// Prints how a batch spread over the pods, as a table and a bar chart.
+fn show_spread(answers: &[String], pods: &[String]) {
+    let mut counts: BTreeMap<&str, usize> = pods.iter().map(|p| (p.as_str(), 0)).collect();
+    for answer in answers {
+        *counts.entry(answer.as_str()).or_default() += 1;
+    }
+    println!("{:<24} {:>8} {:>7}", "POD", "REQUESTS", "SHARE");
+    for (pod, count) in &counts {
+        let share = *count as f64 * 100.0 / answers.len() as f64;
+        let bar = "█".repeat((*count * 50).div_ceil(answers.len().max(1)));
+        println!("{pod:<24} {count:>8} {share:>6.1}%  {bar}");
+    }
+}
+
+/// Runs the demo; the sandbox is removed whatever happens.
 pub fn run() -> anyhow::Result<()> {
     require_root("cargo xtask demo")?;
-    sweep_stale()?;
-    status(cargo().args(["build", "--release", "--package", "lb-userspace"]))?;
-    let binary = workspace_root().join("target/release/lb-userspace");
+    lb_tests::netns::sweep_stale()?;
+    let binaries = build_binaries()?;
+    let started = Instant::now();
+    let vip = IpAddr::V4(VIP4);
+    let vip_url = format!("http://{VIP4}:8080/");
 
-    println!("\n== sandbox: client (198.18.0.1) <-veth-> node (198.18.0.2)");
-    let client = Netns::create("demo-client")?;
-    let node = Netns::create("demo-node")?;
-    veth_pair((&client, "veth-client"), (&node, "veth-node"))?;
-    client.ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-client"])?;
-    node.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-node"])?;
+    step("A Kubernetes node in network namespaces: a client, the node (the load balancer), pods");
+    let mut sandbox = Sandbox::up("demo", binaries).context("building the sandbox")?;
+    println!("client 198.18.0.1 -> node 198.18.0.2 (XDP on veth-node) -> pods 198.18.N.1:8080");
 
-    println!("== node: lb-userspace attach veth-node");
-    let controller = node
-        .command(&binary)
-        .args(["attach", "veth-node", "--stats-interval", "2"])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting lb-userspace")?;
-    let controller = ChildGuard::new(controller);
-    // Give the loader time to attach before traffic starts.
-    thread::sleep(Duration::from_millis(500));
+    step("kubectl apply: Deployment tomcat-deployment (replicas: 1), Service tomcat-load-balancer");
+    sandbox.start_pod(1)?;
+    sandbox.write_service(1, false)?;
+    sandbox.write_endpoints(&[(1, Ready)])?;
+    command(
+        "kubectl expose deployment tomcat-deployment --type=LoadBalancer --port=8080 --target-port 8080 --name=tomcat-load-balancer",
+    );
+    println!("service/tomcat-load-balancer exposed");
+    command("lb-userspace attach veth-node --config MANIFESTS   # on the node");
+    sandbox.start_controller(true)?;
+    command("lb-userspace get services");
+    print!("{}", sandbox.cli(&["get", "services"])?);
 
-    println!("== client: 3 s of UDP to 198.18.0.2");
-    let start = Instant::now();
-    let udp = client.enter(|| -> anyhow::Result<usize> {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let mut sent = 0;
-        while start.elapsed() < Duration::from_secs(3) {
-            socket.send_to(b"demo", "198.18.0.2:9")?;
-            sent += 1;
-            thread::sleep(Duration::from_millis(10));
+    step(&format!(
+        "{BATCH} requests to {vip_url}, a new connection each"
+    ));
+    let pods = |sandbox: &Sandbox| -> Vec<String> {
+        sandbox.pods.values().map(|p| p.name.clone()).collect()
+    };
+    let answers = sandbox.http_batch(vip, BATCH)?;
+    show_spread(&answers, &pods(&sandbox));
+
+    step("kubectl scale --replicas=4 deployment/tomcat-deployment");
+    for index in 2..=4 {
+        sandbox.start_pod(index)?;
+    }
+    sandbox.write_service(4, false)?;
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready), (3, Ready), (4, Ready)])?;
+    sandbox.wait_applied(2)?;
+    println!(
+        "deployment.extensions/tomcat-deployment scaled (the EndpointSlices were rewritten; the controller applied them)"
+    );
+    let mut held: Vec<(HeldConnection, String)> = Vec::new();
+    for _ in 0..8 {
+        let mut connection = HeldConnection::open(&sandbox, vip)?;
+        let pod = connection.get()?;
+        held.push((connection, pod));
+    }
+    let held_pods: Vec<&str> = held.iter().map(|(_, p)| p.as_str()).collect();
+    println!(
+        "8 keep-alive connections opened and held, on: {}",
+        held_pods.join(", ")
+    );
+
+    step(&format!(
+        "The same {BATCH} requests, now spread by Maglev over 4 pods"
+    ));
+    let answers = sandbox.http_batch(vip, BATCH)?;
+    show_spread(&answers, &pods(&sandbox));
+
+    step("The same service over UDP and IPv6");
+    let (echo, from) = sandbox.udp_echo(vip, b"hello over UDP")?;
+    println!(
+        "UDP echo of {:?} from {from}",
+        String::from_utf8_lossy(&echo)
+    );
+    let v6 = IpAddr::V6(lb_tests::sandbox::VIP6);
+    println!(
+        "HTTP over IPv6 to [{v6}]:8080 answered by {}",
+        sandbox.http_get(v6)?
+    );
+
+    step("lb-userspace describe service tomcat-load-balancer");
+    print!("{}", sandbox.cli(&["describe", "service", SERVICE])?);
+
+    step("kubectl scale --replicas=2 deployment/tomcat-deployment");
+    sandbox.write_service(2, false)?;
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready), (3, Terminating), (4, Terminating)])?;
+    sandbox.wait_applied(3)?;
+    println!("pods 3 and 4 are terminating: they keep their connections, take no new ones");
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready)])?;
+    sandbox.wait_applied(4)?;
+    sandbox.stop_pod(3)?;
+    sandbox.stop_pod(4)?;
+    println!("pods 3 and 4 are gone");
+    let mut unbroken = 0;
+    let mut on_survivors = 0;
+    for (connection, pod) in &mut held {
+        if pod.ends_with("-3") || pod.ends_with("-4") {
+            continue;
         }
-        Ok(sent)
-    })??;
-    println!("sent {udp} UDP datagrams");
+        on_survivors += 1;
+        match connection.get() {
+            Ok(answer) if &answer == pod => unbroken += 1,
+            Ok(answer) => println!("a connection held to {pod} was answered by {answer}"),
+            Err(e) => println!("a connection held to {pod} broke: {e}"),
+        }
+    }
+    println!(
+        "connections held open to the surviving pods: {on_survivors}, still answered by the same pod: {unbroken}"
+    );
+    anyhow::ensure!(
+        unbroken == on_survivors,
+        "a connection to a surviving pod broke"
+    );
+    let answers = sandbox.http_batch(vip, BATCH)?;
+    show_spread(&answers, &pods(&sandbox));
 
-    println!("== stopping lb-userspace (SIGTERM): it logs its counters and detaches");
-    let exit = controller.stop(Duration::from_secs(5))?;
-    anyhow::ensure!(exit.success(), "lb-userspace exited with {exit}");
-    println!("== done; removing the sandbox");
+    step("Cleaning up: the controller detaches, the namespaces go");
+    drop(sandbox);
+    let left = lb_tests::netns::run("ip", &["netns", "list"])?;
+    let left = String::from_utf8_lossy(&left.stdout);
+    anyhow::ensure!(
+        !left.contains(lb_tests::netns::PREFIX),
+        "namespaces left behind: {left}"
+    );
+    println!(
+        "done in {:.1} s; no namespace, pin or process left",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

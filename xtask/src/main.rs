@@ -3,6 +3,7 @@
 
 mod cmd;
 mod demo;
+mod sandbox;
 mod setup;
 mod test;
 
@@ -28,8 +29,15 @@ enum Command {
     /// Run every check and test: fmt, clippy (host and BPF target), unit, packet and namespace
     /// tests. Needs root.
     Test,
-    /// Run the main job: the load balancer attached in a veth sandbox with live traffic.
+    /// Run the main job: the tutorial's scaling story through the load balancer, in a veth
+    /// sandbox with real HTTP clients.
     Demo,
+    /// Bring the sandbox up (4 pods, the controller running) to explore by hand, or down.
+    Sandbox {
+        /// `up` or `down`.
+        #[arg(value_parser = ["up", "down"])]
+        action: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Build { release } => cmd::cargo_build(release),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Sandbox { action } => sandbox::run(&action),
     }
 }
