@@ -105,3 +105,31 @@ fn apply_diffs_against_what_is_applied() {
     })
     .unwrap();
 }
+
+#[test]
+fn node_ports_are_served_on_the_node_addresses() {
+    let ns = Netns::create("nodeport").unwrap();
+    ns.enter(|| {
+        let options = Options {
+            node_ips: vec!["198.18.0.2".parse().unwrap()],
+        };
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: NodePort\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n    nodePort: 30854\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("nodeport.yaml"), yaml, &mut manifests).unwrap();
+        let cluster = model::build(&manifests, &options).unwrap();
+        let mut controller = Controller::new(Dataplane::load().unwrap(), AppliedState::default(), None, options);
+        controller.apply(&cluster).unwrap();
+        let frontends: Vec<String> = controller.state().services.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(frontends, ["198.18.0.2:30854/TCP", "198.18.100.1:8080/TCP"]);
+        // A packet to the node port is DNATed to the endpoint's port.
+        let frame = Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 0, 2]), 30854).build();
+        let program = controller.dataplane().xdp_program().unwrap();
+        let mut output = vec![0u8; frame.len() + 64];
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut output), ..TestRunOptions::new() })
+            .unwrap();
+        output.truncate(result.data_size_out as usize);
+        assert_eq!(output, Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 1, 1]), 8080).build());
+    })
+    .unwrap();
+}

@@ -147,3 +147,70 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
         "XDP program still attached after exit"
     );
 }
+
+/// `--keep-on-exit` leaves the data plane attached after SIGTERM; `detach` removes it.
+#[test]
+fn keep_on_exit_then_detach_removes_everything() {
+    let Pair {
+        client: _client,
+        server,
+    } = pair("keep");
+    let roots = lb_tests::Roots::new("keep");
+    let child = server
+        .command(lb_tests::lb_userspace_bin())
+        .args([
+            "attach",
+            "veth-s",
+            "--stats-interval",
+            "0",
+            "--keep-on-exit",
+        ])
+        .args([
+            "--pin-root",
+            &roots.pin_root,
+            "--state-root",
+            &roots.state_root,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = ChildGuard::new(child);
+    let pins = std::path::Path::new(&roots.pin_root).join("veth-s");
+    let start = Instant::now();
+    while !pins.join("link_xdp").exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no pinned link");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.stop(Duration::from_secs(5)).unwrap().success());
+    let attached = |server: &Netns| {
+        let link = server
+            .exec("ip", &["-d", "link", "show", "veth-s"])
+            .unwrap();
+        String::from_utf8_lossy(&link.stdout).contains("prog/xdp")
+    };
+    assert!(
+        attached(&server),
+        "still attached after a graceful stop with --keep-on-exit"
+    );
+    assert!(pins.join("CONNTRACK").exists(), "maps still pinned");
+
+    let output = std::process::Command::new(lb_tests::lb_userspace_bin())
+        .args([
+            "detach",
+            "veth-s",
+            "--pin-root",
+            &roots.pin_root,
+            "--state-root",
+            &roots.state_root,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!pins.exists(), "pins removed");
+    assert!(!attached(&server), "detached once the pins are gone");
+}
