@@ -18,10 +18,12 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Nightly,
     )?;
-    let object = PathBuf::from(env::var("OUT_DIR")?).join("lb-ebpf");
-    if !object.exists() {
-        // Only reached with AYA_BUILD_SKIP: see the module docs.
-        fs::write(&object, [])?;
+    for name in ["lb-ebpf", "lb-bench-ebpf"] {
+        let object = PathBuf::from(env::var("OUT_DIR")?).join(name);
+        if !object.exists() {
+            // Only reached with AYA_BUILD_SKIP: see the module docs.
+            fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

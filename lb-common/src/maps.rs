@@ -51,6 +51,12 @@ pub mod names {
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one map-in-map differ in size.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: userspace writes a new Maglev table through a memory mapping instead of
+/// one system call per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of every Maglev table (the inner map template's and the tables userspace creates
+/// must match).
+pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// Returns `addr` IPv4-mapped into 16 bytes.
 #[must_use]

@@ -7,7 +7,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, ReverseValue,
     ServiceKey, ServiceValue,
     maps::{
-        AFFINITY_SIZE, BPF_F_INNER_MAP, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAX_BACKENDS,
+        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, MAGLEV_TABLE_FLAGS, MAGLEV_MAX_SIZE, MAX_BACKENDS,
         MAX_SERVICES, MAX_TX_PORTS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
@@ -22,8 +22,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }
 pub static VIP_ADDRS: HashMap<[u8; 16], u32, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// A service's Maglev table: slot 0 holds the table size M, slots 1..=M the backend ids.
-/// `BPF_F_INNER_MAP` lets each service's table have its own size.
-pub type MaglevTable = Array<u32, { MAGLEV_MAX_SIZE as usize + 1 }, { BPF_F_INNER_MAP as usize }>;
+/// `BPF_F_INNER_MAP` lets each service's table have its own size; `BPF_F_MMAPABLE` lets userspace
+/// write it through a memory mapping.
+pub type MaglevTable =
+    Array<u32, { MAGLEV_MAX_SIZE as usize + 1 }, { MAGLEV_TABLE_FLAGS as usize }>;
 
 /// Service id -> its Maglev table, swapped whole by one update.
 #[btf_map]

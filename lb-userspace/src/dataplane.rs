@@ -21,12 +21,18 @@ use std::path::{Path, PathBuf};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
     ReverseValue, ServiceKey, ServiceValue,
-    maps::{BPF_F_INNER_MAP, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, names},
+    maps::{DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, names},
 };
 use tracing::{info, warn};
 
 /// The `lb-ebpf` object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The benchmark programs (`lb-ebpf/src/bench.rs`): a live-frame generator, a counting sink and
+/// the minimal DNAT forwarder. Embedded for `cargo xtask bench`; the load balancer never loads
+/// them.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));
 
 /// Name of the XDP (ingress, DNAT) entry point.
 pub const XDP_PROGRAM: &str = "lb_xdp";
@@ -496,16 +502,8 @@ impl Dataplane {
         if table.is_empty() || table.len() > MAGLEV_MAX_SIZE as usize {
             return Err(DataplaneError::TableSize(table.len()));
         }
-        let size = table.len() as u32;
-        let mut inner: Array<MapData, u32> =
-            Array::create(size + 1, BPF_F_INNER_MAP).map_err(map_error(name))?;
-        inner.set(0, size, 0).map_err(map_error(name))?;
-        for (slot, backend_id) in table.iter().enumerate() {
-            inner
-                .set(slot as u32 + 1, backend_id, 0)
-                .map_err(map_error(name))?;
-        }
-        let mut outer: HashOfMaps<_, u32, Array<MapData, u32>> =
+        let inner = new_maglev_table(table).map_err(map_error(name))?;
+        let mut outer: HashOfMaps<_, u32, MapData> =
             self.map_mut(name)?.try_into().map_err(map_error(name))?;
         outer.insert(service_id, &inner, 0).map_err(map_error(name))
     }
@@ -513,7 +511,7 @@ impl Dataplane {
     /// Removes a service's Maglev table.
     pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
         let name = names::MAGLEV;
-        let mut outer: HashOfMaps<_, u32, Array<MapData, u32>> =
+        let mut outer: HashOfMaps<_, u32, MapData> =
             self.map_mut(name)?.try_into().map_err(map_error(name))?;
         outer.remove(&service_id).map_err(map_error(name))
     }
@@ -666,6 +664,53 @@ impl Dataplane {
             .iter()
             .fold(FlowCounter::default(), |a, b| a.plus(*b)))
     }
+}
+
+/// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a
+/// memory mapping: one `mmap` instead of one system call per slot.
+fn new_maglev_table(table: &[u32]) -> Result<MapData, MapError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let slots = table.len() + 1;
+    let obj = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        4,
+        4,
+        slots as u32,
+        MAGLEV_TABLE_FLAGS,
+    );
+    let inner = MapData::create(obj, "maglev_table", None)?;
+    // The kernel lays array elements out 8 bytes apart.
+    const STRIDE: usize = 8;
+    let page = 4096;
+    let len = (slots * STRIDE).div_ceil(page) * page;
+    let fd = inner.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh shared mapping of the map's memory, unmapped before returning.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error: std::io::Error::last_os_error(),
+        }));
+    }
+    // SAFETY: `base` maps `len >= slots * STRIDE` bytes; each slot holds a u32.
+    unsafe {
+        let base = base.cast::<u8>();
+        base.cast::<u32>().write(table.len() as u32);
+        for (slot, id) in table.iter().enumerate() {
+            base.add((slot + 1) * STRIDE).cast::<u32>().write(*id);
+        }
+        libc::munmap(base.cast(), len);
+    }
+    Ok(inner)
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {

@@ -1,0 +1,144 @@
+//! Programs for `cargo xtask bench`, built beside the load balancer's but never loaded by it:
+//! a traffic generator for XDP live frames, a counting sink, and the minimal XDP DNAT forwarder
+//! that is the floor of every comparison.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        btf_maps::{Array, DevMapHash, HashMap, PerCpuArray},
+        macros::{btf_map, xdp},
+        programs::XdpContext,
+    };
+
+    /// Bytes of the generated frame's headers: Ethernet, IPv4 (no options), UDP.
+    const HEADERS: usize = 42;
+
+    /// What the generator sends.
+    #[repr(C)]
+    pub struct GenConfig {
+        /// Headers of the frame (UDP checksum 0, IPv4 checksum valid).
+        pub template: [u8; HEADERS],
+        /// Always zero.
+        pub pad: [u8; 2],
+        /// Source ports cycle through `base_sport .. base_sport + flows`.
+        pub flows: u32,
+        pub base_sport: u16,
+        pub pad2: u16,
+    }
+
+    #[btf_map]
+    static GEN_CONFIG: Array<GenConfig, 1> = Array::new();
+    #[btf_map]
+    static GEN_SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
+    #[btf_map]
+    static SINK_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+    /// The floor forwarder's one backend per VIP.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct MinBackend {
+        /// Backend IPv4 address, as on the wire.
+        pub addr: [u8; 4],
+        /// Egress interface (0: XDP_TX on the ingress one).
+        pub ifindex: u32,
+        pub dmac: [u8; 6],
+        pub smac: [u8; 6],
+    }
+
+    #[btf_map]
+    static MIN_BACKENDS: HashMap<[u8; 4], MinBackend, 16> = HashMap::new();
+    #[btf_map]
+    static MIN_TX: DevMapHash<16> = DevMapHash::new();
+
+    #[inline(always)]
+    fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+        let start = ctx.data();
+        (start + offset + core::mem::size_of::<T>() <= ctx.data_end())
+            .then_some((start + offset) as *mut T)
+    }
+
+    /// Rewrites the whole header of every frame (live-frame buffers are recycled with whatever
+    /// the receivers wrote into them) and sends it out.
+    #[xdp]
+    pub fn bench_gen(ctx: XdpContext) -> u32 {
+        let (Some(config), Some(seq), Some(frame)) = (
+            GEN_CONFIG.get(0),
+            GEN_SEQ.get_ptr_mut(0),
+            ptr_at::<[u8; HEADERS]>(&ctx, 0),
+        ) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: `frame` is bounds-checked; `seq` is this CPU's slot.
+        unsafe {
+            let frame = &mut *frame;
+            *frame = config.template;
+            let n = *seq;
+            *seq = n.wrapping_add(1);
+            let flows = if config.flows == 0 { 1 } else { config.flows };
+            let sport = config.base_sport.wrapping_add((n % flows) as u16);
+            frame[34..36].copy_from_slice(&sport.to_be_bytes());
+        }
+        xdp_action::XDP_TX
+    }
+
+    /// Counts and drops.
+    #[xdp]
+    pub fn bench_sink(_ctx: XdpContext) -> u32 {
+        if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot.
+            unsafe { *count += 1 };
+        }
+        xdp_action::XDP_DROP
+    }
+
+    /// The minimal DNAT forwarder: one lookup by destination, the address rewritten with its
+    /// header checksum (the generator's UDP checksum is 0), MACs set, sent on.
+    #[xdp]
+    pub fn bench_min_dnat(ctx: XdpContext) -> u32 {
+        let Some(ip) = ptr_at::<[u8; 20]>(&ctx, 14) else {
+            return xdp_action::XDP_PASS;
+        };
+        let Some(eth) = ptr_at::<[u8; 12]>(&ctx, 0) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: bounds-checked pointers into the frame.
+        unsafe {
+            let (ip, eth) = (&mut *ip, &mut *eth);
+            let dst = [ip[16], ip[17], ip[18], ip[19]];
+            let Some(backend) = MIN_BACKENDS.get(dst).copied() else {
+                return xdp_action::XDP_PASS;
+            };
+            let old = u32::from_be_bytes(dst);
+            let new = u32::from_be_bytes(backend.addr);
+            let check = u16::from_be_bytes([ip[10], ip[11]]);
+            let check = lb_common::checksum::replace32(check, old, new);
+            ip[10..12].copy_from_slice(&check.to_be_bytes());
+            ip[16..20].copy_from_slice(&backend.addr);
+            eth[0..6].copy_from_slice(&backend.dmac);
+            eth[6..12].copy_from_slice(&backend.smac);
+            if backend.ifindex == 0 {
+                return xdp_action::XDP_TX;
+            }
+            match MIN_TX.redirect(backend.ifindex, 0) {
+                Ok(action) | Err(action) => action,
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "bpf", not(test)))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
