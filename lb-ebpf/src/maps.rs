@@ -7,7 +7,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, ReverseValue,
     ServiceKey, ServiceValue,
     maps::{
-        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, MAGLEV_TABLE_FLAGS, MAGLEV_MAX_SIZE, MAX_BACKENDS,
+        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_BACKENDS,
         MAX_SERVICES, MAX_TX_PORTS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},

@@ -319,7 +319,9 @@ impl Controller {
                 }
             }
         }
-        // 2. Tables, swapped whole; then 3. the services themselves.
+        // 2. Tables, built whole and swapped in one batch; then 3. the services themselves.
+        let mut tables = Vec::new();
+        let mut emptied = Vec::new();
         for service in &desired {
             let previous = old.get(&service.key).copied();
             let table_inputs_changed = previous.is_none_or(|p| {
@@ -337,15 +339,23 @@ impl Controller {
                     })
                     .collect();
                 match maglev::build(&placed, service.table_size)? {
-                    Some(table) => self.dataplane.set_maglev_table(service.id, &table)?,
-                    None if previous.is_some() => {
-                        // No backend takes new flows: without a table the data plane drops
-                        // and counts them.
-                        let _ = self.dataplane.remove_maglev_table(service.id);
-                    }
+                    Some(table) => tables.push((service.id, table)),
+                    // No backend takes new flows: without a table the data plane drops and
+                    // counts them.
+                    None if previous.is_some() => emptied.push(service.id),
                     None => {}
                 }
             }
+        }
+        self.dataplane.set_maglev_tables(&tables)?;
+        for id in emptied {
+            let _ = self.dataplane.remove_maglev_table(id);
+        }
+        for service in &desired {
+            let previous = old.get(&service.key).copied();
+            let table_inputs_changed = previous.is_none_or(|p| {
+                p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
+            });
             let settings_changed =
                 previous.is_none_or(|p| p.affinity_timeout_secs != service.affinity_timeout_secs);
             if settings_changed {

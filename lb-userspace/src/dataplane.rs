@@ -498,14 +498,57 @@ impl Dataplane {
         service_id: u32,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
+        self.set_maglev_tables(&[(service_id, table.to_vec())])
+    }
+
+    /// Swaps in several services' Maglev tables. The kernel waits for running programs after
+    /// every update of a map-in-map (an RCU grace period, milliseconds), so the tables are
+    /// built first and inserted with one batch update: one wait per apply, not per service.
+    pub fn set_maglev_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<(), DataplaneError> {
         let name = names::MAGLEV;
-        if table.is_empty() || table.len() > MAGLEV_MAX_SIZE as usize {
-            return Err(DataplaneError::TableSize(table.len()));
+        if tables.is_empty() {
+            return Ok(());
         }
-        let inner = new_maglev_table(table).map_err(map_error(name))?;
-        let mut outer: HashOfMaps<_, u32, MapData> =
-            self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        outer.insert(service_id, &inner, 0).map_err(map_error(name))
+        let mut inners = Vec::with_capacity(tables.len());
+        for (_, table) in tables {
+            if table.is_empty() || table.len() > MAGLEV_MAX_SIZE as usize {
+                return Err(DataplaneError::TableSize(table.len()));
+            }
+            inners.push(new_maglev_table(table).map_err(map_error(name))?);
+        }
+        let keys: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = inners
+            .iter()
+            .map(|inner| {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                inner.fd().as_fd().as_raw_fd() as u32
+            })
+            .collect();
+        let outer = self.map_mut(name)?;
+        let outer_fd = match outer {
+            Map::HashOfMaps(data) => {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                data.fd().as_fd().as_raw_fd() as u32
+            }
+            _ => {
+                return Err(DataplaneError::Missing {
+                    kind: "hash-of-maps",
+                    name,
+                });
+            }
+        };
+        match update_batch(outer_fd, &keys, &fds) {
+            Ok(()) => Ok(()),
+            // Kernels without batch updates of this map type: one update per table.
+            Err(_) => {
+                let mut outer: HashOfMaps<_, u32, MapData> =
+                    self.map_mut(name)?.try_into().map_err(map_error(name))?;
+                for (key, inner) in keys.iter().zip(&inners) {
+                    outer.insert(key, inner, 0).map_err(map_error(name))?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Removes a service's Maglev table.
@@ -664,6 +707,49 @@ impl Dataplane {
             .iter()
             .fold(FlowCounter::default(), |a, b| a.plus(*b)))
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (aya 0.14 has no batch operations).
+fn update_batch(map_fd: u32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at valid key and value arrays of `count` elements for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other("partial batch update"));
+    }
+    Ok(())
 }
 
 /// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a

@@ -1,0 +1,3 @@
+pub fn run(_report: &mut crate::report::Report, _quick: bool) -> anyhow::Result<()> {
+    Ok(())
+}
