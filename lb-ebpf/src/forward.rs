@@ -5,7 +5,7 @@ use core::mem;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{Reason, checksum::replace16};
@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     context::Frame,
-    maps::{FIB_PARAMS, TX_PORTS},
+    maps::{FIB_PARAMS, NEXT_HOPS, NextHop, TX_PORTS},
     parse::Packet,
 };
 
@@ -25,12 +25,16 @@ const AF_INET6: u8 = 10;
 /// Offset of the IPv6 hop limit.
 const IPV6_HOP_LIMIT_OFF: usize = 7;
 
-/// Forwards the DNATed `packet` (whose destination fields already hold the backend) and says
-/// how: [`Reason::DnatTx`], [`Reason::DnatRedirect`] or [`Reason::DnatFibFallback`].
+/// How long a looked-up next hop is used before the route is looked up again: a route or
+/// neighbour change reaches the fast path within this time.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// Forwards the DNATed `packet` (whose destination fields already hold backend `backend_id`)
+/// and says how: [`Reason::DnatTx`], [`Reason::DnatRedirect`] or [`Reason::DnatFibFallback`].
 ///
 /// Not inlined: the route lookup's parameters get a stack frame of their own.
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, packet: &Packet) -> Reason {
+pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     const FALLBACK: Reason = Reason::DnatFibFallback;
     // A tagged frame belongs to a VLAN device the route lookup does not see: let the kernel
     // untag and route it.
@@ -39,27 +43,20 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> Reason {
     }
     // SAFETY: ctx.ctx is the program's xdp_md.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id) else {
         return FALLBACK;
     };
-    // SAFETY: a per-CPU scratch slot, used by this program run only.
-    let params = unsafe { &mut *params };
-    if fill_fib_params(params, ctx, packet, ingress).is_err() {
-        return FALLBACK;
+    // SAFETY: this CPU's slot.
+    let hop = unsafe { &mut *hop };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
+        if !look_up_next_hop(ctx, packet, ingress, hop) {
+            return FALLBACK;
+        }
+        hop.expires_ns = now + NEXT_HOP_TTL_NS;
     }
-    // SAFETY: the helper reads and writes only `params`.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            params,
-            mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return FALLBACK;
-    }
-    let egress = params.ifindex;
+    let egress = hop.egress;
     let same_port = egress == ingress;
     if !same_port && TX_PORTS.get(egress).is_none() {
         return FALLBACK;
@@ -73,8 +70,8 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> Reason {
     };
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {
-        (*eth).dst_addr = params.dmac;
-        (*eth).src_addr = params.smac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
     if same_port {
         return Reason::DnatTx;
@@ -83,6 +80,37 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> Reason {
     // between; the kernel then drops the frame and reports an XDP redirect error.
     let _ = TX_PORTS.redirect(egress, 0);
     Reason::DnatRedirect
+}
+
+/// Looks the route to `packet`'s destination up into `hop`; false when the kernel must help.
+#[inline(always)]
+fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut NextHop) -> bool {
+    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU scratch slot, used by this program run only.
+    let params = unsafe { &mut *params };
+    if fill_fib_params(params, ctx, packet, ingress).is_err() {
+        return false;
+    }
+    // SAFETY: the helper reads and writes only `params`.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return false;
+    }
+    hop.addr = packet.dst;
+    hop.ingress = ingress;
+    hop.egress = params.ifindex;
+    hop.smac = params.smac;
+    hop.dmac = params.dmac;
+    true
 }
 
 /// Fills the route lookup's parameters for `packet` arriving on `ingress`.
@@ -142,15 +170,16 @@ fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
             (*ip).check = replace16(u16::from_be_bytes((*ip).check), old, new).to_be_bytes();
         }
     } else {
-        let hop_limit: *mut u8 = ctx
-            .ptr_at(packet.l3_off + IPV6_HOP_LIMIT_OFF)
-            .map_err(|_| ())?;
+        // The first 8 bytes of the header: a one-byte bounds check compiles to a comparison the
+        // verifier does not take as proof of one readable byte.
+        let head: *mut [u8; 8] = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
-            if *hop_limit <= 1 {
+            let head = &mut *head;
+            if head[IPV6_HOP_LIMIT_OFF] <= 1 {
                 return Err(());
             }
-            *hop_limit -= 1;
+            head[IPV6_HOP_LIMIT_OFF] -= 1;
         }
     }
     Ok(())

@@ -126,7 +126,7 @@ mod programs {
         stats::flow(service.id, selected.id, ctx.len(), selected.new_flow);
         packet.dst = selected.backend.addr;
         packet.dport = selected.backend.port;
-        forward::forward(ctx, packet)
+        forward::forward(ctx, packet, selected.id)
     }
 
     #[inline(always)]

@@ -72,6 +72,26 @@ pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 #[btf_map]
 pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
 
+/// A backend's next hop as the last route lookup found it.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    /// When the entry stops being used (`bpf_ktime_get_ns`).
+    pub expires_ns: u64,
+    /// The backend address it was looked up for (slots are reused by other backends).
+    pub addr: [u8; 16],
+    /// The interface the looked-up frame arrived on.
+    pub ingress: u32,
+    /// The interface to send on.
+    pub egress: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Next hops per backend id and CPU: the route lookup (the most expensive step of forwarding)
+/// is done once per backend every [`crate::forward::NEXT_HOP_TTL_NS`], not per packet.
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<NextHop, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
 /// One [`Counter`] per [`lb_common::Reason`].
 #[btf_map]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();

@@ -22,6 +22,7 @@ const BPF_LINKER_FOR_LLVM: &[(u32, &str)] = &[(22, "0.10.4")];
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
+    "conntrack",
     "iptables",
     "nftables",
     "bpftool",
