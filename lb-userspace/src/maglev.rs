@@ -55,38 +55,38 @@ pub fn build(backends: &[MaglevBackend], size: u32) -> Result<Option<Vec<u32>>, 
         return Ok(None);
     }
     live.sort_by(|a, b| a.identity.cmp(&b.identity));
-    let m = u64::from(size);
-    let permutations: Vec<(u64, u64)> = live
-        .iter()
-        .map(|b| {
-            let offset = u64::from(bytes_hash(OFFSET_SEED, &b.identity)) % m;
-            let skip = u64::from(bytes_hash(SKIP_SEED, &b.identity)) % (m - 1) + 1;
-            (offset, skip)
-        })
-        .collect();
+    // Each backend walks its permutation offset, offset + skip, ... (mod M); walking by
+    // adding and wrapping avoids a multiplication and a division per step.
+    let mut position: Vec<u32> = Vec::with_capacity(live.len());
+    let mut skips: Vec<u32> = Vec::with_capacity(live.len());
+    for b in &live {
+        position.push(bytes_hash(OFFSET_SEED, &b.identity) % size);
+        skips.push(bytes_hash(SKIP_SEED, &b.identity) % (size - 1) + 1);
+    }
+    let advance = |pos: u32, skip: u32| {
+        let next = pos + skip;
+        if next >= size { next - size } else { next }
+    };
     // Weights are turns per round: a backend of weight w claims w slots for every 1 a backend
     // of weight 1 claims.
-    let max_weight = live.iter().map(|b| b.weight).max().unwrap_or(1);
-    let mut next = vec![0u64; live.len()];
+    let max_weight = u64::from(live.iter().map(|b| b.weight).max().unwrap_or(1));
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0u32;
-    let mut round = 0u32;
+    let mut round = 0u64;
     loop {
         round += 1;
         for (i, backend) in live.iter().enumerate() {
-            // Spread a backend's turns over the rounds: it plays in round r when its share
-            // of r turns grows past the turns it already took.
-            let turns = (u64::from(backend.weight) * u64::from(round)) / u64::from(max_weight)
-                - (u64::from(backend.weight) * u64::from(round - 1)) / u64::from(max_weight);
+            // Spread a backend's turns over the rounds: it plays in round r when its share of r
+            // turns grows past the turns it already took.
+            let weight = u64::from(backend.weight);
+            let turns = weight * round / max_weight - weight * (round - 1) / max_weight;
             for _ in 0..turns {
-                let (offset, skip) = permutations[i];
-                let mut slot = ((offset + next[i] * skip) % m) as usize;
-                while table[slot] != u32::MAX {
-                    next[i] += 1;
-                    slot = ((offset + next[i] * skip) % m) as usize;
+                let mut slot = position[i];
+                while table[slot as usize] != u32::MAX {
+                    slot = advance(slot, skips[i]);
                 }
-                table[slot] = backend.id;
-                next[i] += 1;
+                table[slot as usize] = backend.id;
+                position[i] = advance(slot, skips[i]);
                 filled += 1;
                 if filled == size {
                     return Ok(Some(table));

@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything a fresh machine needs, in one place. Every command runs `setup`
 //! first, which is idempotent and takes seconds once done.
 
+mod bench;
 mod cmd;
 mod demo;
 mod sandbox;
@@ -32,6 +33,12 @@ enum Command {
     /// Run the main job: the tutorial's scaling story through the load balancer, in a veth
     /// sandbox with real HTTP clients.
     Demo,
+    /// Run the benchmarks and write BENCHMARKS.md, bench.json and docs/forwarding.svg.
+    Bench {
+        /// Short runs: checks the harness, not the figures.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Bring the sandbox up (4 pods, the controller running) to explore by hand, or down.
     Sandbox {
         /// `up` or `down`.
@@ -49,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test => test::run(),
         Command::Demo => demo::run(),
         Command::Sandbox { action } => sandbox::run(&action),
+        Command::Bench { quick } => bench::run(quick),
     }
 }

@@ -1,3 +1,231 @@
-pub fn run(_report: &mut crate::report::Report, _quick: bool) -> anyhow::Result<()> {
+//! Maglev and the control plane: table build times, disruption on a backend change, balance,
+//! cold apply of many services, and the latency from a manifest write to the data plane.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::Netns,
+    sandbox::{Binaries, EndpointState::Ready, Sandbox},
+};
+use lb_userspace::{
+    Dataplane,
+    controller::{AppliedState, Controller},
+    maglev::{self, MaglevBackend},
+    manifest::{self, Manifests},
+    model::{self, Options},
+};
+
+use crate::report::{Report, median};
+
+const SECTION: &str = "Maglev and control plane";
+
+fn backends(n: u32) -> Vec<MaglevBackend> {
+    (0..n)
+        .map(|i| MaglevBackend {
+            id: i,
+            identity: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255).into_bytes(),
+            weight: 1,
+        })
+        .collect()
+}
+
+fn moved(a: &[u32], b: &[u32]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
+}
+
+pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let rounds = 3;
+    // Table build times, against the Maglev paper's figures for N = 1000.
+    for n in [100u32, 1000] {
+        for m in [16_381u32, 65_537, 655_373] {
+            let list = backends(n);
+            let times: Vec<f64> = (0..rounds)
+                .map(|_| {
+                    let start = Instant::now();
+                    let table = maglev::build(&list, m).expect("prime").expect("backends");
+                    std::hint::black_box(table);
+                    start.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            let paper = match (n, m) {
+                (1000, 65_537) => Some(1.8),
+                (1000, 655_373) => Some(22.9),
+                _ => None,
+            };
+            let reference = paper.map(|p| vec![p; rounds]);
+            report.add(
+                SECTION,
+                &format!("table build, N={n}, M={m}"),
+                "ms",
+                times,
+                paper.map(|p| {
+                    (
+                        if p < 2.0 {
+                            "paper: 1.8 ms"
+                        } else {
+                            "paper: 22.9 ms"
+                        },
+                        reference.as_deref().unwrap_or(&[]),
+                        (|v, b| v / b) as fn(f64, f64) -> f64,
+                    )
+                }),
+                if paper.is_some() {
+                    "ratio < 1: faster than the paper"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
+    // Disruption and balance at M = 65537.
+    for n in [100u32, 1000] {
+        let m = 65_537;
+        let all = backends(n);
+        let table = maglev::build(&all, m)?.expect("table");
+        let without: Vec<MaglevBackend> = all.iter().filter(|b| b.id != n / 2).cloned().collect();
+        let removed = maglev::build(&without, m)?.expect("table");
+        let added = maglev::build(&backends(n + 1), m)?.expect("table");
+        let ideal = 1.0 / f64::from(n);
+        report.add(
+            SECTION,
+            &format!("slots moved removing 1 of N={n} (M={m})"),
+            "fraction",
+            vec![moved(&table, &removed)],
+            Some(("ideal 1/N", &[ideal], |v, b| v / b)),
+            "ratio 1.0 is minimal disruption",
+        );
+        report.add(
+            SECTION,
+            &format!("slots moved adding 1 to N={n} (M={m})"),
+            "fraction",
+            vec![moved(&table, &added)],
+            Some(("ideal 1/(N+1)", &[1.0 / f64::from(n + 1)], |v, b| v / b)),
+            "",
+        );
+        let mut counts = vec![0u32; n as usize];
+        for id in &table {
+            counts[*id as usize] += 1;
+        }
+        let mean = f64::from(m) / f64::from(n);
+        let max = f64::from(*counts.iter().max().unwrap_or(&0));
+        report.add(
+            SECTION,
+            &format!("max/mean backend share, N={n} (M={m})"),
+            "ratio",
+            vec![max / mean],
+            None,
+            "1.0 is a perfect balance",
+        );
+    }
+    // Cold apply of many services, each with 10 endpoints, default table size.
+    let counts: &[usize] = if quick { &[100, 1000] } else { &[1000, 10_000] };
+    for &services in counts {
+        let mut yaml = String::new();
+        for s in 0..services {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\nspec:\n  clusterIP: 198.19.{}.{}\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: svc-{s}\nsubsets:\n- addresses:\n",
+                s >> 8,
+                s & 255
+            );
+            for e in 0..10 {
+                yaml += &format!(
+                    "  - ip: 198.20.{}.{}\n",
+                    (s * 10 + e) >> 8 & 255,
+                    (s * 10 + e) & 255
+                );
+            }
+        }
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("cold.yaml"), &yaml, &mut manifests)?;
+        let cluster = model::build(&manifests, &Options::default())?;
+        let ns = Netns::create("bench-cold")?;
+        let times: Vec<f64> = (0..if quick { 1 } else { rounds })
+            .map(|_| {
+                ns.enter(|| -> anyhow::Result<f64> {
+                    let mut controller = Controller::new(
+                        Dataplane::load()?,
+                        AppliedState::default(),
+                        None,
+                        Options::default(),
+                    );
+                    let start = Instant::now();
+                    controller.apply(&cluster)?;
+                    Ok(start.elapsed().as_secs_f64() * 1e3)
+                })?
+            })
+            .collect::<anyhow::Result<_>>()?;
+        report.add(
+            SECTION,
+            &format!("cold apply, {services} services x 10 endpoints (M=16381)"),
+            "ms",
+            times,
+            None,
+            "",
+        );
+        eprintln!("   cold apply of {services} services measured");
+    }
+    // Manifest write -> data plane, through the running controller.
+    let dir = lb_tests::lb_userspace_bin();
+    let mut sandbox = Sandbox::up(
+        "bench-cp",
+        Binaries::in_dir(dir.parent().expect("target dir")),
+    )?;
+    for index in 1..=3 {
+        sandbox.start_pod(index)?;
+    }
+    sandbox.write_service(3, false)?;
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready)])?;
+    sandbox.start_controller(false)?;
+    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
+    let generation = || -> u64 {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0)
+    };
+    let samples = if quick { 10 } else { 40 };
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let before = generation();
+        let endpoints = if i % 2 == 0 {
+            vec![(1, Ready), (2, Ready), (3, Ready)]
+        } else {
+            vec![(1, Ready), (2, Ready)]
+        };
+        let start = Instant::now();
+        sandbox.write_endpoints(&endpoints)?;
+        while generation() == before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(5),
+                "the controller did not apply a change"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[((latencies.len() as f64) * 0.99).ceil() as usize - 1];
+    report.add(
+        SECTION,
+        "manifest write -> data plane, p50",
+        "ms",
+        vec![median(&latencies)],
+        None,
+        "includes the 50 ms settle time",
+    );
+    report.add(
+        SECTION,
+        "manifest write -> data plane, p99",
+        "ms",
+        vec![p99],
+        Some(("goal 100 ms", &[100.0], |v, b| v / b)),
+        "ratio < 1 meets the goal",
+    );
+    drop(sandbox);
     Ok(())
 }

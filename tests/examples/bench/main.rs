@@ -18,17 +18,44 @@ fn main() -> anyhow::Result<()> {
         .map_or_else(|| ".".into(), PathBuf::from);
     let quick = std::env::var_os("LB_BENCH_QUICK").is_some();
     lb_tests::netns::sweep_stale()?;
-    let mut report = Report::default();
-    report.machine = report::machine();
-    eprintln!("== per-packet cost (BPF_PROG_TEST_RUN)");
-    per_packet::run(&mut report, quick)?;
-    eprintln!("== forwarding rate (XDP live frames through the sandbox)");
-    forwarding::run(&mut report, quick)?;
-    eprintln!("== HTTP end to end (wrk)");
-    http::run(&mut report, quick)?;
-    eprintln!("== Maglev and control plane");
-    control::run(&mut report, quick)?;
+    // LB_BENCH_ONLY=forwarding (say) runs one section, for working on it.
+    let only = std::env::var("LB_BENCH_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let mut report = Report {
+        machine: report::machine(),
+        ..Report::default()
+    };
+    type Section = fn(&mut Report, bool) -> anyhow::Result<()>;
+    let sections: [(&str, &str, Section); 4] = [
+        (
+            "per-packet",
+            "per-packet cost (BPF_PROG_TEST_RUN)",
+            per_packet::run,
+        ),
+        (
+            "forwarding",
+            "forwarding rate (XDP live frames through the sandbox)",
+            forwarding::run,
+        ),
+        ("http", "HTTP end to end (wrk)", http::run),
+        ("control", "Maglev and control plane", control::run),
+    ];
+    for (name, title, run) in sections {
+        if wanted(name) {
+            eprintln!("== {title}");
+            run(&mut report, quick)?;
+        }
+    }
     report.write(&out)?;
+    if wanted("forwarding") {
+        let svg = report.svg_bars(
+            forwarding::SECTION,
+            "Mpps",
+            "Forwarding rate of the load-balancer hop (Mpps, 64-byte UDP, one CPU)",
+        );
+        std::fs::create_dir_all(out.join("docs"))?;
+        std::fs::write(out.join("docs/forwarding.svg"), svg)?;
+    }
     println!("{}", report.markdown());
     Ok(())
 }

@@ -149,3 +149,45 @@ fn format_value(v: f64) -> String {
         format!("{v:.3}")
     }
 }
+
+impl Report {
+    /// A horizontal bar chart (SVG) of the rows of `section` measured in `unit`.
+    pub fn svg_bars(&self, section: &str, unit: &str, title: &str) -> String {
+        let rows: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| r.section == section && r.unit == unit && r.baseline.is_none())
+            .collect();
+        let max = rows.iter().map(|r| r.median).fold(0.0, f64::max).max(1e-9);
+        let (label_width, bar_width, row_height) = (330.0, 360.0, 26.0);
+        let height = 50.0 + row_height * rows.len() as f64;
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n<text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">{title}</text>\n",
+            label_width + bar_width + 90.0
+        );
+        for (i, row) in rows.iter().enumerate() {
+            let y = 40.0 + row_height * i as f64;
+            let width = bar_width * row.median / max;
+            let colour = if row.name.starts_with("ours") {
+                "#2b7bb9"
+            } else {
+                "#9aa5b1"
+            };
+            let _ = writeln!(
+                svg,
+                "<text x=\"10\" y=\"{}\">{}</text><rect x=\"{label_width}\" y=\"{}\" width=\"{width:.1}\" height=\"18\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{:.2} {unit}</text>",
+                y + 14.0,
+                row.name
+                    .replace('&', "and")
+                    .replace('<', "")
+                    .replace('>', ""),
+                y,
+                label_width + width + 6.0,
+                y + 14.0,
+                row.median
+            );
+        }
+        svg += "</svg>\n";
+        svg
+    }
+}
