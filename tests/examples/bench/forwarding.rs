@@ -30,7 +30,7 @@ use lb_userspace::{AttachMode, Dataplane, dataplane::BENCH_OBJECT};
 
 use crate::report::Report;
 
-const SECTION: &str =
+pub const SECTION: &str =
     "Forwarding rate of the load-balancer hop (XDP live frames, 64-byte UDP, one CPU)";
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const PODS: u8 = 4;
