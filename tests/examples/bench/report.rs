@@ -177,10 +177,7 @@ impl Report {
                 svg,
                 "<text x=\"10\" y=\"{}\">{}</text><rect x=\"{label_width}\" y=\"{}\" width=\"{width:.1}\" height=\"18\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{:.2} {unit}</text>",
                 y + 14.0,
-                row.name
-                    .replace('&', "and")
-                    .replace('<', "")
-                    .replace('>', ""),
+                row.name.replace('&', "and").replace(['<', '>'], ""),
                 y,
                 label_width + width + 6.0,
                 y + 14.0,
