@@ -13,7 +13,7 @@ pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
 /// Capacity of the services map, and so the largest service id plus one.
 pub const MAX_SERVICES: u32 = 16_384;
 /// Capacity of the backends array, and so the largest backend id plus one.
-pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 131_072;
 /// Default capacity of the connection table and of the reverse-NAT table.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 /// Capacity of the ClientIP affinity table.

@@ -57,10 +57,14 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
         hop.expires_ns = now + NEXT_HOP_TTL_NS;
     }
     let egress = hop.egress;
-    let same_port = egress == ingress;
-    if !same_port && TX_PORTS.get(egress).is_none() {
-        return FALLBACK;
+    if hop.sendable == 0 {
+        // Only a positive answer is kept: a port registered later is used at once.
+        if TX_PORTS.get(egress).is_none() {
+            return FALLBACK;
+        }
+        hop.sendable = 1;
     }
+    let same_port = egress == ingress;
     if decrement_hop_limit(ctx, packet).is_err() {
         // TTL expiring here: the kernel sends the ICMP time-exceeded.
         return FALLBACK;
@@ -76,8 +80,9 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     if same_port {
         return Reason::DnatTx;
     }
-    // The port was found in TX_PORTS just above, so this only fails if userspace removed it in
-    // between; the kernel then drops the frame and reports an XDP redirect error.
+    // The port was in TX_PORTS when the next hop was looked up, so this only fails if userspace
+    // removed it since (within NEXT_HOP_TTL_NS); the kernel then drops the frame and reports
+    // an XDP redirect error.
     let _ = TX_PORTS.redirect(egress, 0);
     Reason::DnatRedirect
 }
@@ -108,6 +113,7 @@ fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut N
     hop.addr = packet.dst;
     hop.ingress = ingress;
     hop.egress = params.ifindex;
+    hop.sendable = u32::from(params.ifindex == ingress || TX_PORTS.get(params.ifindex).is_some());
     hop.smac = params.smac;
     hop.dmac = params.dmac;
     true

@@ -83,6 +83,9 @@ pub struct NextHop {
     pub ingress: u32,
     /// The interface to send on.
     pub egress: u32,
+    /// Whether frames may be sent there from XDP: the ingress itself (XDP_TX) or a port in
+    /// `TX_PORTS`.
+    pub sendable: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
