@@ -280,16 +280,23 @@ impl Controller {
 
         // Ids: kept for what stays, the lowest free one for what is new. Ids freed by this apply
         // are not reused by it, since their flows are cleared only at its end.
-        let mut used_services: HashSet<u32> = old.values().map(|s| s.id).collect();
-        let mut used_backends: HashSet<u32> = old
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
+        let mut service_ids = IdPool::new(
+            old.values().map(|s| s.id).collect(),
+            MAX_SERVICES,
+            "service",
+        );
+        let mut backend_ids = IdPool::new(
+            old.values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect(),
+            MAX_BACKENDS,
+            "backend",
+        );
         for service in &mut desired {
             let previous = old.get(&service.key);
             service.id = match previous {
                 Some(p) => p.id,
-                None => allocate(&mut used_services, MAX_SERVICES, "service")?,
+                None => service_ids.allocate()?,
             };
             for backend in &mut service.backends {
                 let kept = previous.and_then(|p| {
@@ -299,7 +306,7 @@ impl Controller {
                 });
                 backend.id = match kept {
                     Some(b) => b.id,
-                    None => allocate(&mut used_backends, MAX_BACKENDS, "backend")?,
+                    None => backend_ids.allocate()?,
                 };
             }
         }
@@ -436,16 +443,37 @@ impl Controller {
     }
 }
 
-fn allocate(
-    used: &mut HashSet<u32>,
+/// Ids in use, handing out the lowest free one above the last handed out (so a large apply
+/// does not scan from zero for every new id).
+struct IdPool {
+    used: HashSet<u32>,
+    next: u32,
     capacity: u32,
     what: &'static str,
-) -> Result<u32, ControllerError> {
-    let id = (0..capacity)
-        .find(|id| !used.contains(id))
-        .ok_or(ControllerError::OutOfIds(what, capacity))?;
-    used.insert(id);
-    Ok(id)
+}
+
+impl IdPool {
+    fn new(used: HashSet<u32>, capacity: u32, what: &'static str) -> Self {
+        Self {
+            used,
+            next: 0,
+            capacity,
+            what,
+        }
+    }
+
+    fn allocate(&mut self) -> Result<u32, ControllerError> {
+        if self.used.len() >= self.capacity as usize {
+            return Err(ControllerError::OutOfIds(self.what, self.capacity));
+        }
+        while self.used.contains(&self.next) {
+            self.next = (self.next + 1) % self.capacity;
+        }
+        let id = self.next;
+        self.used.insert(id);
+        self.next = (self.next + 1) % self.capacity;
+        Ok(id)
+    }
 }
 
 /// The bytes that place a backend in Maglev: its address and port, so every load balancer
