@@ -156,7 +156,7 @@ impl Report {
         let rows: Vec<&Row> = self
             .rows
             .iter()
-            .filter(|r| r.section == section && r.unit == unit && r.baseline.is_none())
+            .filter(|r| r.section == section && r.unit == unit && !r.name.contains(" vs "))
             .collect();
         let max = rows.iter().map(|r| r.median).fold(0.0, f64::max).max(1e-9);
         let (label_width, bar_width, row_height) = (330.0, 360.0, 26.0);
