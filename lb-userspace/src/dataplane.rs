@@ -435,7 +435,7 @@ impl Dataplane {
                     .detach(link)
                     .map_err(detach_error(TC_EGRESS_PROGRAM))?,
             }
-            info!(%iface, "detached");
+            info!(%iface, "link detached");
         }
         Ok(())
     }
