@@ -354,6 +354,12 @@ fn service_model(
             endpoints,
         });
     }
+    if ports.is_empty() && spec.ports.as_ref().is_some_and(|p| !p.is_empty()) {
+        return Err(error(
+            "spec.ports",
+            "no port this load balancer serves: only TCP and UDP are".into(),
+        ));
+    }
     Ok(Some(ServiceModel {
         namespace,
         name,
@@ -784,6 +790,35 @@ mod tests {
             assert_eq!(error.file, "test.yaml");
             assert_eq!(error.field, field, "{error}");
             assert!(error.to_string().contains(needle), "{error}");
+        }
+    }
+
+    /// Every manifest of `tests/data/invalid` is rejected with one line naming its file, the
+    /// object and the field its first line expects.
+    #[test]
+    fn the_invalid_manifest_corpus_is_rejected_precisely() {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/invalid"));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 30, "{} invalid manifests", files.len());
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let expected = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# expect-field: "))
+                .expect("an expect-field line");
+            let error = load(&file, &Options::default())
+                .err()
+                .unwrap_or_else(|| panic!("{} was accepted", file.display()));
+            let line = error.to_string();
+            assert!(!line.contains('\n'), "one line: {line}");
+            assert_eq!(error.file, file.display().to_string(), "{line}");
+            assert!(!error.object.is_empty(), "{line}");
+            assert_eq!(error.field, expected, "{}: {line}", file.display());
         }
     }
 
