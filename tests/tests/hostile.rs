@@ -283,7 +283,7 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
             let mut dataplane = Dataplane::load().unwrap();
             setup(&mut dataplane);
             let program = dataplane.xdp_program().unwrap();
-            let mut rng = Rng(0x5eed_1b_cafe);
+            let mut rng = Rng(0x005e_ed1b_cafe);
             let mut rewritten = 0u64;
             let mut dropped = 0u64;
             let mut output = vec![0u8; 4096];
