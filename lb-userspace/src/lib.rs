@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod pins;
+pub mod privileges;
 pub mod views;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

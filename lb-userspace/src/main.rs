@@ -84,6 +84,10 @@ enum Command {
         /// Capacity of the connection table.
         #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONNTRACK_SIZE)]
         conntrack_size: u32,
+        /// Serve VIPs that are addresses of this host (refused by default: they would capture
+        /// the host's own traffic).
+        #[arg(long)]
+        allow_host_addresses: bool,
         #[command(flatten)]
         roots: Roots,
     },
@@ -151,13 +155,19 @@ async fn main() -> anyhow::Result<()> {
             stats_interval,
             keep_on_exit,
             conntrack_size,
+            allow_host_addresses,
             roots,
         } => {
+            lb_userspace::privileges::require_for_attach()?;
             let settings = AttachSettings {
                 iface,
                 config,
                 mode,
-                options: Options { node_ips },
+                options: Options {
+                    node_ips,
+                    host_addresses: Vec::new(),
+                    allow_host_addresses,
+                },
                 metrics_addr,
                 stats_interval,
                 keep_on_exit,
@@ -252,7 +262,7 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
     };
     // A configuration that does not validate stops us before anything changes.
     let cluster = match &config {
-        Some(path) => Some(model::load(path, &options)?),
+        Some(path) => Some(model::load(path, &with_host_addresses(&options))?),
         None => None,
     };
     let paths = Paths::new(&roots.pin_root, &roots.state_root, &iface);
@@ -329,8 +339,26 @@ fn log_warnings(cluster: &Cluster) {
     }
 }
 
+/// `options` with this host's current addresses (they can change while we run).
+fn with_host_addresses(options: &Options) -> Options {
+    let mut options = options.clone();
+    options.host_addresses = nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| a.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    options
+}
+
 fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: &mut Reloads) {
-    let cluster = match model::load(path, options) {
+    let cluster = match model::load(path, &with_host_addresses(options)) {
         Ok(cluster) => cluster,
         Err(e) => {
             reloads.failed += 1;

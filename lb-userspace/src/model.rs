@@ -35,6 +35,11 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 pub struct Options {
     /// Node addresses on which `nodePort`s are served as VIPs too.
     pub node_ips: Vec<IpAddr>,
+    /// The host's own addresses: a VIP among them would capture traffic meant for the host
+    /// (its SSH, its API server) and is refused unless `allow_host_addresses`.
+    pub host_addresses: Vec<IpAddr>,
+    /// Serve VIPs that are addresses of this host.
+    pub allow_host_addresses: bool,
 }
 
 /// Transport protocol of a service port.
@@ -157,7 +162,8 @@ pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, Config
     let mut cluster = Cluster::default();
     let mut claimed: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
     for located in &manifests.services {
-        let Some(service) = service_model(located, manifests, &mut cluster.warnings)? else {
+        let Some(service) = service_model(located, manifests, options, &mut cluster.warnings)?
+        else {
             continue;
         };
         let label = format!("Service {}/{}", service.namespace, service.name);
@@ -197,6 +203,7 @@ pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, Config
 fn service_model(
     located: &Located<Service>,
     manifests: &Manifests,
+    options: &Options,
     warnings: &mut Vec<String>,
 ) -> Result<Option<ServiceModel>, ConfigError> {
     let service = &located.object;
@@ -238,6 +245,15 @@ fn service_model(
         let ip: IpAddr = text
             .parse()
             .map_err(|_| error(field, format!("{text:?} is not an IP address")))?;
+        if !options.allow_host_addresses && options.host_addresses.contains(&ip) {
+            return Err(error(
+                field,
+                format!(
+                    "{ip} is an address of this host: serving it would capture the host's own \
+                     traffic (allow it with --allow-host-addresses)"
+                ),
+            ));
+        }
         if !vips.contains(&ip) {
             vips.push(ip);
         }
@@ -820,6 +836,21 @@ mod tests {
             assert!(!error.object.is_empty(), "{line}");
             assert_eq!(error.field, expected, "{}: {line}", file.display());
         }
+    }
+
+    #[test]
+    fn vips_that_are_host_addresses_are_refused_unless_allowed() {
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("test.yaml"), &service(""), &mut manifests).unwrap();
+        let mut options = Options {
+            host_addresses: vec!["198.18.100.1".parse().unwrap()],
+            ..Options::default()
+        };
+        let error = build(&manifests, &options).unwrap_err();
+        assert_eq!(error.field, "spec.clusterIP");
+        assert!(error.message.contains("--allow-host-addresses"), "{error}");
+        options.allow_host_addresses = true;
+        assert_eq!(build(&manifests, &options).unwrap().services.len(), 1);
     }
 
     #[test]

@@ -112,6 +112,7 @@ fn node_ports_are_served_on_the_node_addresses() {
     ns.enter(|| {
         let options = Options {
             node_ips: vec!["198.18.0.2".parse().unwrap()],
+            ..Options::default()
         };
         let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: NodePort\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n    nodePort: 30854\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
         let mut manifests = Manifests::default();
