@@ -4,6 +4,10 @@
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IPv6 next-header number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Largest Maglev table a service may have (a prime). Its inner array has one more slot: slot 0
 /// holds the table size, so that the size and the table are swapped in one map update.

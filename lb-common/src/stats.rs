@@ -96,6 +96,11 @@ named_enum! {
         DropUnsupported = "drop_unsupported",
         /// XDP, dropped: to a service with no usable backend.
         DropNoBackend = "drop_no_backend",
+        /// XDP, dropped: an ICMP error to a VIP about a flow the connection table does not
+        /// know, or too short to tell which.
+        DropIcmpUnknownFlow = "drop_icmp_unknown_flow",
+        /// XDP, answered: an echo request to a VIP, sent back as an echo reply (XDP_TX).
+        IcmpEchoReply = "icmp_echo_reply",
         /// XDP, DNAT then sent back out of the same interface (XDP_TX).
         DnatTx = "dnat_tx",
         /// XDP, DNAT then redirected to another interface.
@@ -111,6 +116,9 @@ named_enum! {
         EgressUnparsed = "egress_unparsed",
         /// TC egress, dropped: a reply's rewrite failed half way (a helper refused).
         ReverseNatFailed = "reverse_nat_failed",
+        /// TC egress: an ICMP error a backend sent about a flow, rewritten (outer source and
+        /// inner destination) back to the VIP.
+        ReverseNatIcmp = "reverse_nat_icmp",
     }
 }
 
@@ -127,6 +135,9 @@ named_enum! {
         AffinityHit = "affinity_hit",
         /// Inserting into the connection or reverse table failed.
         ConntrackInsertFailed = "conntrack_insert_failed",
+        /// An ICMP "fragmentation needed" / "packet too big" about a VIP flow was sent on to the
+        /// flow's backend.
+        IcmpToBackend = "icmp_to_backend",
     }
 }
 

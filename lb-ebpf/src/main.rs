@@ -13,6 +13,8 @@ mod context;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -34,7 +36,7 @@ mod programs {
 
     use crate::{
         context::Frame as _,
-        forward,
+        forward, icmp,
         maps::{REVERSE_NAT, SCRATCH, SERVICES, Scratch, VIP_ADDRS},
         nat,
         parse::{self, Kind},
@@ -68,8 +70,9 @@ mod programs {
             Reason::DropMalformed
             | Reason::DropFragment
             | Reason::DropUnsupported
-            | Reason::DropNoBackend => xdp_action::XDP_DROP,
-            Reason::DnatTx => xdp_action::XDP_TX,
+            | Reason::DropNoBackend
+            | Reason::DropIcmpUnknownFlow => xdp_action::XDP_DROP,
+            Reason::DnatTx | Reason::IcmpEchoReply => xdp_action::XDP_TX,
             Reason::DnatRedirect => xdp_action::XDP_REDIRECT,
             _ => xdp_action::XDP_PASS,
         }
@@ -104,6 +107,9 @@ mod programs {
             return Reason::PassUnparsed;
         };
         let kind = parse::packet(ctx, packet);
+        if kind == Kind::Icmp && is_vip(&packet.dst) {
+            return icmp::ingress(ctx, packet);
+        }
         if kind != Kind::Parsed {
             return ingress_unparsed(kind, &packet.dst);
         }
@@ -139,7 +145,7 @@ mod programs {
         match kind {
             Kind::NotIp => Reason::PassNotIp,
             Kind::Truncated => Reason::PassUnparsed,
-            Kind::Parsed | Kind::OtherProtocol => Reason::PassNotVip,
+            Kind::Parsed | Kind::OtherProtocol | Kind::Icmp => Reason::PassNotVip,
             Kind::Fragment if is_vip(dst) => Reason::DropFragment,
             Kind::Fragment => Reason::PassNotVip,
             Kind::Malformed if is_vip(dst) => Reason::DropMalformed,
@@ -160,6 +166,7 @@ mod programs {
         };
         match parse::packet(ctx, packet) {
             Kind::Parsed => {}
+            Kind::Icmp if icmp::egress(ctx, packet) => return Reason::ReverseNatIcmp,
             Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
             _ => return Reason::EgressPass,
         }

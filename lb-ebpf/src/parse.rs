@@ -2,7 +2,7 @@
 //!
 //! Every way a frame can fail to parse has a [`Kind`], so the caller can count it and decide on
 //! purpose: drop it if it is to a VIP address, pass it otherwise.
-use lb_common::maps::{PROTO_TCP, PROTO_UDP, ipv4_mapped};
+use lb_common::maps::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -58,8 +58,10 @@ pub enum Kind {
     NotIp,
     /// Ends before its IP addresses: nothing to decide by (`dst` is zero).
     Truncated,
-    /// IP, but neither TCP nor UDP (ICMP, ...): a valid packet that is not ours.
+    /// IP, but neither TCP nor UDP nor ICMP: a valid packet that is not ours.
     OtherProtocol,
+    /// ICMP or ICMPv6 (`proto`, `l4_off` and the addresses are set).
+    Icmp,
     /// A non-first IPv4 fragment to `dst`.
     Fragment,
     /// Lying or inconsistent lengths, or truncated after the addresses, to `dst`.
@@ -132,11 +134,14 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
         return Kind::Fragment;
     }
     let proto = unsafe { (*ip).proto };
+    packet.proto = proto;
+    packet.l4_off = l3_off + header_len;
+    if proto == PROTO_ICMP {
+        return Kind::Icmp;
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Kind::OtherProtocol;
     }
-    packet.proto = proto;
-    packet.l4_off = l3_off + header_len;
     // A first fragment (more-fragments set) carries only part of the datagram: its L4 lengths
     // cannot be checked against the IP length.
     let l4_len = if frags & 0x2000 != 0 {
@@ -174,11 +179,14 @@ fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
     if is_extension_header(proto) {
         return Kind::Unsupported;
     }
+    packet.proto = proto;
+    packet.l4_off = l3_off + Ipv6Hdr::LEN;
+    if proto == PROTO_ICMPV6 {
+        return Kind::Icmp;
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Kind::OtherProtocol;
     }
-    packet.proto = proto;
-    packet.l4_off = l3_off + Ipv6Hdr::LEN;
     l4(frame, packet, Some(payload_len))
 }
 

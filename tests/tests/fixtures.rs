@@ -207,6 +207,8 @@ enum Expect {
     Dropped(Reason),
     /// DNATed to this frame and passed to the kernel (no route in the test namespace).
     Dnat(Vec<u8>),
+    /// Answered with this frame (XDP_TX).
+    Answered(Vec<u8>),
 }
 
 struct Case {
@@ -229,6 +231,7 @@ fn check(lb: &Lb, case: &Case) {
         Expect::Unchanged(reason) => (*reason, XDP_PASS, &case.input),
         Expect::Dropped(reason) => (*reason, XDP_DROP, &case.input),
         Expect::Dnat(output) => (Reason::DnatFibFallback, XDP_PASS, output),
+        Expect::Answered(output) => (Reason::IcmpEchoReply, XDP_TX, output),
     };
     let before = lb.reason(reason);
     let total_before = lb.total();
@@ -237,7 +240,7 @@ fn check(lb: &Lb, case: &Case) {
     if verdict != XDP_DROP {
         assert_eq!(&got_output, output, "{name}: output bytes");
     }
-    if matches!(case.expect, Expect::Dnat(_)) {
+    if matches!(case.expect, Expect::Dnat(_) | Expect::Answered(_)) {
         assert_checksums_valid(&got_output);
     }
     assert_eq!(
@@ -281,6 +284,39 @@ fn with_hop_by_hop(mut frame: Vec<u8>) -> Vec<u8> {
     frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
     let hop_by_hop = [next, 0, 1, 4, 0, 0, 0, 0];
     frame.splice(54..54, hop_by_hop);
+    frame
+}
+
+fn echo_reply_v4() -> Vec<u8> {
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 10])
+        .ipv4([198, 18, 100, 1], [198, 18, 0, 10], 64)
+        .icmpv4_echo_reply(1, 1)
+        .write(&mut frame, b"ping")
+        .unwrap();
+    frame
+}
+
+fn echo_v6(reply: bool) -> Vec<u8> {
+    let (client, vip) = (addr16(CLIENT6), addr16(VIP6));
+    let (src, dst, smac, dmac) = if reply {
+        (vip, client, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 10])
+    } else {
+        (client, vip, [2, 0, 0, 0, 0, 10], [2, 0, 0, 0, 0, 1])
+    };
+    let builder = etherparse::PacketBuilder::ethernet2(smac, dmac).ipv6(src, dst, 64);
+    let mut frame = Vec::new();
+    if reply {
+        builder
+            .icmpv6_echo_reply(7, 9)
+            .write(&mut frame, b"ping6")
+            .unwrap();
+    } else {
+        builder
+            .icmpv6_echo_request(7, 9)
+            .write(&mut frame, b"ping6")
+            .unwrap();
+    }
     frame
 }
 
@@ -440,9 +476,14 @@ fn stateless_cases() -> Vec<Case> {
             expect: Expect::Unchanged(Reason::PassNotVip),
         },
         Case {
-            name: "ICMP echo to the VIP passes",
+            name: "ICMP echo to the VIP is answered",
             input: icmp_to_vip,
-            expect: Expect::Unchanged(Reason::PassNotVip),
+            expect: Expect::Answered(echo_reply_v4()),
+        },
+        Case {
+            name: "ICMPv6 echo to the VIP is answered",
+            input: echo_v6(false),
+            expect: Expect::Answered(echo_v6(true)),
         },
         // Truncation at every header boundary.
         Case {
@@ -921,4 +962,133 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
         assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
     })
     .unwrap();
+}
+
+/// The first 28 (IPv4) or 48 (IPv6) bytes of a packet, as ICMP errors quote it, with the
+/// given source and destination; the IPv4 header checksum recomputed from scratch.
+fn quote(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    let frame = Spec::tcp(src, sport, dst, dport).build();
+    let len = if src.is_ipv4() { 28 } else { 48 };
+    frame[14..14 + len].to_vec()
+}
+
+fn icmp_error(
+    from: IpAddr,
+    to: IpAddr,
+    quoted: &[u8],
+    v4: etherparse::Icmpv4Type,
+    v6: etherparse::Icmpv6Type,
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 20], [2, 0, 0, 0, 0, 1]);
+    match (from, to) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => eth
+            .ipv4(a.octets(), b.octets(), 64)
+            .icmpv4(v4)
+            .write(&mut frame, quoted)
+            .unwrap(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => eth
+            .ipv6(a.octets(), b.octets(), 64)
+            .icmpv6(v6)
+            .write(&mut frame, quoted)
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    frame
+}
+
+#[test]
+fn icmp_errors_about_vip_flows_reach_the_backend_and_come_back_as_the_vip() {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4::DestUnreachableHeader};
+    in_fresh_netns("icmp", |_| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        lb.service(3, VIP6, PROTO_TCP, 0, &[(3, backend6(3), BACKEND_F_VALID)]);
+        lb.run(&Spec::tcp(CLIENT4, 40000, VIP4, PORT).build());
+        lb.run(&Spec::tcp(CLIENT6, 40000, VIP6, PORT).build());
+        let router4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 254));
+        let router6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe));
+        let frag_needed =
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1400,
+            });
+        let too_big = Icmpv6Type::PacketTooBig { mtu: 1400 };
+
+        // A router on the client's side says the VIP's reply was too big: the backend must hear.
+        for (name, router, vip, client, backend) in [
+            (
+                "IPv4 fragmentation needed",
+                router4,
+                VIP4,
+                CLIENT4,
+                backend4(1),
+            ),
+            ("ICMPv6 packet too big", router6, VIP6, CLIENT6, backend6(3)),
+        ] {
+            let input = icmp_error(
+                router,
+                vip,
+                &quote(vip, PORT, client, 40000),
+                frag_needed.clone(),
+                too_big,
+            );
+            let expected = icmp_error(
+                router,
+                backend,
+                &quote(backend, TARGET_PORT, client, 40000),
+                frag_needed.clone(),
+                too_big,
+            );
+            let before = lb.event(Event::IcmpToBackend);
+            let (verdict, output) = lb.run(&input);
+            assert_eq!(verdict, XDP_PASS, "{name}");
+            assert_eq!(output, expected, "{name}: rewritten to the backend");
+            assert_eq!(lb.event(Event::IcmpToBackend), before + 1, "{name}");
+        }
+
+        // About a flow nobody knows: dropped and counted.
+        let stranger = icmp_error(
+            router4,
+            VIP4,
+            &quote(VIP4, PORT, CLIENT4, 1),
+            frag_needed.clone(),
+            too_big,
+        );
+        let before = lb.reason(Reason::DropIcmpUnknownFlow);
+        assert_eq!(lb.run(&stranger).0, XDP_DROP);
+        assert_eq!(lb.reason(Reason::DropIcmpUnknownFlow), before + 1);
+
+        // The backend's own error about the flow leaves as the VIP's, quoted packet included.
+        let tc = lb.dataplane.tc_egress_program().unwrap();
+        let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let input = icmp_error(
+            backend4(1),
+            CLIENT4,
+            &quote(CLIENT4, 40000, backend4(1), TARGET_PORT),
+            unreachable.clone(),
+            too_big,
+        );
+        let expected = icmp_error(
+            VIP4,
+            CLIENT4,
+            &quote(CLIENT4, 40000, VIP4, PORT),
+            unreachable,
+            too_big,
+        );
+        let mut output = vec![0u8; input.len() + 64];
+        let result = tc
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut output),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
+        output.truncate(result.data_size_out as usize);
+        assert_eq!(
+            (result.return_value, output),
+            (TC_ACT_OK, expected),
+            "reverse NAT of the backend's ICMP error"
+        );
+        assert_eq!(lb.reason(Reason::ReverseNatIcmp), 1);
+    });
 }

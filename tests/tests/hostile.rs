@@ -286,6 +286,7 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
             let mut rng = Rng(0x005e_ed1b_cafe);
             let mut rewritten = 0u64;
             let mut dropped = 0u64;
+            let mut echoed = 0u64;
             let mut output = vec![0u8; 4096];
             for n in 0..frames {
                 let frame = hostile(&mut rng);
@@ -331,6 +332,8 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
                         };
                         assert!(to_vip, "frame {n} dropped but not to a VIP: {frame:02x?}");
                     }
+                    // XDP_TX: only echo replies, without a route to send anything else out.
+                    3 => echoed += 1,
                     other => panic!("frame {n}: unexpected verdict {other}"),
                 }
             }
@@ -349,6 +352,11 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
                 .unwrap()
                 .packets;
             assert_eq!(dnat, rewritten, "the rewritten frames are the DNATed ones");
+            let replies = dataplane
+                .reason_counter(Reason::IcmpEchoReply)
+                .unwrap()
+                .packets;
+            assert_eq!(replies, echoed, "XDP_TX only for echo replies");
             (rewritten, dropped)
         })
         .unwrap();

@@ -1,0 +1,387 @@
+//! ICMP for VIP flows: echo requests to a VIP are answered; "fragmentation needed" / "packet
+//! too big" errors about a VIP flow go on to the flow's backend (found through the inner
+//! header, which is rewritten); errors a backend sends about a flow are rewritten back to the
+//! VIP on egress, inner header included, so path MTU discovery works through the balancer.
+//!
+//! Checksums: the ICMP checksum covers the whole message (and, for ICMPv6, a pseudo-header
+//! with the outer addresses), so every rewritten field of the inner header is folded into it
+//! incrementally. The inner transport checksum is left alone, as hosts ignore it in errors.
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    Event, FlowKey, Reason,
+    checksum::{replace16, replace32, replace128},
+    maps::ipv4_mapped,
+};
+
+use crate::{
+    context::Frame,
+    forward,
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
+    parse::Packet,
+    stats,
+};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Length of the ICMP header before the quoted packet.
+const ICMP_HEADER: usize = 8;
+
+/// Where the quoted (inner) packet's fields are.
+struct Inner {
+    /// Offset of its source address.
+    src: usize,
+    /// Offset of its destination address.
+    dst: usize,
+    /// Offset of its header checksum (IPv4 only).
+    check: usize,
+    /// Offset of its source and destination ports.
+    ports: usize,
+    proto: u8,
+}
+
+/// Locates the packet an ICMP error quotes.
+#[inline(always)]
+fn inner(frame: &impl Frame, packet: &Packet) -> Option<Inner> {
+    let at = packet.l4_off + ICMP_HEADER;
+    if packet.ipv4 {
+        let ip: *const [u8; 20] = frame.ptr_at(at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (vihl, proto) = unsafe { ((*ip)[0], (*ip)[9]) };
+        let header_len = usize::from(vihl & 0x0f) * 4;
+        if vihl >> 4 != 4 || header_len < 20 {
+            return None;
+        }
+        frame.ptr_at::<[u8; 4]>(at + header_len).ok()?;
+        Some(Inner {
+            src: at + 12,
+            dst: at + 16,
+            check: at + 10,
+            ports: at + header_len,
+            proto,
+        })
+    } else {
+        let ip: *const [u8; 40] = frame.ptr_at(at).ok()?;
+        frame.ptr_at::<[u8; 4]>(at + 40).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let proto = unsafe { (*ip)[6] };
+        Some(Inner {
+            src: at + 8,
+            dst: at + 24,
+            check: 0,
+            ports: at + 40,
+            proto,
+        })
+    }
+}
+
+/// Reads an address of the frame's family at `at`, as 16 bytes.
+#[inline(always)]
+fn read_addr(frame: &impl Frame, at: usize, ipv4: bool) -> Option<[u8; 16]> {
+    if ipv4 {
+        let addr: *const [u8; 4] = frame.ptr_at(at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        Some(ipv4_mapped(unsafe { *addr }))
+    } else {
+        let addr: *const [u8; 16] = frame.ptr_at(at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        Some(unsafe { *addr })
+    }
+}
+
+/// Writes `new` over the address at `at` and folds the change into the 16-bit checksum at
+/// each offset of `checks` (0: none).
+#[inline(always)]
+fn rewrite_addr(
+    frame: &impl Frame,
+    at: usize,
+    ipv4: bool,
+    new: &[u8; 16],
+    checks: [usize; 2],
+) -> Option<()> {
+    let old = read_addr(frame, at, ipv4)?;
+    for check_at in checks {
+        if check_at == 0 {
+            continue;
+        }
+        let check: *mut [u8; 2] = frame.ptr_at(check_at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let sum = u16::from_be_bytes(*check);
+            let sum = if ipv4 {
+                replace32(
+                    sum,
+                    u32::from_be_bytes([old[12], old[13], old[14], old[15]]),
+                    u32::from_be_bytes([new[12], new[13], new[14], new[15]]),
+                )
+            } else {
+                replace128(sum, &old, new)
+            };
+            *check = sum.to_be_bytes();
+        }
+    }
+    if ipv4 {
+        let addr: *mut [u8; 4] = frame.ptr_at(at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *addr = [new[12], new[13], new[14], new[15]] };
+    } else {
+        let addr: *mut [u8; 16] = frame.ptr_at(at).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *addr = *new };
+    }
+    Some(())
+}
+
+/// Writes a 16-bit field, folding the change into the checksum at `check_at`.
+#[inline(always)]
+fn rewrite16(frame: &impl Frame, at: usize, new: u16, check_at: usize) -> Option<()> {
+    let field: *mut [u8; 2] = frame.ptr_at(at).ok()?;
+    let check: *mut [u8; 2] = frame.ptr_at(check_at).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let old = u16::from_be_bytes(*field);
+        *check = replace16(u16::from_be_bytes(*check), old, new).to_be_bytes();
+        *field = new.to_be_bytes();
+    }
+    Some(())
+}
+
+/// An ICMP message to a VIP address: answered, sent on to a backend, dropped or passed.
+///
+/// Not inlined: its temporaries get a stack frame of their own.
+#[inline(never)]
+pub fn ingress(ctx: &XdpContext, packet: &mut Packet) -> Reason {
+    let Ok(header) = ctx.ptr_at::<[u8; 2]>(packet.l4_off) else {
+        return Reason::DropIcmpUnknownFlow;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let (kind, code) = unsafe { ((*header)[0], (*header)[1]) };
+    let (echo_request, too_big) = if packet.ipv4 {
+        (
+            kind == ICMP_ECHO_REQUEST,
+            kind == ICMP_DEST_UNREACHABLE && code == ICMP_FRAG_NEEDED,
+        )
+    } else {
+        (kind == ICMPV6_ECHO_REQUEST, kind == ICMPV6_PACKET_TOO_BIG)
+    };
+    if echo_request {
+        return match echo_reply(ctx, packet) {
+            Some(()) => Reason::IcmpEchoReply,
+            None => Reason::DropIcmpUnknownFlow,
+        };
+    }
+    if !too_big {
+        return Reason::PassNotVip;
+    }
+    match to_backend(ctx, packet) {
+        Some(backend_id) => {
+            stats::event(Event::IcmpToBackend);
+            forward::forward(ctx, packet, backend_id)
+        }
+        None => Reason::DropIcmpUnknownFlow,
+    }
+}
+
+/// Turns an echo request into its reply in place: addresses and MACs swapped, the type
+/// changed (the swap leaves every checksum as it was).
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Option<()> {
+    let eth: *mut [u8; 12] = ctx.ptr_at(0).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let eth = &mut *eth;
+        let dst: [u8; 6] = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+        eth.copy_within(6..12, 0);
+        eth[6..12].copy_from_slice(&dst);
+    }
+    if packet.ipv4 {
+        let addrs: *mut [u8; 8] = ctx.ptr_at(packet.l3_off + 12).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let addrs = &mut *addrs;
+            let src: [u8; 4] = [addrs[0], addrs[1], addrs[2], addrs[3]];
+            addrs.copy_within(4..8, 0);
+            addrs[4..8].copy_from_slice(&src);
+        }
+    } else {
+        let addrs: *mut [u8; 32] = ctx.ptr_at(packet.l3_off + 8).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let addrs = &mut *addrs;
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&addrs[..16]);
+            addrs.copy_within(16..32, 0);
+            addrs[16..32].copy_from_slice(&src);
+        }
+    }
+    let (request, reply) = if packet.ipv4 {
+        (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+    } else {
+        (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+    };
+    let header: *mut [u8; 4] = ctx.ptr_at(packet.l4_off).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let header = &mut *header;
+        let check = u16::from_be_bytes([header[2], header[3]]);
+        let check = replace16(
+            check,
+            u16::from_be_bytes([request, header[1]]),
+            u16::from_be_bytes([reply, header[1]]),
+        );
+        header[0] = reply;
+        header[2..4].copy_from_slice(&check.to_be_bytes());
+    }
+    Some(())
+}
+
+/// Rewrites a "too big" error about a VIP flow so it reaches the flow's backend: the outer
+/// destination and the quoted packet's source become the backend's. Returns the backend id.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
+    let inner = inner(ctx, packet)?;
+    // The quoted packet went from the VIP to the client: the flow is client -> VIP.
+    let ports: *const [u8; 4] = ctx.ptr_at(inner.ports).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ports = unsafe { *ports };
+    let key = FlowKey {
+        src: read_addr(ctx, inner.dst, packet.ipv4)?,
+        dst: read_addr(ctx, inner.src, packet.ipv4)?,
+        sport: u16::from_be_bytes([ports[2], ports[3]]),
+        dport: u16::from_be_bytes([ports[0], ports[1]]),
+        proto: inner.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let flow = unsafe { CONNTRACK.get(&key) }.copied()?;
+    let backend = *BACKENDS.get(flow.backend_id)?;
+    let icmp_check = packet.l4_off + 2;
+    // The ICMPv6 checksum covers the outer addresses; the IPv4 header has its own.
+    let outer_check = if packet.ipv4 {
+        packet.l3_off + 10
+    } else {
+        icmp_check
+    };
+    let outer_dst = packet.l3_off + if packet.ipv4 { 16 } else { 24 };
+    rewrite_addr(ctx, outer_dst, packet.ipv4, &backend.addr, [outer_check, 0])?;
+    if packet.ipv4 {
+        // The quoted header's checksum changes with its source, and lies inside the ICMP
+        // message: fold both changes into the ICMP checksum.
+        let old_check = {
+            let c: *const [u8; 2] = ctx.ptr_at(inner.check).ok()?;
+            // SAFETY: bounds checked by `ptr_at`.
+            u16::from_be_bytes(unsafe { *c })
+        };
+        rewrite_addr(
+            ctx,
+            inner.src,
+            true,
+            &backend.addr,
+            [inner.check, icmp_check],
+        )?;
+        let new_check = {
+            let c: *const [u8; 2] = ctx.ptr_at(inner.check).ok()?;
+            // SAFETY: bounds checked by `ptr_at`.
+            u16::from_be_bytes(unsafe { *c })
+        };
+        let check: *mut [u8; 2] = ctx.ptr_at(icmp_check).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            *check = replace16(u16::from_be_bytes(*check), old_check, new_check).to_be_bytes();
+        }
+    } else {
+        rewrite_addr(ctx, inner.src, false, &backend.addr, [icmp_check, 0])?;
+    }
+    rewrite16(ctx, inner.ports, backend.port, icmp_check)?;
+    packet.dst = backend.addr;
+    Some(flow.backend_id)
+}
+
+/// On egress: an ICMP error a backend (or a router on its side) sent about a flow is rewritten
+/// back to the VIP — the outer source if it is the backend, and the quoted packet's
+/// destination. Returns whether it was one of ours.
+#[inline(never)]
+pub fn egress(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> bool {
+    let Ok(header) = frame.ptr_at::<[u8; 2]>(packet.l4_off) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let kind = unsafe { (*header)[0] };
+    let error = if packet.ipv4 {
+        matches!(
+            kind,
+            ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    } else {
+        matches!(
+            kind,
+            ICMPV6_DEST_UNREACHABLE
+                | ICMPV6_PACKET_TOO_BIG
+                | ICMPV6_TIME_EXCEEDED
+                | ICMPV6_PARAMETER_PROBLEM
+        )
+    };
+    error && from_backend(frame, packet).is_some()
+}
+
+#[inline(always)]
+fn from_backend(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> Option<()> {
+    let inner = inner(frame, packet)?;
+    let ports: *const [u8; 4] = frame.ptr_at(inner.ports).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ports = unsafe { *ports };
+    // The quoted packet went from the client to the backend: its reply tuple is the key.
+    let backend = read_addr(frame, inner.dst, packet.ipv4)?;
+    let key = FlowKey {
+        src: backend,
+        dst: read_addr(frame, inner.src, packet.ipv4)?,
+        sport: u16::from_be_bytes([ports[2], ports[3]]),
+        dport: u16::from_be_bytes([ports[0], ports[1]]),
+        proto: inner.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let to = unsafe { REVERSE_NAT.get(&key) }.copied()?;
+    let icmp_check = packet.l4_off + 2;
+    if packet.src == backend {
+        let outer_check = if packet.ipv4 {
+            packet.l3_off + 10
+        } else {
+            icmp_check
+        };
+        let outer_src = packet.l3_off + if packet.ipv4 { 12 } else { 8 };
+        rewrite_addr(frame, outer_src, packet.ipv4, &to.vip, [outer_check, 0])?;
+    }
+    if packet.ipv4 {
+        let old_check = {
+            let c: *const [u8; 2] = frame.ptr_at(inner.check).ok()?;
+            // SAFETY: bounds checked by `ptr_at`.
+            u16::from_be_bytes(unsafe { *c })
+        };
+        rewrite_addr(frame, inner.dst, true, &to.vip, [inner.check, icmp_check])?;
+        let new_check = {
+            let c: *const [u8; 2] = frame.ptr_at(inner.check).ok()?;
+            // SAFETY: bounds checked by `ptr_at`.
+            u16::from_be_bytes(unsafe { *c })
+        };
+        let check: *mut [u8; 2] = frame.ptr_at(icmp_check).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            *check = replace16(u16::from_be_bytes(*check), old_check, new_check).to_be_bytes();
+        }
+    } else {
+        rewrite_addr(frame, inner.dst, false, &to.vip, [icmp_check, 0])?;
+    }
+    rewrite16(frame, inner.ports + 2, to.vip_port, icmp_check)?;
+    stats::flow(to.service_id, to.backend_id, frame.packet_len(), false);
+    Some(())
+}
