@@ -1092,3 +1092,58 @@ fn icmp_errors_about_vip_flows_reach_the_backend_and_come_back_as_the_vip() {
         assert_eq!(lb.reason(Reason::ReverseNatIcmp), 1);
     });
 }
+
+/// With the connection table full, the LRU evicts the least recently used flows: new flows are
+/// still placed (never dropped), and an evicted flow's next packet is placed again by Maglev —
+/// on the same backend while the table is unchanged.
+#[test]
+fn a_full_connection_table_degrades_to_maglev_placement_not_to_drops() {
+    in_fresh_netns("lru", |_| {
+        let mut lb = Lb {
+            dataplane: Dataplane::load_with(lb_userspace::dataplane::LoadOptions {
+                conntrack_size: 512,
+                ..Default::default()
+            })
+            .unwrap(),
+            runs: std::cell::Cell::new(0),
+        };
+        let four: Vec<_> = (1..=4)
+            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+            .collect();
+        lb.service(1, VIP4, PROTO_TCP, 0, &four);
+        let flows: Vec<Spec> = (0..4000u16)
+            .map(|p| {
+                Spec::tcp(
+                    IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10 + (p / 1000) as u8)),
+                    10000 + p,
+                    VIP4,
+                    PORT,
+                )
+            })
+            .collect();
+        let first: Vec<u8> = flows
+            .iter()
+            .map(|f| {
+                let (verdict, output) = lb.run(&f.build());
+                assert_eq!(verdict, XDP_PASS, "placed, not dropped");
+                backend_of(&output)
+            })
+            .collect();
+        let tracked = lb.dataplane.flows().unwrap().len();
+        assert!(
+            tracked <= 600,
+            "the table holds about its capacity: {tracked}"
+        );
+        // Every flow again: most were evicted, and come back to the same backend.
+        let again: Vec<u8> = flows
+            .iter()
+            .map(|f| backend_of(&lb.run(&f.build()).1))
+            .collect();
+        assert_eq!(
+            first, again,
+            "evicted flows are placed again where they were"
+        );
+        assert!(lb.event(Event::ConntrackMiss) > 4000, "evictions were seen");
+        assert_eq!(lb.reason(Reason::DropNoBackend), 0);
+    });
+}
