@@ -1,48 +1,7 @@
-//! Bounds-checked access to the packet of an XDP or TC context.
+//! The XDP and TC contexts as [`Frame`]s.
 use aya_ebpf::programs::{TcContext, XdpContext};
 
-/// Where the last header the programs read may start: Ethernet, two VLAN tags, an IPv4 header
-/// with options or IPv6, then the TCP checksum.
-pub const MAX_HEADER_OFFSET: usize = 256;
-
-/// The frame ends before the bytes being read.
-pub struct OutOfBounds;
-
-/// A context whose packet can be read directly between `data` and `data_end`.
-pub trait Frame {
-    /// Address of the first byte.
-    fn start(&self) -> usize;
-    /// Address one past the last byte.
-    fn end(&self) -> usize;
-
-    /// Length of the directly readable frame.
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.end() - self.start()
-    }
-
-    /// Length of the whole packet, which the IP length fields are checked against. For a
-    /// socket buffer this includes paged data beyond the directly readable part.
-    #[inline(always)]
-    fn packet_len(&self) -> usize {
-        self.len()
-    }
-
-    /// A pointer to a `T` at `offset`, if the frame holds all of it.
-    #[inline(always)]
-    fn ptr_at<T>(&self, offset: usize) -> Result<*mut T, OutOfBounds> {
-        // Offsets kept in map memory (the per-CPU scratch) carry no bounds the verifier knows;
-        // this comparison gives it one. No header this program reads starts further in.
-        if offset > MAX_HEADER_OFFSET {
-            return Err(OutOfBounds);
-        }
-        let start = self.start();
-        if start + offset + core::mem::size_of::<T>() > self.end() {
-            return Err(OutOfBounds);
-        }
-        Ok((start + offset) as *mut T)
-    }
-}
+pub use crate::frame::{Frame, OutOfBounds};
 
 // The context's fields are read with volatile loads so that a non-inlined callee reads them
 // itself: were LLVM to load them in the caller and pass the values as integers, the verifier
@@ -77,13 +36,4 @@ impl Frame for TcContext {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).len) as usize }
     }
-}
-
-/// Reads a `T` at `offset`.
-#[inline(always)]
-pub fn read<T: Copy>(frame: &impl Frame, offset: usize) -> Result<T, OutOfBounds> {
-    let ptr = frame.ptr_at::<T>(offset)?;
-    // SAFETY: `ptr_at` checked the value lies within the frame; `T` is read unaligned-safe
-    // because every header type here is made of byte arrays.
-    Ok(unsafe { ptr.read_unaligned() })
 }

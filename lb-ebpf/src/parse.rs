@@ -11,7 +11,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::context::{Frame, read};
+use crate::frame::{Frame, read};
 
 /// At most this many stacked VLAN tags (802.1Q in 802.1ad) are parsed.
 const MAX_VLAN_TAGS: usize = 2;

@@ -1,8 +1,13 @@
 //! Helpers for tests that need real kernel objects: network namespaces, veth links and the
 //! built `lb-userspace` binary. `xtask` builds its sandbox from the same pieces.
 
+#[path = "../../lb-ebpf/src/frame.rs"]
+pub mod frame;
 pub mod frames;
 pub mod netns;
+#[path = "../../lb-ebpf/src/parse.rs"]
+pub mod parse;
+pub mod parser;
 pub mod sandbox;
 
 use std::path::PathBuf;

@@ -4,8 +4,10 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod sandbox;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +41,19 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the data plane's packet parser (installs cargo-fuzz).
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Run the churn soak (endpoints changing 10 times a second under traffic) for longer than
+    /// the test suite does.
+    Soak {
+        /// How long to churn.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Bring the sandbox up (4 pods, the controller running) to explore by hand, or down.
     Sandbox {
         /// `up` or `down`.
@@ -57,5 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Sandbox { action } => sandbox::run(&action),
         Command::Bench { quick } => bench::run(quick),
+        Command::Fuzz { seconds } => fuzz::run(seconds),
+        Command::Soak { seconds } => soak::run(seconds),
     }
 }
