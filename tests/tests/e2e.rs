@@ -197,3 +197,51 @@ fn held_connections_survive_scaling_and_a_controller_kill() {
     sandbox.stop_pod(4).unwrap();
     check(&mut held);
 }
+
+/// Under load (wrk hammering the VIP): `kill -9` of the controller and a restart lose no held
+/// connection; then a graceful stop detaches cleanly while the load goes on.
+#[test]
+fn controller_kill_restart_and_detach_under_load() {
+    let mut sandbox = sandbox("e2el", 2);
+    let load = sandbox
+        .client
+        .command("wrk")
+        .args(["-t1", "-c8", "-d6s", &format!("http://{VIP4}:8080/")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let load = lb_tests::ChildGuard::new(load);
+    let mut held: Vec<(HeldConnection, String)> = (0..8)
+        .map(|_| {
+            let mut c = HeldConnection::open(&sandbox, IpAddr::V4(VIP4)).unwrap();
+            let pod = c.get().unwrap();
+            (c, pod)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut controller = sandbox.controller.take().unwrap();
+    controller.child.child_mut().kill().unwrap();
+    controller.child.child_mut().wait().unwrap();
+    for (c, pod) in held.iter_mut() {
+        assert_eq!(&c.get().unwrap(), pod, "lost while no controller ran");
+    }
+    sandbox.start_controller(false).unwrap();
+    for (c, pod) in held.iter_mut() {
+        assert_eq!(&c.get().unwrap(), pod, "lost across the restart");
+    }
+    // A graceful stop under load: it detaches and exits promptly.
+    let controller = sandbox.controller.take().unwrap();
+    let started = std::time::Instant::now();
+    let status = controller.child.stop(Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let link = sandbox
+        .node
+        .exec("ip", &["-d", "link", "show", "veth-node"])
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "detached"
+    );
+    drop(load);
+}
