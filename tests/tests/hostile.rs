@@ -288,8 +288,19 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
             let mut dropped = 0u64;
             let mut echoed = 0u64;
             let mut output = vec![0u8; 4096];
+            // Every truncation of 500 valid frames first, then the random corpus.
+            let mut truncations: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..500 {
+                let frame = valid(&mut rng);
+                for len in 14..frame.len() {
+                    truncations.push(frame[..len].to_vec());
+                }
+            }
+            let exhaustive = truncations.len() as u64;
+            let frames = frames.max(exhaustive);
+            let mut truncations = truncations.into_iter();
             for n in 0..frames {
-                let frame = hostile(&mut rng);
+                let frame = truncations.next().unwrap_or_else(|| hostile(&mut rng));
                 let result = program
                     .test_run(TestRunOptions {
                         data_in: Some(&frame),
@@ -357,11 +368,11 @@ fn a_hostile_corpus_is_never_corrupted_misrouted_or_left_uncounted() {
                 .unwrap()
                 .packets;
             assert_eq!(replies, echoed, "XDP_TX only for echo replies");
-            (rewritten, dropped)
+            (frames, exhaustive, rewritten, dropped)
         })
         .unwrap();
     println!(
-        "{frames} hostile frames: {} rewritten, {} dropped, the rest passed untouched",
-        summary.0, summary.1
+        "{} hostile frames ({} of them every truncation of 500 valid frames): {} rewritten, {} dropped, the rest passed untouched",
+        summary.0, summary.1, summary.2, summary.3
     );
 }
