@@ -141,6 +141,37 @@ fn rewrite_addr(
     Some(())
 }
 
+/// Rewrites an address of the quoted packet (at `at`), folding the change into the ICMP
+/// checksum; for IPv4 also into the quoted header's own checksum, whose change lies inside the
+/// ICMP message too and is folded in as well.
+#[inline(always)]
+fn rewrite_quoted_addr(
+    frame: &impl Frame,
+    inner: &Inner,
+    at: usize,
+    ipv4: bool,
+    new: &[u8; 16],
+    icmp_check: usize,
+) -> Option<()> {
+    if !ipv4 {
+        return rewrite_addr(frame, at, false, new, [icmp_check, 0]);
+    }
+    let read_check = || -> Option<u16> {
+        let check: *const [u8; 2] = frame.ptr_at(inner.check).ok()?;
+        // SAFETY: bounds checked by `ptr_at`.
+        Some(u16::from_be_bytes(unsafe { *check }))
+    };
+    let old_check = read_check()?;
+    rewrite_addr(frame, at, true, new, [inner.check, icmp_check])?;
+    let new_check = read_check()?;
+    let check: *mut [u8; 2] = frame.ptr_at(icmp_check).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        *check = replace16(u16::from_be_bytes(*check), old_check, new_check).to_be_bytes();
+    }
+    Some(())
+}
+
 /// Writes a 16-bit field, folding the change into the checksum at `check_at`.
 #[inline(always)]
 fn rewrite16(frame: &impl Frame, at: usize, new: u16, check_at: usize) -> Option<()> {
@@ -273,34 +304,14 @@ fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     };
     let outer_dst = packet.l3_off + if packet.ipv4 { 16 } else { 24 };
     rewrite_addr(ctx, outer_dst, packet.ipv4, &backend.addr, [outer_check, 0])?;
-    if packet.ipv4 {
-        // The quoted header's checksum changes with its source, and lies inside the ICMP
-        // message: fold both changes into the ICMP checksum.
-        let old_check = {
-            let c: *const [u8; 2] = ctx.ptr_at(inner.check).ok()?;
-            // SAFETY: bounds checked by `ptr_at`.
-            u16::from_be_bytes(unsafe { *c })
-        };
-        rewrite_addr(
-            ctx,
-            inner.src,
-            true,
-            &backend.addr,
-            [inner.check, icmp_check],
-        )?;
-        let new_check = {
-            let c: *const [u8; 2] = ctx.ptr_at(inner.check).ok()?;
-            // SAFETY: bounds checked by `ptr_at`.
-            u16::from_be_bytes(unsafe { *c })
-        };
-        let check: *mut [u8; 2] = ctx.ptr_at(icmp_check).ok()?;
-        // SAFETY: bounds checked by `ptr_at`.
-        unsafe {
-            *check = replace16(u16::from_be_bytes(*check), old_check, new_check).to_be_bytes();
-        }
-    } else {
-        rewrite_addr(ctx, inner.src, false, &backend.addr, [icmp_check, 0])?;
-    }
+    rewrite_quoted_addr(
+        ctx,
+        &inner,
+        inner.src,
+        packet.ipv4,
+        &backend.addr,
+        icmp_check,
+    )?;
     rewrite16(ctx, inner.ports, backend.port, icmp_check)?;
     packet.dst = backend.addr;
     Some(flow.backend_id)
@@ -361,26 +372,7 @@ fn from_backend(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> Optio
         let outer_src = packet.l3_off + if packet.ipv4 { 12 } else { 8 };
         rewrite_addr(frame, outer_src, packet.ipv4, &to.vip, [outer_check, 0])?;
     }
-    if packet.ipv4 {
-        let old_check = {
-            let c: *const [u8; 2] = frame.ptr_at(inner.check).ok()?;
-            // SAFETY: bounds checked by `ptr_at`.
-            u16::from_be_bytes(unsafe { *c })
-        };
-        rewrite_addr(frame, inner.dst, true, &to.vip, [inner.check, icmp_check])?;
-        let new_check = {
-            let c: *const [u8; 2] = frame.ptr_at(inner.check).ok()?;
-            // SAFETY: bounds checked by `ptr_at`.
-            u16::from_be_bytes(unsafe { *c })
-        };
-        let check: *mut [u8; 2] = frame.ptr_at(icmp_check).ok()?;
-        // SAFETY: bounds checked by `ptr_at`.
-        unsafe {
-            *check = replace16(u16::from_be_bytes(*check), old_check, new_check).to_be_bytes();
-        }
-    } else {
-        rewrite_addr(frame, inner.dst, false, &to.vip, [icmp_check, 0])?;
-    }
+    rewrite_quoted_addr(frame, &inner, inner.dst, packet.ipv4, &to.vip, icmp_check)?;
     rewrite16(frame, inner.ports + 2, to.vip_port, icmp_check)?;
     stats::flow(to.service_id, to.backend_id, frame.packet_len(), false);
     Some(())

@@ -119,6 +119,29 @@ pub struct AppliedState {
     pub services: Vec<AppliedService>,
 }
 
+impl AppliedService {
+    /// The service's Maglev table: its backends that take new flows, placed by their address
+    /// and port (so every load balancer builds the same table whatever ids it gave); `None`
+    /// when no backend takes new flows.
+    pub fn maglev_table(&self) -> Result<Option<Vec<u32>>, maglev::MaglevError> {
+        let placed: Vec<MaglevBackend> = self
+            .backends
+            .iter()
+            .filter(|b| !b.terminating)
+            .map(|b| {
+                let mut identity = addr16(b.addr).to_vec();
+                identity.extend_from_slice(&b.port.to_be_bytes());
+                MaglevBackend {
+                    id: b.id,
+                    identity,
+                    weight: b.weight,
+                }
+            })
+            .collect();
+        maglev::build(&placed, self.table_size)
+    }
+}
+
 impl AppliedState {
     /// Reads a saved state; a missing file is an empty state.
     pub fn read(path: &Path) -> Result<Self, ControllerError> {
@@ -335,17 +358,7 @@ impl Controller {
                 p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
             });
             if table_inputs_changed {
-                let placed: Vec<MaglevBackend> = service
-                    .backends
-                    .iter()
-                    .filter(|b| !b.terminating)
-                    .map(|b| MaglevBackend {
-                        id: b.id,
-                        identity: identity(b),
-                        weight: b.weight,
-                    })
-                    .collect();
-                match maglev::build(&placed, service.table_size)? {
+                match service.maglev_table()? {
                     Some(table) => tables.push((service.id, table)),
                     // No backend takes new flows: without a table the data plane drops and
                     // counts them.
@@ -474,14 +487,6 @@ impl IdPool {
         self.next = (self.next + 1) % self.capacity;
         Ok(id)
     }
-}
-
-/// The bytes that place a backend in Maglev: its address and port, so every load balancer
-/// computes the same table whatever ids it gave.
-fn identity(backend: &AppliedBackend) -> Vec<u8> {
-    let mut bytes = addr16(backend.addr).to_vec();
-    bytes.extend_from_slice(&backend.port.to_be_bytes());
-    bytes
 }
 
 fn table_inputs(service: &AppliedService) -> Vec<(u32, bool, u32)> {

@@ -576,68 +576,36 @@ impl Dataplane {
         if backend_ids.is_empty() {
             return Ok(0);
         }
-        let name = names::CONNTRACK;
-        let mut conntrack: HashMap<_, FlowKey, FlowValue> =
-            self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        let stale: Vec<FlowKey> = conntrack
+        let flows = self.remove_where::<FlowKey, FlowValue>(names::CONNTRACK, |v| {
+            backend_ids.contains(&v.backend_id)
+        })?;
+        self.remove_where::<FlowKey, ReverseValue>(names::REVERSE_NAT, |v| {
+            backend_ids.contains(&v.backend_id)
+        })?;
+        self.remove_where::<AffinityKey, AffinityValue>(names::AFFINITY, |v| {
+            backend_ids.contains(&v.backend_id)
+        })?;
+        Ok(flows)
+    }
+
+    /// Removes the entries of hash map `name` whose value is `stale`; returns how many.
+    fn remove_where<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        stale: impl Fn(&V) -> bool,
+    ) -> Result<usize, DataplaneError> {
+        let mut map: HashMap<_, K, V> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        let keys: Vec<K> = map
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
+            .filter(|(_, v)| stale(v))
             .map(|(k, _)| k)
             .collect();
-        for key in &stale {
+        for key in &keys {
             // An entry the LRU evicted meanwhile is gone already.
-            let _ = conntrack.remove(key);
+            let _ = map.remove(key);
         }
-        let name = names::REVERSE_NAT;
-        let mut reverse: HashMap<_, FlowKey, ReverseValue> =
-            self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        let stale_replies: Vec<FlowKey> = reverse
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale_replies {
-            let _ = reverse.remove(key);
-        }
-        let name = names::AFFINITY;
-        let mut affinity: HashMap<_, AffinityKey, AffinityValue> =
-            self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        let stale_clients: Vec<AffinityKey> = affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale_clients {
-            let _ = affinity.remove(key);
-        }
-        Ok(stale.len())
-    }
-
-    /// Looks up a flow in the connection table.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
-        let name = names::CONNTRACK;
-        let map: HashMap<_, FlowKey, FlowValue> =
-            self.map(name)?.try_into().map_err(map_error(name))?;
-        match map.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map { name, source }),
-        }
-    }
-
-    /// Looks up a client's affinity entry.
-    pub fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityValue>, DataplaneError> {
-        let name = names::AFFINITY;
-        let map: HashMap<_, AffinityKey, AffinityValue> =
-            self.map(name)?.try_into().map_err(map_error(name))?;
-        match map.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map { name, source }),
-        }
+        Ok(keys.len())
     }
 
     /// The connection table's entries.

@@ -14,7 +14,6 @@ use serde::Serialize;
 
 use crate::{
     controller::{AppliedService, AppliedState, addr16},
-    maglev::{self, MaglevBackend},
     model::{Protocol, ServiceModel},
 };
 
@@ -204,6 +203,16 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
     }
 }
 
+/// The service's addresses other than its cluster IP (load balancer and external IPs).
+fn external_ips(service: &ServiceModel) -> Vec<String> {
+    service
+        .vips
+        .iter()
+        .filter(|v| Some(v.to_string()) != service.cluster_ip)
+        .map(ToString::to_string)
+        .collect()
+}
+
 /// `get services`: one line per service, as `kubectl get services` prints them.
 pub fn get_services(all: &[Attached], json: bool) -> String {
     let views: Vec<ServiceView> = all
@@ -234,12 +243,7 @@ pub fn get_services(all: &[Attached], json: bool) -> String {
     ];
     for view in &views {
         let s = &view.service;
-        let external: Vec<String> = s
-            .vips
-            .iter()
-            .filter(|v| Some(v.to_string()) != s.cluster_ip)
-            .map(ToString::to_string)
-            .collect();
+        let external = external_ips(s);
         let ports: Vec<String> = s
             .ports
             .iter()
@@ -331,12 +335,7 @@ pub fn describe_service(
         "IP",
         s.cluster_ip.clone().unwrap_or_else(|| "<none>".into()),
     );
-    let external: Vec<String> = s
-        .vips
-        .iter()
-        .filter(|v| Some(v.to_string()) != s.cluster_ip)
-        .map(ToString::to_string)
-        .collect();
+    let external = external_ips(s);
     if !external.is_empty() {
         line("LoadBalancer Ingress", external.join(", "));
     }
@@ -548,21 +547,7 @@ fn explain_flow(
             };
         }
     }
-    let placed: Vec<MaglevBackend> = service
-        .backends
-        .iter()
-        .filter(|b| !b.terminating)
-        .map(|b| MaglevBackend {
-            id: b.id,
-            identity: {
-                let mut bytes = addr16(b.addr).to_vec();
-                bytes.extend_from_slice(&b.port.to_be_bytes());
-                bytes
-            },
-            weight: b.weight,
-        })
-        .collect();
-    let Ok(Some(table)) = maglev::build(&placed, service.table_size) else {
+    let Ok(Some(table)) = service.maglev_table() else {
         return Explanation {
             service: label,
             endpoint: None,
