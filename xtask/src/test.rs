@@ -42,18 +42,15 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     status(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let totals = cargo_test()?;
+    // The test processes have exited: whatever they named after themselves and left is stale
+    // (names of live processes belong to another run on the same machine).
     let leftovers = lb_tests::netns::sweep_stale()?;
-    let live = list_project_namespaces()?;
-    if !live.is_empty() || !leftovers.is_empty() {
-        bail!("the tests left network namespaces behind: {live:?} {leftovers:?}");
+    if !leftovers.is_empty() {
+        bail!("the tests left namespaces, pins or states behind: {leftovers:?}");
     }
     let processes = leftover_processes();
     if !processes.is_empty() {
         bail!("the tests left processes behind: {processes:?}");
-    }
-    let pins = leftover_pins();
-    if !pins.is_empty() {
-        bail!("the tests left pins or states behind: {pins:?}");
     }
     println!(
         "cargo xtask test: {} passed, {} failed, {} skipped",
@@ -111,40 +108,21 @@ fn cargo_test() -> anyhow::Result<Totals> {
     Ok(totals)
 }
 
-/// `lb-pod` and `lb-userspace` processes still running.
+/// `lb-pod` and `lb-userspace` processes of this workspace's builds still running.
 fn leftover_processes() -> Vec<String> {
+    let target = crate::cmd::workspace_root().join("target");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| {
-            let program = cmdline.split(' ').next().unwrap_or_default();
-            program.ends_with("/lb-pod") || program.ends_with("/lb-userspace")
+        .filter_map(|entry| std::fs::read_link(entry.path().join("exe")).ok())
+        .filter(|exe| {
+            exe.starts_with(&target)
+                && exe
+                    .file_name()
+                    .is_some_and(|name| name == "lb-pod" || name == "lb-userspace")
         })
+        .map(|exe| exe.display().to_string())
         .collect()
-}
-
-/// Test pin or state folders still present under the default roots.
-fn leftover_pins() -> Vec<String> {
-    ["/run/lb/bpf", "/run/lb/state"]
-        .iter()
-        .filter_map(|root| std::fs::read_dir(root).ok())
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().display().to_string())
-        .filter(|path| path.contains(lb_tests::netns::PREFIX))
-        .collect()
-}
-
-fn list_project_namespaces() -> anyhow::Result<Vec<String>> {
-    let output = lb_tests::netns::run("ip", &["netns", "list"])?;
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(lb_tests::netns::PREFIX))
-        .map(str::to_owned)
-        .collect())
 }
