@@ -28,6 +28,9 @@ const IPV6_HOP_LIMIT_OFF: usize = 7;
 /// How long a looked-up next hop is used before the route is looked up again: a route or
 /// neighbour change reaches the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// How long a failed route lookup is kept: a neighbour the kernel resolves meanwhile reaches
+/// the fast path within this time.
+pub const NO_ROUTE_TTL_NS: u64 = 100_000_000;
 
 /// Forwards the DNATed `packet` (whose destination fields already hold backend `backend_id`)
 /// and says how: [`Reason::DnatTx`], [`Reason::DnatRedirect`] or [`Reason::DnatFibFallback`].
@@ -51,10 +54,21 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
-        if !look_up_next_hop(ctx, packet, ingress, hop) {
-            return FALLBACK;
-        }
-        hop.expires_ns = now + NEXT_HOP_TTL_NS;
+        let routable = look_up_next_hop(ctx, packet, ingress, hop);
+        hop.addr = packet.dst;
+        hop.ingress = ingress;
+        hop.routable = u32::from(routable);
+        // A failed lookup (no route, no neighbour yet) is kept briefly too, so the packets the
+        // kernel must forward meanwhile do not each pay for a lookup that will fail again.
+        hop.expires_ns = now
+            + if routable {
+                NEXT_HOP_TTL_NS
+            } else {
+                NO_ROUTE_TTL_NS
+            };
+    }
+    if hop.routable == 0 {
+        return FALLBACK;
     }
     let egress = hop.egress;
     if hop.sendable == 0 {
@@ -110,8 +124,6 @@ fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut N
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return false;
     }
-    hop.addr = packet.dst;
-    hop.ingress = ingress;
     hop.egress = params.ifindex;
     hop.sendable = u32::from(params.ifindex == ingress || TX_PORTS.get(params.ifindex).is_some());
     hop.smac = params.smac;

@@ -86,6 +86,8 @@ pub struct NextHop {
     /// Whether frames may be sent there from XDP: the ingress itself (XDP_TX) or a port in
     /// `TX_PORTS`.
     pub sendable: u32,
+    /// Whether the lookup found a route and a neighbour (else the kernel forwards).
+    pub routable: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
