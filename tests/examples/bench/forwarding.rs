@@ -259,10 +259,7 @@ impl Rig {
                 program.detach(link)?;
             }
         }
-        let _ = self.node.exec("iptables", &["-t", "nat", "-F"]);
-        let _ = self.node.exec("iptables", &["-t", "nat", "-X"]);
-        let _ = self.node.exec("nft", &["delete", "table", "ip", "kube"]);
-        let _ = self.node.exec("conntrack", &["-F"]);
+        crate::kube_proxy::reset(&self.node);
         Ok(())
     }
 
@@ -292,51 +289,12 @@ impl Rig {
                 self.node.enter(|| dataplane.attach_pass("n0"))??;
                 self.node_program = NodeProgram::Dataplane;
                 if config == Config::Iptables {
-                    let mut rules =
-                        String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-TOMCAT - [0:0]\n");
-                    for i in 1..=PODS {
-                        rules += &format!(":KUBE-SEP-{i} - [0:0]\n");
-                    }
-                    rules += "-A PREROUTING -j KUBE-SERVICES\n";
-                    rules += &format!(
-                        "-A KUBE-SERVICES -d {VIP}/32 -p udp -m udp --dport 8080 -j KUBE-SVC-TOMCAT\n"
-                    );
-                    for i in 1..=PODS {
-                        let remaining = f64::from(PODS - i + 1);
-                        if i < PODS {
-                            rules += &format!(
-                                "-A KUBE-SVC-TOMCAT -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}\n",
-                                1.0 / remaining
-                            );
-                        } else {
-                            rules += &format!("-A KUBE-SVC-TOMCAT -j KUBE-SEP-{i}\n");
-                        }
-                        rules += &format!(
-                            "-A KUBE-SEP-{i} -p udp -m udp -j DNAT --to-destination 198.18.{i}.1:8080\n"
-                        );
-                    }
-                    rules += "COMMIT\n";
-                    restore(&self.node, "iptables-restore", &rules)?;
+                    let rules = crate::kube_proxy::iptables_rules(VIP, "udp", PODS);
+                    crate::kube_proxy::load(&self.node, "iptables-restore", &rules)?;
                 }
                 if config == Config::Nftables {
-                    let mut rules = String::from("table ip kube {\n");
-                    rules += &format!(
-                        "  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; ip daddr {VIP} udp dport 8080 jump svc; }}\n"
-                    );
-                    let vmap: Vec<String> = (1..=PODS)
-                        .map(|i| format!("{} : jump sep{i}", i - 1))
-                        .collect();
-                    rules += &format!(
-                        "  chain svc {{ numgen random mod {PODS} vmap {{ {} }}; }}\n",
-                        vmap.join(", ")
-                    );
-                    for i in 1..=PODS {
-                        rules += &format!(
-                            "  chain sep{i} {{ meta l4proto udp dnat to 198.18.{i}.1:8080; }}\n"
-                        );
-                    }
-                    rules += "}\n";
-                    restore(&self.node, "nft", &rules)?;
+                    let rules = crate::kube_proxy::nft_rules(VIP, "udp", PODS);
+                    crate::kube_proxy::load(&self.node, "nft", &rules)?;
                 }
             }
         }
@@ -399,26 +357,6 @@ impl Rig {
         let delivered = self.sunk()? - before;
         Ok(delivered as f64 / elapsed.as_secs_f64() / 1e6)
     }
-}
-
-fn restore(ns: &Netns, program: &str, rules: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let args: &[&str] = if program == "nft" { &["-f", "-"] } else { &[] };
-    let mut child = ns
-        .command(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(rules.as_bytes())?;
-    anyhow::ensure!(
-        child.wait()?.success(),
-        "{program} refused the rules:\n{rules}"
-    );
-    Ok(())
 }
 
 pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {

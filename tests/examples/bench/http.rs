@@ -70,72 +70,20 @@ fn configure(sandbox: &mut Sandbox, config: Config) -> anyhow::Result<()> {
     if let Some(controller) = sandbox.controller.take() {
         controller.child.stop(std::time::Duration::from_secs(5))?;
     }
-    let _ = sandbox.node.exec("iptables", &["-t", "nat", "-F"]);
-    let _ = sandbox.node.exec("iptables", &["-t", "nat", "-X"]);
-    let _ = sandbox.node.exec("nft", &["delete", "table", "ip", "kube"]);
-    let _ = sandbox.node.exec("conntrack", &["-F"]);
-    let pods = 4;
+    crate::kube_proxy::reset(&sandbox.node);
     match config {
         Config::Ours => sandbox.start_controller(false)?,
-        Config::Iptables => {
-            let mut rules =
-                String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-TOMCAT - [0:0]\n");
-            for i in 1..=pods {
-                rules += &format!(":KUBE-SEP-{i} - [0:0]\n");
-            }
-            rules += "-A PREROUTING -j KUBE-SERVICES\n";
-            rules += &format!(
-                "-A KUBE-SERVICES -d {VIP4}/32 -p tcp -m tcp --dport 8080 -j KUBE-SVC-TOMCAT\n"
-            );
-            for i in 1..=pods {
-                if i < pods {
-                    rules += &format!(
-                        "-A KUBE-SVC-TOMCAT -m statistic --mode random --probability {:.5} -j KUBE-SEP-{i}\n",
-                        1.0 / f64::from(pods - i + 1)
-                    );
-                } else {
-                    rules += &format!("-A KUBE-SVC-TOMCAT -j KUBE-SEP-{i}\n");
-                }
-                rules += &format!(
-                    "-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination 198.18.{i}.1:8080\n"
-                );
-            }
-            rules += "COMMIT\n";
-            feed(sandbox, "iptables-restore", &[], &rules)?;
-        }
-        Config::Nftables => {
-            let vmap: Vec<String> = (1..=pods)
-                .map(|i| format!("{} : jump sep{i}", i - 1))
-                .collect();
-            let mut rules = format!(
-                "table ip kube {{\n  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; ip daddr {VIP4} tcp dport 8080 jump svc; }}\n  chain svc {{ numgen random mod {pods} vmap {{ {} }}; }}\n",
-                vmap.join(", ")
-            );
-            for i in 1..=pods {
-                rules +=
-                    &format!("  chain sep{i} {{ meta l4proto tcp dnat to 198.18.{i}.1:8080; }}\n");
-            }
-            rules += "}\n";
-            feed(sandbox, "nft", &["-f", "-"], &rules)?;
-        }
+        Config::Iptables => crate::kube_proxy::load(
+            &sandbox.node,
+            "iptables-restore",
+            &crate::kube_proxy::iptables_rules(VIP4, "tcp", 4),
+        )?,
+        Config::Nftables => crate::kube_proxy::load(
+            &sandbox.node,
+            "nft",
+            &crate::kube_proxy::nft_rules(VIP4, "tcp", 4),
+        )?,
     }
-    Ok(())
-}
-
-fn feed(sandbox: &Sandbox, program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = sandbox
-        .node
-        .command(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "{program} refused:\n{input}");
     Ok(())
 }
 
@@ -172,8 +120,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             }
         }
     }
-    configure(&mut sandbox, Config::Iptables)?;
-    let _ = sandbox.node.exec("iptables", &["-t", "nat", "-F"]);
+    crate::kube_proxy::reset(&sandbox.node);
     for (m, mode) in ["keep-alive", "new connection per request"]
         .iter()
         .enumerate()

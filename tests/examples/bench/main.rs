@@ -5,6 +5,7 @@
 mod control;
 mod forwarding;
 mod http;
+mod kube_proxy;
 mod per_packet;
 mod report;
 
