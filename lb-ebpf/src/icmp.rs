@@ -84,6 +84,22 @@ fn inner(frame: &impl Frame, packet: &Packet) -> Option<Inner> {
     }
 }
 
+/// The flow key of the answer to the quoted packet: its addresses and ports swapped.
+#[inline(always)]
+fn answer_key(frame: &impl Frame, inner: &Inner, ipv4: bool) -> Option<FlowKey> {
+    let ports: *const [u8; 4] = frame.ptr_at(inner.ports).ok()?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ports = unsafe { *ports };
+    Some(FlowKey {
+        src: read_addr(frame, inner.dst, ipv4)?,
+        dst: read_addr(frame, inner.src, ipv4)?,
+        sport: u16::from_be_bytes([ports[2], ports[3]]),
+        dport: u16::from_be_bytes([ports[0], ports[1]]),
+        proto: inner.proto,
+        pad: [0; 3],
+    })
+}
+
 /// Reads an address of the frame's family at `at`, as 16 bytes.
 #[inline(always)]
 fn read_addr(frame: &impl Frame, at: usize, ipv4: bool) -> Option<[u8; 16]> {
@@ -280,18 +296,8 @@ fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Option<()> {
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     let inner = inner(ctx, packet)?;
-    // The quoted packet went from the VIP to the client: the flow is client -> VIP.
-    let ports: *const [u8; 4] = ctx.ptr_at(inner.ports).ok()?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let ports = unsafe { *ports };
-    let key = FlowKey {
-        src: read_addr(ctx, inner.dst, packet.ipv4)?,
-        dst: read_addr(ctx, inner.src, packet.ipv4)?,
-        sport: u16::from_be_bytes([ports[2], ports[3]]),
-        dport: u16::from_be_bytes([ports[0], ports[1]]),
-        proto: inner.proto,
-        pad: [0; 3],
-    };
+    // The quoted packet went from the VIP to the client: the flow is its answer, client -> VIP.
+    let key = answer_key(ctx, &inner, packet.ipv4)?;
     // SAFETY: the value is copied out at once.
     let flow = unsafe { CONNTRACK.get(&key) }.copied()?;
     let backend = *BACKENDS.get(flow.backend_id)?;
@@ -347,19 +353,10 @@ pub fn egress(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> bool {
 #[inline(always)]
 fn from_backend(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> Option<()> {
     let inner = inner(frame, packet)?;
-    let ports: *const [u8; 4] = frame.ptr_at(inner.ports).ok()?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let ports = unsafe { *ports };
-    // The quoted packet went from the client to the backend: its reply tuple is the key.
-    let backend = read_addr(frame, inner.dst, packet.ipv4)?;
-    let key = FlowKey {
-        src: backend,
-        dst: read_addr(frame, inner.src, packet.ipv4)?,
-        sport: u16::from_be_bytes([ports[2], ports[3]]),
-        dport: u16::from_be_bytes([ports[0], ports[1]]),
-        proto: inner.proto,
-        pad: [0; 3],
-    };
+    // The quoted packet went from the client to the backend: its answer's tuple is the
+    // reverse-NAT key, and its source is the backend.
+    let key = answer_key(frame, &inner, packet.ipv4)?;
+    let backend = key.src;
     // SAFETY: the value is copied out at once.
     let to = unsafe { REVERSE_NAT.get(&key) }.copied()?;
     let icmp_check = packet.l4_off + 2;
