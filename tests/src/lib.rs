@@ -71,6 +71,41 @@ impl Roots {
     }
 }
 
+impl Roots {
+    /// Runs `binary ARGS --pin-root .. --state-root ..` (the views, `detach`) from the host and
+    /// returns its standard output; fails with its standard error.
+    pub fn cli(&self, binary: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+        let output = std::process::Command::new(binary)
+            .args(args)
+            .args([
+                "--pin-root",
+                &self.pin_root,
+                "--state-root",
+                &self.state_root,
+            ])
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "lb-userspace {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// The Prometheus text a controller in `ns` serves on its default metrics address.
+pub fn scrape_metrics(ns: &netns::Netns) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    ns.enter(|| -> anyhow::Result<String> {
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9464")?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })?
+}
+
 impl Drop for Roots {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_root);

@@ -438,18 +438,12 @@ endpoints:
 
     /// Runs `lb-userspace ARGS` against this sandbox's roots, from the host.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = std::process::Command::new(&self.binaries.controller)
-            .args(args)
-            .args(["--pin-root", &self.roots.pin_root])
-            .args(["--state-root", &self.roots.state_root])
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "lb-userspace {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        self.roots.cli(&self.binaries.controller, args)
+    }
+
+    /// The metrics the node's controller serves.
+    pub fn scrape_metrics(&self) -> anyhow::Result<String> {
+        crate::scrape_metrics(&self.node)
     }
 
     /// One HTTP GET on a new connection from the client; returns the pod that answered.

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
@@ -48,21 +47,6 @@ fn sandbox(tag: &str, pods: u8) -> Sandbox {
     sandbox.write_endpoints(&ready).unwrap();
     sandbox.start_controller(false).unwrap();
     sandbox
-}
-
-fn scrape(sandbox: &Sandbox) -> String {
-    sandbox
-        .node
-        .enter(|| {
-            let mut stream = TcpStream::connect("127.0.0.1:9464").unwrap();
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap()
 }
 
 fn metric(text: &str, prefix: &str) -> u64 {
@@ -119,7 +103,7 @@ fn a_vip_without_endpoints_answers_nothing_and_counts_the_drops() {
     sandbox.write_endpoints(&[]).unwrap();
     sandbox.wait_applied(2).unwrap();
     let before = metric(
-        &scrape(&sandbox),
+        &sandbox.scrape_metrics().unwrap(),
         "lb_packets_total{reason=\"drop_no_backend\"}",
     );
     let connected = sandbox
@@ -133,7 +117,7 @@ fn a_vip_without_endpoints_answers_nothing_and_counts_the_drops() {
         .unwrap();
     assert!(connected.is_err(), "no endpoint, no answer");
     let after = metric(
-        &scrape(&sandbox),
+        &sandbox.scrape_metrics().unwrap(),
         "lb_packets_total{reason=\"drop_no_backend\"}",
     );
     assert!(after > before, "drop counter moved: {before} -> {after}");

@@ -48,6 +48,13 @@ fn backend4(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, 1, i))
 }
 
+/// Backends 1..=n at `backend4(i)`, all valid, as `Lb::service` takes them.
+fn valid_backends4(n: u8) -> Vec<(u32, IpAddr, u16)> {
+    (1..=n)
+        .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
+        .collect()
+}
+
 fn backend6(i: u16) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i))
 }
@@ -644,9 +651,7 @@ fn backend_of(output: &[u8]) -> u8 {
 fn conntrack_keeps_flows_on_their_backend_when_the_table_changes() {
     in_fresh_netns("ct", |_| {
         let mut lb = Lb::new();
-        let four: Vec<_> = (1..=4)
-            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
-            .collect();
+        let four = valid_backends4(4);
         lb.service(1, VIP4, PROTO_TCP, 0, &four);
         let flows: Vec<Spec> = (0..64)
             .map(|p| Spec::tcp(CLIENT4, 20000 + p, VIP4, PORT))
@@ -662,9 +667,7 @@ fn conntrack_keeps_flows_on_their_backend_when_the_table_changes() {
         assert_eq!(lb.event(Event::ConntrackMiss), 64);
 
         // Scale to 8 backends: a new table, but established flows stay where they are.
-        let eight: Vec<_> = (1..=8)
-            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
-            .collect();
+        let eight = valid_backends4(8);
         lb.service(1, VIP4, PROTO_TCP, 0, &eight);
         let again: Vec<u8> = flows
             .iter()
@@ -762,9 +765,7 @@ fn a_terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
 fn client_ip_affinity_keeps_a_clients_connections_together() {
     in_fresh_netns("aff", |_| {
         let mut lb = Lb::new();
-        let four: Vec<_> = (1..=4)
-            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
-            .collect();
+        let four = valid_backends4(4);
         lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
         lb.service(
             2,
@@ -799,9 +800,7 @@ fn client_ip_affinity_keeps_a_clients_connections_together() {
 fn client_ip_affinity_expires_after_its_timeout() {
     in_fresh_netns("affexp", |_| {
         let mut lb = Lb::new();
-        let four: Vec<_> = (1..=4)
-            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
-            .collect();
+        let four = valid_backends4(4);
         lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
         let key = ServiceKey {
             addr: addr16(VIP4),
@@ -1107,9 +1106,7 @@ fn a_full_connection_table_degrades_to_maglev_placement_not_to_drops() {
             .unwrap(),
             runs: std::cell::Cell::new(0),
         };
-        let four: Vec<_> = (1..=4)
-            .map(|i| (u32::from(i), backend4(i), BACKEND_F_VALID))
-            .collect();
+        let four = valid_backends4(4);
         lb.service(1, VIP4, PROTO_TCP, 0, &four);
         let flows: Vec<Spec> = (0..4000u16)
             .map(|p| {

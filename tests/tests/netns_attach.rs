@@ -198,22 +198,9 @@ fn keep_on_exit_then_detach_removes_everything() {
     );
     assert!(pins.join("CONNTRACK").exists(), "maps still pinned");
 
-    let output = std::process::Command::new(lb_tests::lb_userspace_bin())
-        .args([
-            "detach",
-            "veth-s",
-            "--pin-root",
-            &roots.pin_root,
-            "--state-root",
-            &roots.state_root,
-        ])
-        .output()
+    roots
+        .cli(&lb_tests::lb_userspace_bin(), &["detach", "veth-s"])
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert!(!pins.exists(), "pins removed");
     assert!(!attached(&server), "detached once the pins are gone");
 }

@@ -9,18 +9,20 @@
 //! ```
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
     path::Path,
-    process::{Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
-    ChildGuard, Roots,
+    Roots,
     netns::{Netns, veth_pair},
+    sandbox::LoggedChild,
 };
+
+/// How long the controller may take to log what a step waits for.
+const WAIT: Duration = Duration::from_secs(10);
 
 const VIP: &str = "198.18.100.1:8080";
 
@@ -111,100 +113,26 @@ fn new_connections(client: &Netns, count: usize) -> Vec<String> {
         .collect()
 }
 
-struct Controller {
-    child: ChildGuard,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Controller {
-    fn start(node: &Netns, config: &Path, roots: &Roots) -> Self {
-        let child = node
-            .command(lb_tests::lb_userspace_bin())
-            .args(["attach", "veth-n", "--stats-interval", "0"])
-            .arg("--config")
-            .arg(config)
-            .args([
-                "--pin-root",
-                &roots.pin_root,
-                "--state-root",
-                &roots.state_root,
-            ])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = ChildGuard::new(child);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.child_mut().stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.child_mut().stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let controller = Self { child, log };
-        controller.wait_for("applied", 1);
-        controller
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// Waits until `needle` was logged `times` times.
-    fn wait_for(&self, needle: &str, times: usize) {
-        let start = Instant::now();
-        while self.count(needle) < times {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no {needle:?} (x{times}) in the log: {:#?}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn cli(roots: &Roots, args: &[&str]) -> String {
-    let output = Command::new(lb_tests::lb_userspace_bin())
-        .args(args)
+/// Starts `lb-userspace attach` on the node and waits for its first apply.
+fn start_controller(node: &Netns, config: &Path, roots: &Roots) -> LoggedChild {
+    let mut command = node.command(lb_tests::lb_userspace_bin());
+    command
+        .args(["attach", "veth-n", "--stats-interval", "0", "--config"])
+        .arg(config)
         .args([
             "--pin-root",
             &roots.pin_root,
             "--state-root",
             &roots.state_root,
         ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+        .env("NO_COLOR", "1");
+    let controller = LoggedChild::spawn(command, false).unwrap();
+    controller.wait_for("applied", 1, WAIT).unwrap();
+    controller
 }
 
-fn scrape_metrics(node: &Netns) -> String {
-    node.enter(|| {
-        let mut stream = TcpStream::connect("127.0.0.1:9464").expect("the metrics endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-    })
-    .unwrap()
+fn cli(roots: &Roots, args: &[&str]) -> String {
+    roots.cli(&lb_tests::lb_userspace_bin(), args).unwrap()
 }
 
 #[test]
@@ -251,14 +179,14 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     std::fs::write(&endpoints, endpoints_yaml(&["198.18.1.1"])).unwrap();
 
     // One endpoint: everything goes to pod-1, including a connection kept open throughout.
-    let controller = Controller::start(&node, config.path(), &roots);
+    let controller = start_controller(&node, config.path(), &roots);
     let mut held = Conversation::open(&client);
     assert_eq!(held.ask(), "pod-1");
     assert!(new_connections(&client, 5).iter().all(|p| p == "pod-1"));
 
     // Scale up: the rewritten manifest is applied, new connections reach pod-2 too.
     write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "198.18.2.1"]));
-    controller.wait_for("applied", 2);
+    controller.wait_for("applied", 2, WAIT).unwrap();
     let spread = new_connections(&client, 30);
     assert!(
         spread.iter().any(|p| p == "pod-2") && spread.iter().any(|p| p == "pod-1"),
@@ -271,7 +199,9 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
         &endpoints,
         "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web\n",
     );
-    controller.wait_for("configuration rejected", 1);
+    controller
+        .wait_for("configuration rejected", 1, WAIT)
+        .unwrap();
     assert_eq!(held.ask(), "pod-1");
     assert!(
         new_connections(&client, 4)
@@ -313,7 +243,7 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     let json: serde_json::Value =
         serde_json::from_str(&cli(&roots, &["get", "services", "-o", "json"])).unwrap();
     assert_eq!(json[0]["service"]["name"], "web");
-    let metrics = scrape_metrics(&node);
+    let metrics = lb_tests::scrape_metrics(&node).unwrap();
     assert!(
         metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080\",frontend=\"198.18.100.1:8080/TCP\"}"),
         "{metrics}"
@@ -339,7 +269,7 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     assert!(!new_connections(&client, 4).is_empty());
 
     // Restart: it adopts the pinned maps and links; the held flow is untouched.
-    let restarted = Controller::start(&node, config.path(), &roots);
+    let restarted = start_controller(&node, config.path(), &roots);
     assert!(restarted.count("adopting the state of the previous controller") == 1);
     assert_eq!(
         held.ask(),
@@ -349,7 +279,7 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
 
     // Scale down to pod-2 only: new connections all go there.
     write_atomically(&endpoints, &endpoints_yaml(&["198.18.2.1"]));
-    restarted.wait_for("applied", 2);
+    restarted.wait_for("applied", 2, WAIT).unwrap();
     assert!(new_connections(&client, 10).iter().all(|p| p == "pod-2"));
 
     // A clean stop detaches and removes the pins.

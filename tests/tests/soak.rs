@@ -102,17 +102,7 @@ fn endpoints_churning_ten_times_a_second_never_misroute_or_break_surviving_flows
     assert!(answers.len() > 50, "{} requests answered", answers.len());
 
     // Nothing was dropped for want of a backend, or as malformed.
-    let metrics = sandbox
-        .node
-        .enter(|| {
-            use std::io::{Read as _, Write as _};
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap();
+    let metrics = sandbox.scrape_metrics().unwrap();
     for reason in ["drop_no_backend", "drop_malformed", "reverse_nat_failed"] {
         let line = format!("lb_packets_total{{reason=\"{reason}\"}} 0");
         assert!(metrics.contains(&line), "{reason} moved:\n{metrics}");
