@@ -457,13 +457,7 @@ fn raw_endpoints(
                 .ports
                 .iter()
                 .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        u16::try_from(p.port?).ok()?,
-                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    ))
-                })
+                .filter_map(|p| endpoint_port(p.name.as_ref(), p.port?, p.protocol.as_ref()))
                 .collect();
             for endpoint in slice.object.endpoints.iter().flatten() {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
@@ -502,13 +496,7 @@ fn raw_endpoints(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some((
-                    p.name.clone().unwrap_or_default(),
-                    u16::try_from(p.port).ok()?,
-                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                ))
-            })
+            .filter_map(|p| endpoint_port(p.name.as_ref(), p.port, p.protocol.as_ref()))
             .collect();
         for (ready, addresses) in [
             (true, subset.addresses.iter().flatten()),
@@ -533,6 +521,20 @@ fn raw_endpoints(
         }
     }
     Ok(raw)
+}
+
+/// An endpoint port as (name, number, protocol), the same whether from an EndpointSlice or an
+/// Endpoints object; `None` when the number is not a port.
+fn endpoint_port(
+    name: Option<&String>,
+    port: i32,
+    protocol: Option<&String>,
+) -> Option<(String, u16, String)> {
+    Some((
+        name.cloned().unwrap_or_default(),
+        u16::try_from(port).ok()?,
+        protocol.cloned().unwrap_or_else(|| "TCP".into()),
+    ))
 }
 
 /// The endpoints serving one service port, with resolved target ports.

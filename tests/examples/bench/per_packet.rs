@@ -7,9 +7,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use aya::{
-    Ebpf,
+    Ebpf, TestRunResult,
     maps::HashMap,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
     Backend, ServiceKey, ServiceValue,
@@ -34,26 +34,24 @@ fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)
 }
 
+/// One run of `frame`, timed by the kernel (repeat = 1).
+fn once(frame: &[u8]) -> TestRunOptions<'_> {
+    TestRunOptions {
+        data_in: Some(frame),
+        ..TestRunOptions::new()
+    }
+}
+
+fn nanos(result: Result<TestRunResult, ProgramError>) -> f64 {
+    result.expect("BPF_PROG_TEST_RUN").duration.as_nanos() as f64
+}
+
 fn xdp_ns(program: &Xdp, frame: &[u8]) -> f64 {
-    program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            ..TestRunOptions::new()
-        })
-        .expect("BPF_PROG_TEST_RUN")
-        .duration
-        .as_nanos() as f64
+    nanos(program.test_run(once(frame)))
 }
 
 fn tc_ns(program: &SchedClassifier, frame: &[u8]) -> f64 {
-    program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            ..TestRunOptions::new()
-        })
-        .expect("BPF_PROG_TEST_RUN")
-        .duration
-        .as_nanos() as f64
+    nanos(program.test_run(once(frame)))
 }
 
 /// Programs `services` services of 4 backends each.

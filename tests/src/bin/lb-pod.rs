@@ -4,6 +4,9 @@
 
 use std::net::UdpSocket;
 
+/// Threads answering requests.
+const WORKERS: usize = 4;
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_else(|| "pod".into());
@@ -15,10 +18,24 @@ fn main() -> anyhow::Result<()> {
             let _ = udp.send_to(&buf[..n], peer);
         }
     });
-    let server = tiny_http::Server::http(("::", port)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server = std::sync::Arc::new(
+        tiny_http::Server::http(("::", port)).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let body = format!("{name}\n");
-    for request in server.incoming_requests() {
-        let _ = request.respond(tiny_http::Response::from_string(body.clone()));
+    // Several workers, so that a load generator's keep-alive connections cannot starve another
+    // client's request.
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (server, body) = (server.clone(), body.clone());
+            std::thread::spawn(move || {
+                while let Ok(request) = server.recv() {
+                    let _ = request.respond(tiny_http::Response::from_string(body.clone()));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
     }
     Ok(())
 }
