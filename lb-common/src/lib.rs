@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod hash;
 pub mod maps;
 pub mod stats;

@@ -20,6 +20,18 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_BACKENDS: u32 = 131_072;
 /// Default capacity of the connection table and of the reverse-NAT table.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+/// Entries the kernel's LRU may hold free per CPU (`LOCAL_FREE_TARGET`): it starts evicting
+/// while up to this many per CPU, and as many again for the evicting CPU, are still free. The
+/// connection tables are created this much larger per CPU so that `--conntrack-size` live
+/// flows always fit.
+pub const LRU_FREE_PER_CPU: u32 = 128;
+
+/// Entries to create an LRU connection table with so that `flows` live flows fit on a machine
+/// with `cpus` possible CPUs.
+#[must_use]
+pub const fn lru_entries_for(flows: u32, cpus: u32) -> u32 {
+    flows.saturating_add(LRU_FREE_PER_CPU.saturating_mul(cpus.saturating_add(1)))
+}
 /// Capacity of the ClientIP affinity table.
 pub const AFFINITY_SIZE: u32 = 65_536;
 /// Capacity of the redirect-target device map.
@@ -142,14 +154,21 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
-/// A tracked flow: which backend it goes to.
+/// A tracked flow: which backend it goes to, its state and its one lifetime (see
+/// [`crate::conntrack`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     /// The backend id.
     pub backend_id: u32,
-    /// The service id.
+    /// The service id: a packet of another service (whose id was reused) never follows it.
     pub service_id: u32,
+    /// When the flow expires without another packet (`CLOCK_MONOTONIC` ns).
+    pub expires_ns: u64,
+    /// `CT_*` bits of [`crate::conntrack`].
+    pub state: u16,
+    /// Always zero.
+    pub pad: [u8; 6],
 }
 
 /// What a reply from a backend must be rewritten to.
@@ -215,7 +234,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<ReverseValue>(), 28);
         assert_eq!(size_of::<AffinityKey>(), 20);
         assert_eq!(size_of::<AffinityValue>(), 16);

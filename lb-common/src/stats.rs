@@ -127,7 +127,7 @@ named_enum! {
     Event {
         /// A packet of a VIP flow found its flow in the connection table.
         ConntrackHit = "conntrack_hit",
-        /// A packet of a VIP flow did not: the flow is new (or its entry was evicted).
+        /// A packet that opens a flow (a TCP SYN, or a UDP datagram) found no live entry.
         ConntrackMiss = "conntrack_miss",
         /// A tracked flow's backend was removed: the flow was placed again.
         ConntrackRebalanced = "conntrack_rebalanced",
@@ -138,6 +138,32 @@ named_enum! {
         /// An ICMP "fragmentation needed" / "packet too big" about a VIP flow was sent on to the
         /// flow's backend.
         IcmpToBackend = "icmp_to_backend",
+        /// A TCP segment without SYN found no live entry: its flow was evicted, expired, or
+        /// moved here (an ECMP change); it was placed again and picked up mid-stream. Katran's
+        /// signal for routing reshuffles and table thrash.
+        ConntrackMissNonSyn = "conntrack_miss_non_syn",
+        /// A SYN found an entry of the same 5-tuple and replaced it (a new connection reusing
+        /// a port is placed afresh).
+        ConntrackSynReplaced = "conntrack_syn_replaced",
+        /// An entry had expired when its next packet came: the flow was placed afresh.
+        ConntrackExpired = "conntrack_expired",
+        /// An entry belonged to another service (its id was reused) or to a backend of
+        /// another service: ignored, the flow placed afresh.
+        ConntrackForeign = "conntrack_foreign",
+        /// A flow ended (the last ACK after both FINs, or an RST): its entries were removed.
+        ConntrackClosed = "conntrack_closed",
+        /// A reply found its reverse entry but not its flow's entry (evicted): the flow's
+        /// entry was written again from the reverse one.
+        ConntrackRestored = "conntrack_restored",
+        /// A reply's reverse entry belonged to an older connection of the same client port
+        /// (now placed on another backend): removed, the reply passed unchanged.
+        ReverseStale = "reverse_stale",
+        /// A rewritten frame was larger than the cached next hop's MTU: passed to the kernel,
+        /// which fragments it or answers "fragmentation needed" / "packet too big".
+        MtuExceeded = "mtu_exceeded",
+        /// A redirect to the cached egress port failed (the port left the device map): the
+        /// frame went to the kernel instead.
+        RedirectFailed = "redirect_failed",
     }
 }
 

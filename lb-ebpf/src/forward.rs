@@ -4,26 +4,26 @@ use core::mem;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
 };
-use lb_common::{Reason, checksum::replace16};
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use lb_common::{Event, Reason, checksum::replace16};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     context::Frame,
     maps::{FIB_PARAMS, NEXT_HOPS, NextHop, TX_PORTS},
     parse::Packet,
+    stats,
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// Offset of the IPv6 hop limit.
 const IPV6_HOP_LIMIT_OFF: usize = 7;
+/// Offset of the IPv4 TTL.
+const IPV4_TTL_OFF: usize = 8;
 
 /// How long a looked-up next hop is used before the route is looked up again: a route or
 /// neighbour change reaches the fast path within this time.
@@ -79,26 +79,42 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
         hop.sendable = 1;
     }
     let same_port = egress == ingress;
-    if decrement_hop_limit(ctx, packet).is_err() {
+    if hop_limit_expiring(ctx, packet) {
         // TTL expiring here: the kernel sends the ICMP time-exceeded.
+        return FALLBACK;
+    }
+    if hop.mtu != 0 && packet.l3_len > hop.mtu {
+        // The kernel fragments it or answers "fragmentation needed" / "packet too big".
+        stats::event(Event::MtuExceeded);
+        return FALLBACK;
+    }
+    // The redirect is set up before the frame is touched: should it fail (the port left the
+    // device map since the lookup), the frame goes to the kernel as it is.
+    if !same_port
+        && TX_PORTS
+            .redirect(egress, u64::from(xdp_action::XDP_PASS))
+            .is_err()
+    {
+        stats::event(Event::RedirectFailed);
+        hop.sendable = 0;
         return FALLBACK;
     }
     let Ok(eth) = ctx.ptr_at::<EthHdr>(0) else {
         return FALLBACK;
     };
+    if decrement_hop_limit(ctx, packet).is_err() {
+        return FALLBACK;
+    }
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
     }
     if same_port {
-        return Reason::DnatTx;
+        Reason::DnatTx
+    } else {
+        Reason::DnatRedirect
     }
-    // The port was in TX_PORTS when the next hop was looked up, so this only fails if userspace
-    // removed it since (within NEXT_HOP_TTL_NS); the kernel then drops the frame and reports
-    // an XDP redirect error.
-    let _ = TX_PORTS.redirect(egress, 0);
-    Reason::DnatRedirect
 }
 
 /// Looks the route to `packet`'s destination up into `hop`; false when the kernel must help.
@@ -125,6 +141,8 @@ fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut N
         return false;
     }
     hop.egress = params.ifindex;
+    // SAFETY: the lookup wrote the egress MTU over the length it was given (0: never too big).
+    hop.mtu = u32::from(unsafe { params.__bindgen_anon_1.mtu_result });
     hop.sendable = u32::from(params.ifindex == ingress || TX_PORTS.get(params.ifindex).is_some());
     hop.smac = params.smac;
     hop.dmac = params.dmac;
@@ -148,19 +166,16 @@ fn fill_fib_params(
     if packet.ipv4 {
         let ip: *const Ipv4Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
         params.family = AF_INET;
-        // SAFETY: `ptr_at` checked bounds; the unions are written, not read.
+        // SAFETY: `ptr_at` checked bounds; the unions are written, not read. The length is
+        // left 0 so the lookup answers with the egress MTU instead of checking this one
+        // packet: the cached next hop checks every packet against it.
         unsafe {
-            params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
             params.__bindgen_anon_2.tos = (*ip).tos;
             params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
             params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
         }
     } else {
-        let ip: *const Ipv6Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
         params.family = AF_INET6;
-        // SAFETY: `ptr_at` checked bounds.
-        let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len });
-        params.__bindgen_anon_1.tot_len = Ipv6Hdr::LEN as u16 + payload_len;
         // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size; the unions are written only.
         unsafe {
             params.__bindgen_anon_3.ipv6_src = mem::transmute::<[u8; 16], [u32; 4]>(packet.src);
@@ -168,6 +183,23 @@ fn fill_fib_params(
         }
     }
     Ok(())
+}
+
+/// Whether the TTL / hop limit would reach zero here (or cannot be read).
+#[inline(always)]
+fn hop_limit_expiring(ctx: &XdpContext, packet: &Packet) -> bool {
+    let at = packet.l3_off
+        + if packet.ipv4 {
+            IPV4_TTL_OFF
+        } else {
+            IPV6_HOP_LIMIT_OFF
+        };
+    // See `decrement_hop_limit` for why two bytes are read.
+    match ctx.ptr_at::<[u8; 2]>(at) {
+        // SAFETY: bounds checked by `ptr_at`.
+        Ok(field) => unsafe { (*field)[0] <= 1 },
+        Err(_) => true,
+    }
 }
 
 /// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit, as a router

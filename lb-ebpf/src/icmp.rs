@@ -13,13 +13,7 @@ use lb_common::{
     maps::ipv4_mapped,
 };
 
-use crate::{
-    context::Frame,
-    forward,
-    maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
-    parse::Packet,
-    stats,
-};
+use crate::{conntrack, context::Frame, forward, parse::Packet, stats};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -298,9 +292,7 @@ fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     let inner = inner(ctx, packet)?;
     // The quoted packet went from the VIP to the client: the flow is its answer, client -> VIP.
     let key = answer_key(ctx, &inner, packet.ipv4)?;
-    // SAFETY: the value is copied out at once.
-    let flow = unsafe { CONNTRACK.get(&key) }.copied()?;
-    let backend = *BACKENDS.get(flow.backend_id)?;
+    let (backend_id, backend) = conntrack::backend_of(&key)?;
     let icmp_check = packet.l4_off + 2;
     // The ICMPv6 checksum covers the outer addresses; the IPv4 header has its own.
     let outer_check = if packet.ipv4 {
@@ -320,7 +312,7 @@ fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     )?;
     rewrite16(ctx, inner.ports, backend.port, icmp_check)?;
     packet.dst = backend.addr;
-    Some(flow.backend_id)
+    Some(backend_id)
 }
 
 /// On egress: an ICMP error a backend (or a router on its side) sent about a flow is rewritten
@@ -357,8 +349,7 @@ fn from_backend(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> Optio
     // reverse-NAT key, and its source is the backend.
     let key = answer_key(frame, &inner, packet.ipv4)?;
     let backend = key.src;
-    // SAFETY: the value is copied out at once.
-    let to = unsafe { REVERSE_NAT.get(&key) }.copied()?;
+    let to = conntrack::reverse_of(&key)?;
     let icmp_check = packet.l4_off + 2;
     if packet.src == backend {
         let outer_check = if packet.ipv4 {

@@ -9,6 +9,8 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
 mod context;
 #[cfg(target_arch = "bpf")]
 mod forward;
@@ -30,16 +32,17 @@ mod stats;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use lb_common::{Reason, ServiceKey};
+    use lb_common::{Reason, ReverseValue, ServiceKey};
 
     use crate::{
+        conntrack,
         context::Frame as _,
         forward, icmp,
-        maps::{REVERSE_NAT, SCRATCH, SERVICES, Scratch, VIP_ADDRS},
+        maps::{SCRATCH, SERVICES, Scratch, VIP_ADDRS},
         nat,
         parse::{self, Kind},
         select, stats,
@@ -80,11 +83,14 @@ mod programs {
         }
     }
 
+    /// Everything but a failed rewrite goes on to the next program of the tcx chain
+    /// (`TC_ACT_UNSPEC`): `TC_ACT_OK` would end the chain, so programs attached after ours
+    /// (another CNI's, a firewall's) would never see the packet.
     #[inline(always)]
     fn tc_verdict(reason: Reason) -> i32 {
         match reason {
             Reason::ReverseNatFailed => TC_ACT_SHOT,
-            _ => TC_ACT_OK,
+            _ => TC_ACT_UNSPEC,
         }
     }
 
@@ -172,11 +178,10 @@ mod programs {
             Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
             _ => return Reason::EgressPass,
         }
-        let key = select::flow_key(packet);
-        // SAFETY: the value is copied out at once.
-        let Some(to) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+        let mut to = ReverseValue::default();
+        if !conntrack::reply(packet, &mut to) {
             return Reason::EgressPass;
-        };
+        }
         match nat::reverse_nat(ctx, packet, &to) {
             Ok(()) => {
                 stats::flow(to.service_id, to.backend_id, ctx.len() as usize, false);

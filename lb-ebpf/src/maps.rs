@@ -88,6 +88,8 @@ pub struct NextHop {
     pub sendable: u32,
     /// Whether the lookup found a route and a neighbour (else the kernel forwards).
     pub routable: u32,
+    /// The egress MTU (0: unknown); a larger packet goes to the kernel.
+    pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }

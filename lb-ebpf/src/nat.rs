@@ -31,7 +31,7 @@ const IPV6_SRC_OFF: usize = 8;
 const IPV6_DST_OFF: usize = 24;
 
 /// Rewrites the destination of `packet` to `backend` (address and port), fixing the IPv4
-/// header checksum and the TCP/UDP checksum. An IPv4 UDP checksum of 0 (none) stays 0.
+/// header checksum and the TCP/UDP checksum. A UDP checksum of 0 (none) stays 0.
 ///
 /// Not inlined: its temporaries get a stack frame of their own.
 #[inline(never)]
@@ -40,7 +40,9 @@ pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), 
     let dport: *mut [u8; 2] = ctx.ptr_at(packet.l4_off + DPORT_OFF)?;
     // SAFETY (all dereferences below): every pointer comes from `ptr_at`, which checked bounds.
     let mut check = u16::from_be_bytes(unsafe { *l4_check });
-    let no_checksum = packet.ipv4 && packet.proto == PROTO_UDP && check == 0;
+    // A UDP checksum of 0 means none was computed: it stays 0 (legal for IPv4; for IPv6 the
+    // backend's stack decides, as it would without us, and the reply direction keeps it too).
+    let no_checksum = packet.proto == PROTO_UDP && check == 0;
     if packet.ipv4 {
         let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off)?;
         let old = u32::from_be_bytes(unsafe { (*ip).dst_addr });
@@ -61,7 +63,9 @@ pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), 
     } else {
         let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST_OFF)?;
         unsafe {
-            check = replace128(check, &*dst, &backend.addr);
+            if !no_checksum {
+                check = replace128(check, &*dst, &backend.addr);
+            }
             *dst = backend.addr;
         }
     }

@@ -38,6 +38,10 @@ pub struct Packet {
     pub dport: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// TCP flags (byte 13 of the header); 0 for UDP.
+    pub tcp_flags: u8,
+    /// Length of the IP packet (header included), for the next hop's MTU.
+    pub l3_len: u32,
 }
 
 impl Packet {
@@ -135,6 +139,7 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
     }
     let proto = unsafe { (*ip).proto };
     packet.proto = proto;
+    packet.l3_len = total_len as u32;
     packet.l4_off = l3_off + header_len;
     if proto == PROTO_ICMP {
         return Kind::Icmp;
@@ -180,6 +185,7 @@ fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
         return Kind::Unsupported;
     }
     packet.proto = proto;
+    packet.l3_len = (Ipv6Hdr::LEN + payload_len) as u32;
     packet.l4_off = l3_off + Ipv6Hdr::LEN;
     if proto == PROTO_ICMPV6 {
         return Kind::Icmp;
@@ -203,8 +209,10 @@ fn l4(frame: &impl Frame, packet: &mut Packet, l4_len: Option<usize>) -> Kind {
         if header_len < TcpHdr::LEN || l4_len.is_some_and(|len| header_len > len) {
             return Kind::Malformed;
         }
+        packet.tcp_flags = tcp[13];
         [tcp[0], tcp[1], tcp[2], tcp[3]]
     } else {
+        packet.tcp_flags = 0;
         let Ok(udp) = read::<[u8; UdpHdr::LEN]>(frame, packet.l4_off) else {
             return Kind::Malformed;
         };

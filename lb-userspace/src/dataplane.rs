@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
     ReverseValue, ServiceKey, ServiceValue,
-    maps::{DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, names},
+    maps::{DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, lru_entries_for, names},
 };
 use tracing::{info, warn};
 
@@ -116,7 +116,8 @@ pub enum AttachMode {
 /// Choices made at load time.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the connection table and of the reverse-NAT table.
+    /// Live flows the connection table and the reverse-NAT table keep, however many come and
+    /// go (the maps get room for the kernel LRU's per-CPU free lists on top).
     pub conntrack_size: u32,
     /// A bpffs folder where the maps (and, once attached, the links) are pinned. Maps already
     /// pinned there are reused: a restarted controller adopts the running data plane and its
@@ -176,10 +177,13 @@ impl Dataplane {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
+        // Room for the LRU's per-CPU free lists on top, so `conntrack_size` live flows fit.
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+        let entries = lru_entries_for(options.conntrack_size, cpus);
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(names::CONNTRACK, options.conntrack_size)
-            .map_max_entries(names::REVERSE_NAT, options.conntrack_size);
+            .map_max_entries(names::CONNTRACK, entries)
+            .map_max_entries(names::REVERSE_NAT, entries);
         if let Some(dir) = &options.pin_dir {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
@@ -450,6 +454,22 @@ impl Dataplane {
         self.ebpf
             .map(name)
             .ok_or(DataplaneError::Missing { kind: "map", name })
+    }
+
+    /// The file descriptor of the hash map `name` (the connection tables), for system calls
+    /// aya 0.14 does not offer (batch reads).
+    pub fn map_fd(
+        &self,
+        name: &'static str,
+    ) -> Result<std::os::fd::BorrowedFd<'_>, DataplaneError> {
+        use std::os::fd::AsFd as _;
+        match self.map(name)? {
+            Map::HashMap(data) | Map::LruHashMap(data) => Ok(data.fd().as_fd()),
+            _ => Err(DataplaneError::Missing {
+                kind: "hash map",
+                name,
+            }),
+        }
     }
 
     /// Adds or replaces a service.

@@ -287,6 +287,9 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
         options.clone(),
     );
     controller.dataplane_mut().attach(&iface, mode)?;
+    lb_userspace::conntrack::spawn_sweeper(lb_userspace::conntrack::FlowTables::of(
+        controller.dataplane(),
+    )?);
     let mut reloads = Reloads::default();
     if let Some(cluster) = &cluster {
         log_warnings(cluster);

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue,
+    AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue, conntrack,
     hash::{client_hash, flow_hash},
     maps::names,
 };
@@ -515,19 +515,39 @@ fn explain_flow(
         proto: protocol.number(),
         pad: [0; 3],
     };
-    if let Some(flow) = attached
+    // The kernel follows an entry only while it lives, is this service's and its backend is
+    // (`lb-ebpf` conntrack.rs `forward`); a SYN never follows one.
+    let now = crate::conntrack::now_ns();
+    let tracked = attached
         .conntrack
         .as_ref()
-        .and_then(|m| m.get(&key, 0).ok())
-        && let Some(endpoint) = endpoint_of(flow.backend_id)
-    {
-        return Explanation {
-            service: label,
-            endpoint: Some(endpoint),
-            decided_by: "conntrack".into(),
-            detail: format!("an established flow, kept on backend {}", flow.backend_id),
-        };
+        .and_then(|m| m.get(&key, 0).ok());
+    let mut stale = None;
+    if let Some(flow) = tracked {
+        let state = conntrack::state_name(key.proto, flow.state);
+        match endpoint_of(flow.backend_id) {
+            Some(endpoint)
+                if flow.service_id == service.id && !conntrack::expired(flow.expires_ns, now) =>
+            {
+                return Explanation {
+                    service: label,
+                    endpoint: Some(endpoint),
+                    decided_by: "conntrack".into(),
+                    detail: format!(
+                        "a tracked flow ({state}, expires in {}s), kept on backend {}; a new                          connection (SYN) from this port is placed afresh",
+                        flow.expires_ns.saturating_sub(now) / 1_000_000_000,
+                        flow.backend_id
+                    ),
+                };
+            }
+            _ => {
+                stale = Some(format!(
+                    "its tracked entry ({state}) is expired or names a backend no longer                      serving, so "
+                ));
+            }
+        }
     }
+    let stale = stale.unwrap_or_default();
     if service.affinity_timeout_secs.is_some() {
         let key = AffinityKey {
             client: src,
@@ -567,7 +587,7 @@ fn explain_flow(
         endpoint: endpoint_of(id),
         decided_by: "maglev".into(),
         detail: format!(
-            "a new flow: hash {hash:#010x} -> slot {slot} of {} -> backend {id}",
+            "{stale}a new flow: hash {hash:#010x} -> slot {slot} of {} -> backend {id}",
             service.table_size
         ),
     }

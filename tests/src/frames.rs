@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use lb_common::conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
 use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Header, PacketBuilder, VlanId};
 
 /// MAC of the sending client in fixtures.
@@ -28,6 +30,8 @@ pub struct Spec {
     /// IPv4 fragment offset in 8-byte units.
     pub fragment_offset: u16,
     pub ttl: u8,
+    /// TCP flags (`lb_common::conntrack::TCP_*`): SYN unless set otherwise.
+    pub tcp_flags: u8,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     pub payload: Vec<u8>,
@@ -47,6 +51,7 @@ impl Spec {
             more_fragments: false,
             fragment_offset: 0,
             ttl: 64,
+            tcp_flags: TCP_SYN,
             src_mac: CLIENT_MAC,
             dst_mac: LB_MAC,
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
@@ -60,6 +65,19 @@ impl Spec {
             payload: b"ping".to_vec(),
             ..Self::tcp(src, sport, dst, dport)
         }
+    }
+
+    /// The same frame with TCP flags `flags`.
+    pub fn with_flags(&self, flags: u8) -> Self {
+        Self {
+            tcp_flags: flags,
+            ..self.clone()
+        }
+    }
+
+    /// The same frame as a TCP segment of an established connection (ACK).
+    pub fn ack(&self) -> Self {
+        self.with_flags(TCP_ACK)
     }
 
     /// The same frame with another destination.
@@ -115,10 +133,20 @@ impl Spec {
         };
         let mut frame = Vec::new();
         if self.tcp {
-            with_ip
-                .tcp(self.sport, self.dport, 1000, 64240)
-                .syn()
-                .write(&mut frame, &self.payload)
+            let mut tcp = with_ip.tcp(self.sport, self.dport, 1000, 64240);
+            if self.tcp_flags & TCP_SYN != 0 {
+                tcp = tcp.syn();
+            }
+            if self.tcp_flags & TCP_ACK != 0 {
+                tcp = tcp.ack(1);
+            }
+            if self.tcp_flags & TCP_FIN != 0 {
+                tcp = tcp.fin();
+            }
+            if self.tcp_flags & TCP_RST != 0 {
+                tcp = tcp.rst();
+            }
+            tcp.write(&mut frame, &self.payload)
                 .expect("write TCP frame");
         } else {
             with_ip

@@ -1,0 +1,253 @@
+//! Connection tracking, after Cilium's `bpf/lib/conntrack.h`: the one module that builds flow
+//! keys and reads, creates, updates and removes the entries of `CONNTRACK` (client -> VIP,
+//! holding the flow's state and its one lifetime) and `REVERSE_NAT` (backend -> client, living
+//! and dying with it). How a packet changes a flow is `lb_common::conntrack`'s pure function.
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    Backend, Event, FlowKey, FlowValue, ReverseValue,
+    conntrack::{self, Direction, LIFETIME_GRANULARITY_NS},
+    maps::{BACKEND_F_VALID, PROTO_TCP},
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
+    parse::Packet,
+    stats,
+};
+
+/// Now, on the clock entries expire by (`CLOCK_MONOTONIC`, coarse: a few ms of resolution is
+/// plenty for lifetimes of seconds, and it costs no clock read).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The flow key of a parsed packet, as seen on the wire.
+#[inline(always)]
+pub fn flow_key(packet: &Packet) -> FlowKey {
+    FlowKey {
+        src: packet.src,
+        dst: packet.dst,
+        sport: packet.sport,
+        dport: packet.dport,
+        proto: packet.proto,
+        pad: [0; 3],
+    }
+}
+
+/// The key of the replies of the forward flow of `packet` (client -> VIP) placed on `backend`.
+#[inline(always)]
+fn reply_key(packet: &Packet, backend: &Backend) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: packet.src,
+        sport: backend.port,
+        dport: packet.sport,
+        proto: packet.proto,
+        pad: [0; 3],
+    }
+}
+
+/// The forward key (client -> VIP) of a reply `packet` (backend -> client) whose reverse entry
+/// is `to`.
+#[inline(always)]
+fn forward_key_of_reply(packet: &Packet, to: &ReverseValue) -> FlowKey {
+    FlowKey {
+        src: packet.dst,
+        dst: to.vip,
+        sport: packet.dport,
+        dport: to.vip_port,
+        proto: packet.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Applies a packet's transition to a live entry: writes the state when it changes and the
+/// lifetime when it moves by more than [`LIFETIME_GRANULARITY_NS`]. Returns whether the flow is
+/// over.
+#[inline(always)]
+fn advance(entry: &mut FlowValue, packet: &Packet, direction: Direction, now: u64) -> bool {
+    let step = conntrack::on_packet(packet.proto, entry.state, direction, packet.tcp_flags);
+    let expires_ns = now + step.lifetime_ns;
+    if step.state != entry.state {
+        entry.state = step.state;
+        entry.expires_ns = expires_ns;
+    } else if expires_ns.abs_diff(entry.expires_ns) > LIFETIME_GRANULARITY_NS {
+        entry.expires_ns = expires_ns;
+    }
+    step.remove
+}
+
+/// The backend of a tracked flow, found for a forward packet.
+pub struct Tracked {
+    pub backend_id: u32,
+    pub backend: Backend,
+}
+
+/// Finds the live entry of a forward `packet` (client -> VIP) of service `service_id` and
+/// applies the packet to it. `None`: the packet must be placed afresh (counted by why).
+///
+/// A SYN without ACK never follows an old entry: a new connection on a reused 5-tuple is
+/// placed afresh, and the old connection's reverse entry is removed with it.
+#[inline(always)]
+pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32, now: u64) -> Option<Tracked> {
+    let syn = conntrack::is_syn(packet.proto, packet.tcp_flags);
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        stats::event(if syn || packet.proto != PROTO_TCP {
+            Event::ConntrackMiss
+        } else {
+            Event::ConntrackMissNonSyn
+        });
+        return None;
+    };
+    // SAFETY: a value of the map; other CPUs may write the same entry, at worst losing one
+    // state or lifetime update that the next packet makes again.
+    let entry = unsafe { &mut *entry };
+    let backend = BACKENDS
+        .get(entry.backend_id)
+        .copied()
+        .filter(|b| b.flags & BACKEND_F_VALID != 0);
+    if syn {
+        stats::event(Event::ConntrackSynReplaced);
+        if let Some(old) = backend.filter(|b| b.service_id == entry.service_id) {
+            let _ = REVERSE_NAT.remove(&reply_key(packet, &old));
+        }
+        return None;
+    }
+    if entry.service_id != service_id {
+        stats::event(Event::ConntrackForeign);
+        return None;
+    }
+    if conntrack::expired(entry.expires_ns, now) {
+        stats::event(Event::ConntrackExpired);
+        return None;
+    }
+    let Some(backend) = backend
+        .filter(|b| b.service_id == service_id && crate::select::family_matches(b, packet.ipv4))
+    else {
+        // Its backend was removed: the flow is placed again.
+        stats::event(Event::ConntrackRebalanced);
+        return None;
+    };
+    stats::event(Event::ConntrackHit);
+    let backend_id = entry.backend_id;
+    if advance(entry, packet, Direction::Forward, now) {
+        // The last packet of the flow: it is still sent on, the entries go now.
+        remove(key, &reply_key(packet, &backend));
+    }
+    Some(Tracked {
+        backend_id,
+        backend,
+    })
+}
+
+/// Records a new flow of `packet` (client -> VIP) placed on `backend` in both tables, as the
+/// packet leaves it (an RST is sent on but not recorded).
+///
+/// Not inlined: the entries get a stack frame of their own.
+#[inline(never)]
+pub fn create(key: &FlowKey, packet: &Packet, service_id: u32, id: u32, backend: &Backend) {
+    if !conntrack::creates_entry(packet.proto, packet.tcp_flags) {
+        return;
+    }
+    let now = now_ns();
+    let mut entry = FlowValue {
+        backend_id: id,
+        service_id,
+        expires_ns: 0,
+        state: conntrack::opened(packet.proto, packet.tcp_flags),
+        pad: [0; 6],
+    };
+    advance(&mut entry, packet, Direction::Forward, now);
+    let reverse = ReverseValue {
+        vip: packet.dst,
+        vip_port: packet.dport,
+        pad: 0,
+        service_id,
+        backend_id: id,
+    };
+    if CONNTRACK.insert(key, &entry, 0).is_err()
+        || REVERSE_NAT
+            .insert(&reply_key(packet, backend), &reverse, 0)
+            .is_err()
+    {
+        stats::event(Event::ConntrackInsertFailed);
+    }
+}
+
+/// Removes a flow's two entries.
+#[inline(always)]
+fn remove(forward: &FlowKey, reply: &FlowKey) {
+    let _ = CONNTRACK.remove(forward);
+    let _ = REVERSE_NAT.remove(reply);
+    stats::event(Event::ConntrackClosed);
+}
+
+/// What a reply (backend -> client) must be rewritten to, with the packet applied to its
+/// flow; `None` when it is not a reply of a tracked flow.
+///
+/// Not inlined: the keys get a stack frame of their own.
+#[inline(never)]
+pub fn reply(packet: &Packet, to: &mut ReverseValue) -> bool {
+    let key = flow_key(packet);
+    // SAFETY: the value is copied out at once.
+    let Some(found) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+        return false;
+    };
+    *to = found;
+    let forward = forward_key_of_reply(packet, to);
+    let now = now_ns();
+    let closed = match CONNTRACK.get_ptr_mut(&forward) {
+        // SAFETY: a value of the map (see `forward`).
+        Some(entry) => {
+            let entry = unsafe { &mut *entry };
+            if entry.backend_id != to.backend_id {
+                // The client's port now belongs to a newer connection on another backend.
+                stats::event(Event::ReverseStale);
+                let _ = REVERSE_NAT.remove(&key);
+                return false;
+            }
+            // A reply revives an entry that expired but is not swept yet: the flow is alive.
+            advance(entry, packet, Direction::Reply, now)
+        }
+        None => {
+            // The flow's entry was evicted (a table over capacity): write it again from the
+            // reverse one, so the next forward packet still finds its backend.
+            stats::event(Event::ConntrackRestored);
+            let mut entry = FlowValue {
+                backend_id: to.backend_id,
+                service_id: to.service_id,
+                expires_ns: 0,
+                state: conntrack::CT_PICKED_UP,
+                pad: [0; 6],
+            };
+            let closed = advance(&mut entry, packet, Direction::Reply, now);
+            if !closed && CONNTRACK.insert(&forward, &entry, 0).is_err() {
+                stats::event(Event::ConntrackInsertFailed);
+            }
+            closed
+        }
+    };
+    if closed {
+        remove(&forward, &key);
+    }
+    true
+}
+
+/// The backend of the flow a forward key names, for ICMP errors about it.
+#[inline(always)]
+pub fn backend_of(key: &FlowKey) -> Option<(u32, Backend)> {
+    // SAFETY: the value is copied out at once.
+    let flow = unsafe { CONNTRACK.get(key) }.copied()?;
+    let backend = *BACKENDS.get(flow.backend_id)?;
+    (backend.flags & BACKEND_F_VALID != 0 && backend.service_id == flow.service_id)
+        .then_some((flow.backend_id, backend))
+}
+
+/// What a backend's ICMP error about the flow whose reply key is `key` must be rewritten to.
+#[inline(always)]
+pub fn reverse_of(key: &FlowKey) -> Option<ReverseValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { REVERSE_NAT.get(key) }.copied()
+}
