@@ -587,6 +587,13 @@ impl Dataplane {
             .map_err(|source| DataplaneError::TxPort { ifindex, source })
     }
 
+    /// Stops the XDP program redirecting frames to interface `ifindex`.
+    pub fn remove_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let name = names::TX_PORTS;
+        let mut map: DevMapHash<_> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.remove(ifindex).map_err(map_error(name))
+    }
+
     /// Removes every connection-table, reverse-NAT and affinity entry that points at one of
     /// `backend_ids`; returns how many flows were removed.
     pub fn purge_backends(
@@ -630,12 +637,38 @@ impl Dataplane {
 
     /// The connection table's entries.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataplaneError> {
-        let name = names::CONNTRACK;
-        let map: HashMap<_, FlowKey, FlowValue> =
-            self.map(name)?.try_into().map_err(map_error(name))?;
+        self.entries(names::CONNTRACK)
+    }
+
+    /// The reverse-NAT table's entries.
+    pub fn reverse_flows(&self) -> Result<Vec<(FlowKey, ReverseValue)>, DataplaneError> {
+        self.entries(names::REVERSE_NAT)
+    }
+
+    fn entries<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, DataplaneError> {
+        let map: HashMap<_, K, V> = self.map(name)?.try_into().map_err(map_error(name))?;
         map.iter()
             .collect::<Result<_, _>>()
             .map_err(map_error(name))
+    }
+
+    /// Writes a connection-table entry (for tests and repair tools: the data path writes them).
+    pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), DataplaneError> {
+        let name = names::CONNTRACK;
+        let mut map: HashMap<_, FlowKey, FlowValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.insert(key, value, 0).map_err(map_error(name))
+    }
+
+    /// Removes a connection-table entry, as the kernel's LRU evicts one (for tests).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
+        let name = names::CONNTRACK;
+        let mut map: HashMap<_, FlowKey, FlowValue> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.remove(key).map_err(map_error(name))
     }
 
     /// Counters summed over all CPUs, one per [`Reason`], in index order.
