@@ -680,9 +680,11 @@ fn replies_are_reverse_nated_on_egress() {
     });
 }
 
-#[test]
-fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
-    let ns = Netns::create("fwd").unwrap();
+/// A namespace with a route to the backends' subnet out of `fwd0` (its peer `fwd1`), a
+/// resolved neighbour for backend 1 and forwarding on: (namespace, fwd0's index and MAC, fwd1's
+/// index).
+fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
+    let ns = Netns::create(tag).unwrap();
     ns.ip(&[
         "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1",
     ])
@@ -708,6 +710,12 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
         .unwrap();
     let (fwd0, fwd0_mac) = link(&ns, "fwd0");
     let (fwd1, _) = link(&ns, "fwd1");
+    (ns, fwd0, fwd0_mac, fwd1)
+}
+
+#[test]
+fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
+    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns("fwd");
     ns.enter(|| {
         let mut lb = Lb::new();
         lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
@@ -743,6 +751,52 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
         let (verdict, output) = lb.run_on(&expiring.build(), Some(fwd0));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
+    })
+    .unwrap();
+}
+
+/// The cached next hop keeps the egress MTU: a larger frame goes to the kernel (which
+/// fragments it or answers "fragmentation needed"), never dropped; a redirect that fails
+/// (the port left the device map) also leaves the frame to the kernel, untouched but for the
+/// DNAT, and both are counted.
+#[test]
+fn frames_over_the_mtu_and_failed_redirects_go_to_the_kernel() {
+    let (ns, fwd0, _, fwd1) = routed_netns("mtu");
+    ns.ip(&["link", "set", "fwd0", "mtu", "1280"]).unwrap();
+    ns.enter(|| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        let sized = |sport, ip_len: usize| {
+            let mut spec = Spec::tcp(CLIENT4, sport, VIP4, PORT);
+            spec.payload = vec![0xab; ip_len - 40];
+            spec
+        };
+        // A frame that fits fills the next-hop cache; one of exactly the MTU still fits.
+        assert_eq!(lb.run_on(&sized(43000, 100).build(), Some(fwd0)).0, XDP_TX);
+        assert_eq!(lb.run_on(&sized(43001, 1280).build(), Some(fwd0)).0, XDP_TX);
+        // One byte more: to the kernel, rewritten but otherwise as it came.
+        let big = sized(43002, 1281);
+        let (verdict, output) = lb.run_on(&big.build(), Some(fwd0));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(output, big.to(backend4(1), TARGET_PORT).build());
+        assert_checksums_valid(&output);
+        assert_eq!(lb.event(Event::MtuExceeded), 1);
+        assert_eq!(lb.reason(Reason::DnatFibFallback), 1);
+
+        // Redirected while fwd0 takes redirected frames...
+        lb.dataplane.add_tx_port(fwd0).unwrap();
+        assert_eq!(
+            lb.run_on(&sized(43003, 100).build(), Some(fwd1)).0,
+            XDP_REDIRECT
+        );
+        // ...and to the kernel once it no longer does, though the cache still says it does.
+        lb.dataplane.remove_tx_port(fwd0).unwrap();
+        let after = sized(43004, 100);
+        let (verdict, output) = lb.run_on(&after.build(), Some(fwd1));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(output, after.to(backend4(1), TARGET_PORT).build());
+        assert_eq!(lb.event(Event::RedirectFailed), 1);
+        assert_eq!(lb.reason(Reason::DnatFibFallback), 2);
     })
     .unwrap();
 }
