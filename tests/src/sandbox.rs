@@ -35,6 +35,9 @@ pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The service port, and every pod's port.
 pub const PORT: u16 = 8080;
+/// The pods' server-push port (see `lb-pod`), served as the `push` port with
+/// [`Sandbox::push_port`].
+pub const PUSH_PORT: u16 = 9090;
 /// Namespace and name of the tutorial's service.
 pub const SERVICE: &str = "tomcat-load-balancer";
 /// Name of the client-facing interface in the node namespace.
@@ -158,6 +161,10 @@ pub struct Sandbox {
     pub roots: Roots,
     /// The controller, once started.
     pub controller: Option<LoggedChild>,
+    /// The service also has the pods' server-push port ([`PUSH_PORT`], TCP).
+    pub push_port: bool,
+    /// More arguments for `lb-userspace attach`.
+    pub controller_args: Vec<String>,
     binaries: Binaries,
     tag: String,
 }
@@ -206,6 +213,8 @@ impl Sandbox {
             config: tempfile::tempdir()?,
             roots: Roots::new(&format!("{tag}-roots")),
             controller: None,
+            push_port: false,
+            controller_args: Vec::new(),
             binaries,
             tag: tag.to_owned(),
         })
@@ -264,7 +273,7 @@ impl Sandbox {
         let name = format!("tomcat-deployment-{index}");
         let server = ns
             .command(&self.binaries.pod)
-            .args([&name, &PORT.to_string()])
+            .args([&name, &PORT.to_string(), &PUSH_PORT.to_string()])
             .stdout(Stdio::null())
             .spawn()
             .context("starting lb-pod")?;
@@ -311,6 +320,13 @@ impl Sandbox {
         } else {
             "  sessionAffinity: None\n"
         };
+        let push = if self.push_port {
+            format!(
+                "  - name: push\n    port: {PUSH_PORT}\n    targetPort: {PUSH_PORT}\n    protocol: TCP\n"
+            )
+        } else {
+            String::new()
+        };
         let yaml = format!(
             "apiVersion: apps/v1
 kind: Deployment
@@ -354,7 +370,7 @@ spec:
     port: {PORT}
     targetPort: {PORT}
     protocol: UDP
-status:
+{push}status:
   loadBalancer:
     ingress:
     - ip: {VIP4}
@@ -367,6 +383,11 @@ status:
     /// Writes the service's EndpointSlices (IPv4 and IPv6) for the given pods.
     pub fn write_endpoints(&self, endpoints: &[(u8, EndpointState)]) -> anyhow::Result<()> {
         let mut yaml = String::new();
+        let push = if self.push_port {
+            format!("- name: push\n  port: {PUSH_PORT}\n  protocol: TCP\n")
+        } else {
+            String::new()
+        };
         for (family, address_type) in [("v4", "IPv4"), ("v6", "IPv6")] {
             yaml += &format!(
                 "---
@@ -385,7 +406,7 @@ ports:
 - name: echo
   port: {PORT}
   protocol: UDP
-endpoints:
+{push}endpoints:
 "
             );
             for (index, state) in endpoints {
@@ -420,6 +441,7 @@ endpoints:
             .arg(self.config.path())
             .args(["--pin-root", &self.roots.pin_root])
             .args(["--state-root", &self.roots.state_root])
+            .args(&self.controller_args)
             .env("NO_COLOR", "1");
         let controller = LoggedChild::spawn(command, echo)?;
         controller.wait_for("applied", 1, Duration::from_secs(10))?;
@@ -466,6 +488,29 @@ endpoints:
     /// `count` HTTP requests, each on a new connection; the answering pods.
     pub fn http_batch(&self, vip: IpAddr, count: usize) -> anyhow::Result<Vec<String>> {
         (0..count).map(|_| self.http_get(vip)).collect()
+    }
+
+    /// Makes every pod write `NAME TOKEN` on the connections it holds on [`PUSH_PORT`];
+    /// returns how many connections the pods wrote to.
+    pub fn push(&self, token: &str) -> anyhow::Result<usize> {
+        let pods: Vec<Ipv4Addr> = self.pods.values().map(|p| p.v4).collect();
+        let token = token.to_owned();
+        self.node.enter(move || -> anyhow::Result<usize> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut total = 0;
+            for pod in pods {
+                socket.send_to(token.as_bytes(), (pod, PUSH_PORT))?;
+                let mut buf = [0u8; 64];
+                let (n, _) = socket.recv_from(&mut buf)?;
+                let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                total += answer
+                    .strip_prefix("pushed ")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .with_context(|| format!("{pod} answered {answer:?}"))?;
+            }
+            Ok(total)
+        })?
     }
 
     /// A UDP datagram to the VIP and its echo, from the client.

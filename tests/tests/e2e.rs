@@ -10,7 +10,7 @@ use std::{
 use lb_tests::sandbox::{
     Binaries,
     EndpointState::{Ready, Terminating},
-    HeldConnection, PORT, Sandbox, VIP4, VIP6,
+    HeldConnection, PORT, PUSH_PORT, Sandbox, VIP4, VIP6,
 };
 
 fn binaries() -> Binaries {
@@ -228,4 +228,102 @@ fn controller_kill_restart_and_detach_under_load() {
         "detached"
     );
     drop(load);
+}
+
+/// The connection table keeps every live flow while fewer than its size are alive, however
+/// many came and went: ten idle connections to a server that speaks first outlive ten times
+/// the table (`--conntrack-size 1024`) in short HTTP connections, each closed normally, and
+/// still hear the server.
+#[test]
+fn idle_connections_outlive_ten_tables_of_short_ones_and_hear_the_server_first() {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    const TABLE: usize = 1024;
+    let mut sandbox = Sandbox::up("e2eidle", binaries()).unwrap();
+    sandbox.push_port = true;
+    sandbox.controller_args = vec!["--conntrack-size".into(), TABLE.to_string()];
+    for index in 1..=2 {
+        sandbox.start_pod(index).unwrap();
+    }
+    sandbox.write_service(2, false).unwrap();
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready)]).unwrap();
+    sandbox.start_controller(false).unwrap();
+
+    let idle: Vec<BufReader<TcpStream>> = sandbox
+        .client
+        .enter(|| {
+            (0..10)
+                .map(|_| {
+                    let stream = TcpStream::connect_timeout(
+                        &SocketAddr::new(IpAddr::V4(VIP4), PUSH_PORT),
+                        Duration::from_secs(5),
+                    )?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    anyhow::Ok(BufReader::new(stream))
+                })
+                .collect::<anyhow::Result<_>>()
+        })
+        .unwrap()
+        .unwrap();
+    let mut idle = idle;
+    // How many idle connections hear the pods' push `token` (lines of earlier pushes, still on
+    // the way, are skipped).
+    let hear_all = |idle: &mut Vec<BufReader<TcpStream>>, token: &str| {
+        // The pods may not have accepted every connection yet: push until all 10 are held.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sandbox.push(token).unwrap() < 10 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut heard = 0;
+        for (i, stream) in idle.iter_mut().enumerate() {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stream.read_line(&mut line) {
+                    Ok(n) if n > 0 && line.trim_end().ends_with(token) => {
+                        heard += 1;
+                        break;
+                    }
+                    Ok(n) if n > 0 => {}
+                    other => {
+                        eprintln!("{token}: idle connection {i}: {other:?} {line:?}");
+                        break;
+                    }
+                }
+            }
+        }
+        heard
+    };
+    assert_eq!(hear_all(&mut idle, "before"), 10, "before the churn");
+
+    let closed = sandbox
+        .client
+        .enter(|| {
+            let mut closed = 0;
+            for _ in 0..10 * TABLE {
+                let mut stream = TcpStream::connect_timeout(
+                    &SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: tomcat\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).unwrap();
+                closed += usize::from(answer.starts_with(b"HTTP/1.1 200"));
+            }
+            closed
+        })
+        .unwrap();
+    assert_eq!(closed, 10 * TABLE, "every short connection answered");
+    let metrics = sandbox.scrape_metrics().unwrap();
+    let removed = metric(&metrics, "lb_events_total{event=\"conntrack_closed\"}");
+    assert!(
+        removed >= (10 * TABLE) as u64,
+        "closed connections were removed: {removed}"
+    );
+    assert_eq!(hear_all(&mut idle, "after"), 10, "after the churn");
 }
