@@ -41,7 +41,7 @@ pub const MAX_TX_PORTS: u32 = 256;
 pub mod names {
     /// [`super::ServiceKey`] -> [`super::ServiceValue`].
     pub const SERVICES: &str = "SERVICES";
-    /// VIP address -> number of services on it.
+    /// VIP address -> number of services on it, with [`super::VIP_ADDR_F_HOST`].
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     /// Service id -> Maglev table (inner array, slot 0 = size).
     pub const MAGLEV: &str = "MAGLEV";
@@ -87,6 +87,13 @@ pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
 pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
     addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
 }
+
+/// `VIP_ADDRS` value bit: the address is also the host's own (a node IP serving nodePorts, a
+/// VIP allowed with `--allow-host-addresses`); the other bits count the services on it. Only
+/// packets to one of its services are the load balancer's; everything else to it (fragments,
+/// ICMP errors about the host's own connections, packets it cannot parse) is passed to the
+/// host.
+pub const VIP_ADDR_F_HOST: u32 = 1 << 31;
 
 /// A service's identity: VIP, port and protocol.
 #[repr(C)]

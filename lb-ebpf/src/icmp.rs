@@ -196,11 +196,14 @@ fn rewrite16(frame: &impl Frame, at: usize, new: u16, check_at: usize) -> Option
     Some(())
 }
 
-/// An ICMP message to a VIP address: answered, sent on to a backend, dropped or passed.
+/// An ICMP message to a VIP address: answered, sent on to a backend, dropped or passed. On an
+/// address of the host itself (`host`) only errors about the load balancer's flows are ours:
+/// the host answers its own echo requests and gets errors about its own connections (path MTU
+/// discovery of its SSH, its kubelet).
 ///
 /// Not inlined: its temporaries get a stack frame of their own.
 #[inline(never)]
-pub fn ingress(ctx: &XdpContext, packet: &mut Packet) -> Reason {
+pub fn ingress(ctx: &XdpContext, packet: &mut Packet, host: bool) -> Reason {
     let Ok(header) = ctx.ptr_at::<[u8; 2]>(packet.l4_off) else {
         return Reason::DropIcmpUnknownFlow;
     };
@@ -214,7 +217,7 @@ pub fn ingress(ctx: &XdpContext, packet: &mut Packet) -> Reason {
     } else {
         (kind == ICMPV6_ECHO_REQUEST, kind == ICMPV6_PACKET_TOO_BIG)
     };
-    if echo_request {
+    if echo_request && !host {
         return match echo_reply(ctx, packet) {
             Some(()) => Reason::IcmpEchoReply,
             None => Reason::DropIcmpUnknownFlow,
@@ -223,12 +226,13 @@ pub fn ingress(ctx: &XdpContext, packet: &mut Packet) -> Reason {
     if !too_big {
         return Reason::PassNotVip;
     }
-    match to_backend(ctx, packet) {
-        Some(backend_id) => {
+    match u32::try_from(to_backend(ctx, packet)) {
+        Ok(backend_id) => {
             stats::event(Event::IcmpToBackend);
             forward::forward(ctx, packet, backend_id)
         }
-        None => Reason::DropIcmpUnknownFlow,
+        Err(_) if host => Reason::PassNotVip,
+        Err(_) => Reason::DropIcmpUnknownFlow,
     }
 }
 
@@ -286,9 +290,18 @@ fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Option<()> {
 }
 
 /// Rewrites a "too big" error about a VIP flow so it reaches the flow's backend: the outer
-/// destination and the quoted packet's source become the backend's. Returns the backend id.
+/// destination and the quoted packet's source become the backend's. Returns the backend id,
+/// or -1 when the error is about no known flow.
+///
+/// Not inlined, returning a scalar: its temporaries (keys, the backend) get a stack frame of
+/// their own, apart from the forwarding that follows.
+#[inline(never)]
+fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> i64 {
+    rewrite_to_backend(ctx, packet).map_or(-1, i64::from)
+}
+
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
+fn rewrite_to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     let inner = inner(ctx, packet)?;
     // The quoted packet went from the VIP to the client: the flow is its answer, client -> VIP.
     let key = answer_key(ctx, &inner, packet.ipv4)?;

@@ -36,7 +36,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use lb_common::{Reason, ReverseValue, ServiceKey};
+    use lb_common::{Reason, ReverseValue, ServiceKey, maps::VIP_ADDR_F_HOST};
 
     use crate::{
         conntrack,
@@ -115,11 +115,8 @@ mod programs {
             return Reason::PassUnparsed;
         };
         let kind = parse::packet(ctx, packet);
-        if kind == Kind::Icmp && is_vip(&packet.dst) {
-            return icmp::ingress(ctx, packet);
-        }
         if kind != Kind::Parsed {
-            return ingress_unparsed(kind, &packet.dst);
+            return ingress_unparsed(ctx, kind, packet);
         }
         let key = ServiceKey {
             addr: packet.dst,
@@ -143,22 +140,34 @@ mod programs {
         forward::forward(ctx, packet, selected.id)
     }
 
+    /// Whether `addr` is a service address the load balancer owns: its unparseable packets are
+    /// dropped, not passed. An address of the host itself (a node IP serving nodePorts, a VIP
+    /// allowed with `--allow-host-addresses`) is not: only packets to one of its services are
+    /// ours, everything else the host's own.
     #[inline(always)]
-    fn is_vip(addr: &[u8; 16]) -> bool {
-        VIP_ADDRS.get_ptr(addr).is_some()
+    fn owned_vip(addr: &[u8; 16]) -> bool {
+        // SAFETY: the value is copied out at once.
+        unsafe { VIP_ADDRS.get(addr) }.is_some_and(|flags| flags & VIP_ADDR_F_HOST == 0)
     }
 
     #[inline(always)]
-    fn ingress_unparsed(kind: Kind, dst: &[u8; 16]) -> Reason {
+    fn ingress_unparsed(ctx: &XdpContext, kind: Kind, packet: &mut parse::Packet) -> Reason {
         match kind {
             Kind::NotIp => Reason::PassNotIp,
             Kind::Truncated => Reason::PassUnparsed,
-            Kind::Parsed | Kind::OtherProtocol | Kind::Icmp => Reason::PassNotVip,
-            Kind::Fragment if is_vip(dst) => Reason::DropFragment,
+            Kind::Icmp => {
+                // SAFETY: the value is copied out at once.
+                match unsafe { VIP_ADDRS.get(&packet.dst) }.copied() {
+                    Some(flags) => icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0),
+                    None => Reason::PassNotVip,
+                }
+            }
+            Kind::Parsed | Kind::OtherProtocol => Reason::PassNotVip,
+            Kind::Fragment if owned_vip(&packet.dst) => Reason::DropFragment,
             Kind::Fragment => Reason::PassNotVip,
-            Kind::Malformed if is_vip(dst) => Reason::DropMalformed,
+            Kind::Malformed if owned_vip(&packet.dst) => Reason::DropMalformed,
             Kind::Malformed => Reason::PassUnparsed,
-            Kind::Unsupported if is_vip(dst) => Reason::DropUnsupported,
+            Kind::Unsupported if owned_vip(&packet.dst) => Reason::DropUnsupported,
             Kind::Unsupported => Reason::PassNotVip,
         }
     }

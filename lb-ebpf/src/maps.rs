@@ -17,7 +17,8 @@ use lb_common::{
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
-/// VIP address -> number of services on it: decides whether an unparseable packet is ours.
+/// VIP address -> number of services on it (with `VIP_ADDR_F_HOST` for the host's own
+/// addresses): decides whether an unparseable packet is ours.
 #[btf_map]
 pub static VIP_ADDRS: HashMap<[u8; 16], u32, { MAX_SERVICES as usize }> = HashMap::new();
 

@@ -16,7 +16,7 @@ use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{
         BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY,
-        ipv4_mapped,
+        VIP_ADDR_F_HOST, ipv4_mapped,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -210,6 +210,9 @@ pub struct Controller {
     state: AppliedState,
     state_path: Option<PathBuf>,
     options: Options,
+    /// The `VIP_ADDRS` values this controller wrote (empty after a start: all are written
+    /// again).
+    vip_addrs: BTreeMap<IpAddr, u32>,
 }
 
 impl Controller {
@@ -225,6 +228,7 @@ impl Controller {
             state,
             state_path,
             options,
+            vip_addrs: BTreeMap::new(),
         }
     }
 
@@ -433,25 +437,39 @@ impl Controller {
         Ok(report)
     }
 
-    /// Updates `VIP_ADDRS` to count the services on each address.
+    /// Updates `VIP_ADDRS`: the number of services on each address, flagged when the address
+    /// is the host's own (a node IP, or any interface address now).
     fn set_vip_counts(&mut self, desired: &[AppliedService]) -> Result<(), ControllerError> {
-        let count = |services: &[AppliedService]| {
-            let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
-            for s in services {
-                *counts.entry(s.key.vip).or_default() += 1;
-            }
-            counts
-        };
-        let old = count(&self.state.services);
-        let new = count(desired);
-        for (addr, n) in &new {
-            if old.get(addr) != Some(n) {
-                self.dataplane.set_vip_addr(addr16(*addr), *n)?;
+        let host: HashSet<IpAddr> = crate::host::addresses()
+            .into_iter()
+            .chain(self.options.node_ips.iter().copied())
+            .collect();
+        let mut values: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        for s in desired {
+            *values.entry(s.key.vip).or_default() += 1;
+        }
+        for (addr, value) in &mut values {
+            if host.contains(addr) {
+                *value |= VIP_ADDR_F_HOST;
             }
         }
-        for addr in old.keys().filter(|a| !new.contains_key(a)) {
-            self.dataplane.set_vip_addr(addr16(*addr), 0)?;
+        for (addr, value) in &values {
+            if self.vip_addrs.get(addr) != Some(value) {
+                self.dataplane.set_vip_addr(addr16(*addr), *value)?;
+            }
         }
+        let gone: HashSet<IpAddr> = self
+            .state
+            .services
+            .iter()
+            .map(|s| s.key.vip)
+            .chain(self.vip_addrs.keys().copied())
+            .filter(|addr| !values.contains_key(addr))
+            .collect();
+        for addr in gone {
+            self.dataplane.set_vip_addr(addr16(addr), 0)?;
+        }
+        self.vip_addrs = values;
         Ok(())
     }
 }

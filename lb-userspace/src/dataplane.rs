@@ -492,7 +492,8 @@ impl Dataplane {
         map.remove(key).map_err(map_error(name))
     }
 
-    /// Records that `count` services use VIP address `addr` (0 removes it).
+    /// Records that `count` services use VIP address `addr` (0 removes it), with
+    /// `lb_common::maps::VIP_ADDR_F_HOST` set in it for an address of the host itself.
     pub fn set_vip_addr(&mut self, addr: [u8; 16], count: u32) -> Result<(), DataplaneError> {
         let name = names::VIP_ADDRS;
         let mut map: HashMap<_, [u8; 16], u32> =

@@ -345,18 +345,7 @@ fn log_warnings(cluster: &Cluster) {
 /// `options` with this host's current addresses (they can change while we run).
 fn with_host_addresses(options: &Options) -> Options {
     let mut options = options.clone();
-    options.host_addresses = nix::ifaddrs::getifaddrs()
-        .map(|addrs| {
-            addrs
-                .filter_map(|a| a.address)
-                .filter_map(|a| {
-                    a.as_sockaddr_in()
-                        .map(|v4| IpAddr::V4(v4.ip()))
-                        .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    options.host_addresses = lb_userspace::host::addresses();
     options
 }
 

@@ -930,6 +930,68 @@ fn icmp_errors_about_vip_flows_reach_the_backend_and_come_back_as_the_vip() {
     });
 }
 
+/// On an address of the host itself (a node IP serving nodePorts) only packets to one of its
+/// services are the load balancer's: the host's own fragments, pings and path MTU errors about
+/// its own connections pass untouched, while the same to a VIP the load balancer owns are
+/// dropped or answered.
+#[test]
+fn host_addresses_pass_everything_but_their_services() {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4::DestUnreachableHeader};
+    in_fresh_netns("host", |_| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        let router4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 254));
+        let frag_needed = |to| {
+            icmp_error(
+                router4,
+                to,
+                &quote(to, 22, CLIENT4, 50000),
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                }),
+                Icmpv6Type::PacketTooBig { mtu: 1400 },
+            )
+        };
+        let fragment = |to| {
+            let mut spec = Spec::udp(CLIENT4, 40000, to, 53);
+            spec.fragment_offset = 185;
+            spec.build()
+        };
+        let ping = |to: IpAddr| {
+            let mut frame = Vec::new();
+            let IpAddr::V4(to) = to else { unreachable!() };
+            etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 10], [2, 0, 0, 0, 0, 1])
+                .ipv4([198, 18, 0, 10], to.octets(), 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut frame, b"ping")
+                .unwrap();
+            frame
+        };
+        // Owned by the load balancer: dropped, answered.
+        assert_eq!(lb.run(&frag_needed(VIP4)).0, XDP_DROP);
+        assert_eq!(lb.run(&fragment(VIP4)).0, XDP_DROP);
+        assert_eq!(lb.run(&ping(VIP4)).0, XDP_TX);
+        // The same address flagged as the host's: passed byte for byte.
+        lb.dataplane
+            .set_vip_addr(addr16(VIP4), 1 | lb_common::maps::VIP_ADDR_F_HOST)
+            .unwrap();
+        for (name, frame) in [
+            ("path MTU error", frag_needed(VIP4)),
+            ("fragment", fragment(VIP4)),
+            ("ping", ping(VIP4)),
+        ] {
+            let before = lb.reason(Reason::PassNotVip);
+            assert_eq!(lb.run(&frame), (XDP_PASS, frame.clone()), "{name}");
+            assert_eq!(lb.reason(Reason::PassNotVip), before + 1, "{name}");
+        }
+        // Its service is still served.
+        let request = Spec::tcp(CLIENT4, 40001, VIP4, PORT);
+        let (verdict, output) = lb.run(&request.build());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(output, request.to(backend4(1), TARGET_PORT).build());
+    });
+}
+
 /// With the connection table full, the LRU evicts the least recently used flows: new flows are
 /// still placed (never dropped), and an evicted flow's next packet is placed again by Maglev —
 /// on the same backend while the table is unchanged.
