@@ -15,6 +15,7 @@ pub mod maps;
 pub mod stats;
 
 pub use maps::{
-    AffinityKey, AffinityValue, Backend, FlowKey, FlowValue, ReverseValue, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, FlowKey, FlowValue, FragmentKey, FragmentPorts,
+    ReverseValue, ServiceKey, ServiceValue,
 };
 pub use stats::{Counter, Event, FlowCounter, Reason};

@@ -194,6 +194,35 @@ pub struct ReverseValue {
     pub backend_id: u32,
 }
 
+/// A datagram's fragments: the later ones carry no ports and are matched to the first by this.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// The IP identification (IPv4: 16 bits; IPv6: the fragment header's 32).
+    pub id: u32,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
+}
+
+/// The ports of a fragmented datagram, from its first fragment (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+}
+
+/// Capacity of the fragment table: datagrams in reassembly at once.
+pub const FRAGMENTS_SIZE: u32 = 8192;
+
 /// ClientIP affinity: a client of a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -226,6 +255,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::ReverseValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentPorts {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }
 
@@ -245,6 +276,8 @@ mod tests {
         assert_eq!(size_of::<ReverseValue>(), 28);
         assert_eq!(size_of::<AffinityKey>(), 20);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<FragmentKey>(), 40);
+        assert_eq!(size_of::<FragmentPorts>(), 4);
     }
 
     #[test]

@@ -15,6 +15,8 @@ mod context;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
+mod fragments;
+#[cfg(target_arch = "bpf")]
 mod frame;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -41,7 +43,7 @@ mod programs {
     use crate::{
         conntrack,
         context::Frame as _,
-        forward, icmp,
+        forward, fragments, icmp,
         maps::{SCRATCH, SERVICES, Scratch, VIP_ADDRS},
         nat,
         parse::{self, Kind},
@@ -115,7 +117,7 @@ mod programs {
             return Reason::PassUnparsed;
         };
         let kind = parse::packet(ctx, packet);
-        if kind != Kind::Parsed {
+        if kind != Kind::Parsed && !(kind == Kind::Fragment && fragments::recall(packet)) {
             return ingress_unparsed(ctx, kind, packet);
         }
         let key = ServiceKey {
@@ -131,6 +133,7 @@ mod programs {
         if !select::backend(packet, &service, selected) {
             return Reason::DropNoBackend;
         }
+        fragments::remember(packet);
         if nat::dnat(ctx, packet, &selected.backend).is_err() {
             return Reason::DropMalformed;
         }
@@ -183,6 +186,7 @@ mod programs {
         };
         match parse::packet(ctx, packet) {
             Kind::Parsed => {}
+            Kind::Fragment if fragments::recall(packet) => {}
             Kind::Icmp if icmp::egress(ctx, packet) => return Reason::ReverseNatIcmp,
             Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
             _ => return Reason::EgressPass,
@@ -191,6 +195,7 @@ mod programs {
         if !conntrack::reply(packet, &mut to) {
             return Reason::EgressPass;
         }
+        fragments::remember(packet);
         match nat::reverse_nat(ctx, packet, &to) {
             Ok(()) => {
                 stats::flow(to.service_id, to.backend_id, ctx.len() as usize, false);

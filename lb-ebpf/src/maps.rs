@@ -4,11 +4,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, ReverseValue,
-    ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, FragmentKey,
+    FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
     maps::{
-        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_BACKENDS,
-        MAX_SERVICES, MAX_TX_PORTS,
+        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, FRAGMENTS_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
+        MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -49,6 +49,11 @@ pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseValue, { DEFAULT_CONNTRACK_SI
 /// (client, service) -> the backend it last got.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_SIZE as usize }> =
+    LruHashMap::new();
+
+/// A first fragment's ports, for the later fragments of its datagram (both directions).
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_SIZE as usize }> =
     LruHashMap::new();
 
 /// Interfaces that accept XDP-redirected frames, keyed by ifindex.

@@ -17,7 +17,7 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     context::{Frame, OutOfBounds},
-    parse::Packet,
+    parse::{FRAGMENT_LATER, Packet},
 };
 
 /// Offset of the destination port in both TCP and UDP headers.
@@ -31,11 +31,16 @@ const IPV6_SRC_OFF: usize = 8;
 const IPV6_DST_OFF: usize = 24;
 
 /// Rewrites the destination of `packet` to `backend` (address and port), fixing the IPv4
-/// header checksum and the TCP/UDP checksum. A UDP checksum of 0 (none) stays 0.
+/// header checksum and the TCP/UDP checksum. A UDP checksum of 0 (none) stays 0. A later
+/// fragment carries no transport header: only its address changes (the first fragment's
+/// transport checksum already accounts for the new address).
 ///
 /// Not inlined: its temporaries get a stack frame of their own.
 #[inline(never)]
 pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), OutOfBounds> {
+    if packet.fragment == FRAGMENT_LATER {
+        return rewrite_dst_addr(ctx, packet, &backend.addr).map(|_| ());
+    }
     let l4_check: *mut [u8; 2] = ctx.ptr_at(packet.l4_check_off())?;
     let dport: *mut [u8; 2] = ctx.ptr_at(packet.l4_off + DPORT_OFF)?;
     // SAFETY (all dereferences below): every pointer comes from `ptr_at`, which checked bounds.
@@ -43,33 +48,13 @@ pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), 
     // A UDP checksum of 0 means none was computed: it stays 0 (legal for IPv4; for IPv6 the
     // backend's stack decides, as it would without us, and the reply direction keeps it too).
     let no_checksum = packet.proto == PROTO_UDP && check == 0;
-    if packet.ipv4 {
-        let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off)?;
-        let old = u32::from_be_bytes(unsafe { (*ip).dst_addr });
-        let new = u32::from_be_bytes([
-            backend.addr[12],
-            backend.addr[13],
-            backend.addr[14],
-            backend.addr[15],
-        ]);
-        unsafe {
-            let ip_check = replace32(u16::from_be_bytes((*ip).check), old, new);
-            (*ip).check = ip_check.to_be_bytes();
-            (*ip).dst_addr = new.to_be_bytes();
-        }
-        if !no_checksum {
-            check = replace32(check, old, new);
-        }
-    } else {
-        let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST_OFF)?;
-        unsafe {
-            if !no_checksum {
-                check = replace128(check, &*dst, &backend.addr);
-            }
-            *dst = backend.addr;
-        }
-    }
+    let old = rewrite_dst_addr(ctx, packet, &backend.addr)?;
     if !no_checksum {
+        check = if packet.ipv4 {
+            replace32(check, low32(&old), low32(&backend.addr))
+        } else {
+            replace128(check, &old, &backend.addr)
+        };
         check = replace16(check, packet.dport, backend.port);
         if packet.proto == PROTO_UDP && check == 0 {
             // 0 means "no checksum" in UDP; the same sum is sent as 0xffff.
@@ -79,6 +64,37 @@ pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), 
     }
     unsafe { *dport = backend.port.to_be_bytes() };
     Ok(())
+}
+
+/// Writes `new` as the packet's destination address (fixing the IPv4 header checksum);
+/// returns the old one.
+#[inline(always)]
+fn rewrite_dst_addr(
+    ctx: &XdpContext,
+    packet: &Packet,
+    new: &[u8; 16],
+) -> Result<[u8; 16], OutOfBounds> {
+    let old = packet.dst;
+    if packet.ipv4 {
+        let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let ip_check = replace32(u16::from_be_bytes((*ip).check), low32(&old), low32(new));
+            (*ip).check = ip_check.to_be_bytes();
+            (*ip).dst_addr = low32(new).to_be_bytes();
+        }
+    } else {
+        let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST_OFF)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *dst = *new };
+    }
+    Ok(old)
+}
+
+/// The IPv4 address in the last 4 bytes of an IPv4-mapped address, as a number.
+#[inline(always)]
+fn low32(addr: &[u8; 16]) -> u32 {
+    u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]])
 }
 
 /// Rewrites the source of a reply back to the VIP:port the client used.
@@ -91,20 +107,29 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
         0
     };
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | keep_zero | 4;
+    // A later fragment has no transport header: its address alone changes.
+    let whole = packet.fragment != FRAGMENT_LATER;
     if packet.ipv4 {
         let old = ne32(&packet.src, 12);
         let new = ne32(&to.vip, 12);
         ctx.l3_csum_replace(packet.l3_off + IPV4_CHECK_OFF, old, new, 4)?;
-        ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+        if whole {
+            ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+        }
         let bytes: [u8; 4] = [to.vip[12], to.vip[13], to.vip[14], to.vip[15]];
         ctx.store(packet.l3_off + IPV4_SRC_OFF, &bytes, 0)?;
     } else {
-        for word in 0..4 {
-            let old = ne32(&packet.src, word * 4);
-            let new = ne32(&to.vip, word * 4);
-            ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+        if whole {
+            for word in 0..4 {
+                let old = ne32(&packet.src, word * 4);
+                let new = ne32(&to.vip, word * 4);
+                ctx.l4_csum_replace(check_off, old, new, pseudo)?;
+            }
         }
         ctx.store(packet.l3_off + IPV6_SRC_OFF, &to.vip, 0)?;
+    }
+    if !whole {
+        return Ok(());
     }
     let old_port = u64::from(u16::from_ne_bytes(packet.sport.to_be_bytes()));
     let new_port_bytes = to.vip_port.to_be_bytes();

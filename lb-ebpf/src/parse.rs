@@ -42,7 +42,28 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Length of the IP packet (header included), for the next hop's MTU.
     pub l3_len: u32,
+    /// Whether the packet is a fragment: [`FRAGMENT_NONE`], [`FRAGMENT_FIRST`] (it carries the
+    /// ports) or [`FRAGMENT_LATER`] (it does not: `Kind::Fragment`).
+    pub fragment: u8,
+    /// The fragment's identification (IPv4: 16 bits; IPv6: the fragment header's 32).
+    pub fragment_id: u32,
 }
+
+/// Not a fragment.
+pub const FRAGMENT_NONE: u8 = 0;
+/// The first fragment of a datagram: its transport header is here.
+pub const FRAGMENT_FIRST: u8 = 1;
+/// A later fragment: no transport header, the ports are the first fragment's.
+pub const FRAGMENT_LATER: u8 = 2;
+
+/// At most this many IPv6 extension headers are walked before the transport header.
+const MAX_EXTENSION_HEADERS: usize = 4;
+/// IPv6 next-header values of the extension headers walked.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTHENTICATION: u8 = 51;
+const IPV6_DESTINATION_OPTIONS: u8 = 60;
 
 impl Packet {
     /// Offset of the TCP or UDP checksum.
@@ -66,11 +87,13 @@ pub enum Kind {
     OtherProtocol,
     /// ICMP or ICMPv6 (`proto`, `l4_off` and the addresses are set).
     Icmp,
-    /// A non-first IPv4 fragment to `dst`.
+    /// A later fragment (no transport header) to `dst`: addresses, `proto` and
+    /// `fragment_id` are set, the ports are the first fragment's.
     Fragment,
     /// Lying or inconsistent lengths, or truncated after the addresses, to `dst`.
     Malformed,
-    /// IPv6 extension headers (not parsed) before the transport header, to `dst`.
+    /// IPv6 extension headers not walked (ESP, unknown ones, more than
+    /// `MAX_EXTENSION_HEADERS`) before the transport header, to `dst`.
     Unsupported,
 }
 
@@ -85,6 +108,7 @@ pub fn packet(frame: &impl Frame, packet: &mut Packet) -> Kind {
     packet.vlan = false;
     packet.ipv4 = false;
     packet.dst = [0; 16];
+    packet.fragment = FRAGMENT_NONE;
     let Ok(mut ether_type) = read::<[u8; 2]>(frame, 12) else {
         return Kind::Truncated;
     };
@@ -134,12 +158,17 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
         return Kind::Malformed;
     }
     let frags = u16::from_be_bytes(unsafe { (*ip).frags });
-    if frags & 0x1fff != 0 {
-        return Kind::Fragment;
-    }
     let proto = unsafe { (*ip).proto };
     packet.proto = proto;
     packet.l3_len = total_len as u32;
+    packet.fragment_id = u32::from(u16::from_be_bytes(unsafe { (*ip).id }));
+    if frags & 0x1fff != 0 {
+        packet.fragment = FRAGMENT_LATER;
+        return Kind::Fragment;
+    }
+    if frags & 0x2000 != 0 {
+        packet.fragment = FRAGMENT_FIRST;
+    }
     packet.l4_off = l3_off + header_len;
     if proto == PROTO_ICMP {
         return Kind::Icmp;
@@ -149,7 +178,7 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
     }
     // A first fragment (more-fragments set) carries only part of the datagram: its L4 lengths
     // cannot be checked against the IP length.
-    let l4_len = if frags & 0x2000 != 0 {
+    let l4_len = if packet.fragment == FRAGMENT_FIRST {
         None
     } else {
         Some(total_len - header_len)
@@ -180,20 +209,72 @@ fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
     {
         return Kind::Malformed;
     }
-    let proto = unsafe { (*ip).next_hdr };
+    packet.l3_len = (Ipv6Hdr::LEN + payload_len) as u32;
+    let payload_off = l3_off + Ipv6Hdr::LEN;
+    let mut proto = unsafe { (*ip).next_hdr };
+    let mut l4_off = payload_off;
+    // Hop-by-hop, routing, destination options, authentication and fragment headers, in any
+    // order, up to a bound (the verifier needs one; real chains are short).
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        if !matches!(
+            proto,
+            IPV6_HOP_BY_HOP
+                | IPV6_ROUTING
+                | IPV6_FRAGMENT
+                | IPV6_AUTHENTICATION
+                | IPV6_DESTINATION_OPTIONS
+        ) {
+            break;
+        }
+        let Ok(header) = read::<[u8; 8]>(frame, l4_off) else {
+            return Kind::Malformed;
+        };
+        let length = match proto {
+            IPV6_FRAGMENT => {
+                let offset = u16::from_be_bytes([header[2], header[3]]) >> 3;
+                packet.fragment_id =
+                    u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                if offset != 0 {
+                    packet.fragment = FRAGMENT_LATER;
+                } else if header[3] & 1 != 0 {
+                    packet.fragment = FRAGMENT_FIRST;
+                }
+                8
+            }
+            // Its length counts 4-byte words, less 2.
+            IPV6_AUTHENTICATION => (usize::from(header[1]) + 2) * 4,
+            // Their lengths count 8-byte words, less 1.
+            _ => (usize::from(header[1]) + 1) * 8,
+        };
+        proto = header[0];
+        l4_off += length;
+        if packet.fragment == FRAGMENT_LATER {
+            break;
+        }
+    }
+    packet.proto = proto;
+    if l4_off > payload_off + payload_len {
+        return Kind::Malformed;
+    }
+    if packet.fragment == FRAGMENT_LATER {
+        return Kind::Fragment;
+    }
     if is_extension_header(proto) {
         return Kind::Unsupported;
     }
-    packet.proto = proto;
-    packet.l3_len = (Ipv6Hdr::LEN + payload_len) as u32;
-    packet.l4_off = l3_off + Ipv6Hdr::LEN;
+    packet.l4_off = l4_off;
     if proto == PROTO_ICMPV6 {
         return Kind::Icmp;
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Kind::OtherProtocol;
     }
-    l4(frame, packet, Some(payload_len))
+    let l4_len = if packet.fragment == FRAGMENT_FIRST {
+        None
+    } else {
+        Some(payload_off + payload_len - l4_off)
+    };
+    l4(frame, packet, l4_len)
 }
 
 /// Reads the ports of the TCP or UDP header, checking its length fields against `l4_len` (the

@@ -29,6 +29,8 @@ pub struct Spec {
     pub more_fragments: bool,
     /// IPv4 fragment offset in 8-byte units.
     pub fragment_offset: u16,
+    /// IPv4 identification (which datagram a fragment belongs to).
+    pub identification: u16,
     pub ttl: u8,
     /// TCP flags (`lb_common::conntrack::TCP_*`): SYN unless set otherwise.
     pub tcp_flags: u8,
@@ -50,6 +52,7 @@ impl Spec {
             ipv4_options: 0,
             more_fragments: false,
             fragment_offset: 0,
+            identification: 0,
             ttl: 64,
             tcp_flags: TCP_SYN,
             src_mac: CLIENT_MAC,
@@ -106,6 +109,7 @@ impl Spec {
                 header.more_fragments = self.more_fragments;
                 header.fragment_offset =
                     etherparse::IpFragOffset::try_new(self.fragment_offset).expect("offset");
+                header.identification = self.identification;
                 IpHeaders::Ipv4(header, Default::default())
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => IpHeaders::Ipv6(

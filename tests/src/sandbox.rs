@@ -522,7 +522,7 @@ ports:
                 let socket = UdpSocket::bind(bind)?;
                 socket.set_read_timeout(Some(Duration::from_secs(3)))?;
                 socket.send_to(&payload, SocketAddr::new(vip, PORT))?;
-                let mut buf = [0u8; 2048];
+                let mut buf = vec![0u8; 65536];
                 let (n, from) = socket.recv_from(&mut buf)?;
                 Ok((buf[..n].to_vec(), from))
             })?

@@ -327,3 +327,25 @@ fn idle_connections_outlive_ten_tables_of_short_ones_and_hear_the_server_first()
     );
     assert_eq!(hear_all(&mut idle, "after"), 10, "after the churn");
 }
+
+/// A datagram larger than the links' MTU crosses the VIP fragmented, both ways: the pod gets
+/// it whole and its echo, fragmented by the pod, reaches the client whole from the VIP.
+#[test]
+fn a_4000_byte_udp_datagram_crosses_the_vip_both_ways_over_ipv4_and_ipv6() {
+    let sandbox = sandbox("e2efrag", 1);
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let (echo, from) = sandbox.udp_echo(vip, &payload).unwrap();
+        assert_eq!(
+            from,
+            SocketAddr::new(vip, PORT),
+            "the echo comes from the VIP"
+        );
+        assert_eq!(
+            echo.len(),
+            payload.len(),
+            "{vip}: the whole datagram came back"
+        );
+        assert_eq!(echo, payload, "{vip}");
+    }
+}

@@ -90,13 +90,33 @@ fn patch_ipv4(mut frame: Vec<u8>, at: usize, value: u16) -> Vec<u8> {
 }
 
 /// Inserts an 8-byte hop-by-hop options header after the IPv6 header at 14.
-fn with_hop_by_hop(mut frame: Vec<u8>) -> Vec<u8> {
-    let next = frame[14 + 6];
-    frame[14 + 6] = 0;
-    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + 8;
+fn with_hop_by_hop(frame: Vec<u8>) -> Vec<u8> {
+    with_extensions(frame, &[0])
+}
+
+/// An untagged IPv6 frame with extension headers of the given kinds inserted before its
+/// transport header, in order (8 bytes each: PadN options, a routing header with no segments
+/// left, an atomic fragment header, or 16 for authentication).
+fn with_extensions(mut frame: Vec<u8>, kinds: &[u8]) -> Vec<u8> {
+    let mut next = frame[14 + 6];
+    let mut inserted = Vec::new();
+    for &kind in kinds.iter().rev() {
+        let header: Vec<u8> = match kind {
+            // Routing type 4, no segments left.
+            43 => vec![next, 0, 4, 0, 0, 0, 0, 0],
+            // An atomic fragment: offset 0, no more fragments.
+            44 => vec![next, 0, 0, 0, 0, 0, 0x12, 0x34],
+            // Authentication: length in 4-byte words less 2.
+            51 => vec![next, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0],
+            _ => vec![next, 0, 1, 4, 0, 0, 0, 0],
+        };
+        inserted.splice(0..0, header);
+        next = kind;
+    }
+    frame[14 + 6] = next;
+    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + inserted.len() as u16;
     frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
-    let hop_by_hop = [next, 0, 1, 4, 0, 0, 0, 0];
-    frame.splice(54..54, hop_by_hop);
+    frame.splice(54..54, inserted);
     frame
 }
 
@@ -249,8 +269,12 @@ fn stateless_cases() -> Vec<Case> {
             expect: dnat(&with(&udp4, &|s| s.more_fragments = true), backend4(2)),
         },
         Case {
-            name: "non-first fragment to VIP dropped",
-            input: with(&udp4, &|s| s.fragment_offset = 185).build(),
+            name: "a later fragment of an unknown datagram to a VIP dropped",
+            input: with(&udp4, &|s| {
+                s.fragment_offset = 185;
+                s.identification = 999;
+            })
+            .build(),
             expect: Expect::Dropped(Reason::DropFragment),
         },
         Case {
@@ -391,10 +415,32 @@ fn stateless_cases() -> Vec<Case> {
             },
             expect: Expect::Dropped(Reason::DropMalformed),
         },
-        // IPv6 extension headers are not parsed.
+        // IPv6 extension headers are walked.
         Case {
-            name: "IPv6 hop-by-hop to a VIP dropped",
+            name: "IPv6 hop-by-hop to a VIP dnat",
             input: with_hop_by_hop(udp6.build()),
+            expect: Expect::Dnat(with_hop_by_hop(udp6.to(backend6(4), TARGET_PORT).build())),
+        },
+        Case {
+            name: "IPv6 hop-by-hop, routing, atomic fragment and authentication headers: dnat",
+            input: with_extensions(tcp6.build(), &[0, 43, 44, 51, 60][..4]),
+            expect: Expect::Dnat(with_extensions(
+                tcp6.to(backend6(3), TARGET_PORT).build(),
+                &[0, 43, 44, 51, 60][..4],
+            )),
+        },
+        Case {
+            name: "IPv6 with more extension headers than walked, to a VIP dropped",
+            input: with_extensions(udp6.build(), &[0, 60, 43, 60, 60]),
+            expect: Expect::Dropped(Reason::DropUnsupported),
+        },
+        Case {
+            name: "IPv6 ESP (not walked: the ports are encrypted) to a VIP dropped",
+            input: {
+                let mut f = udp6.build();
+                f[14 + 6] = 50;
+                f
+            },
             expect: Expect::Dropped(Reason::DropUnsupported),
         },
         Case {

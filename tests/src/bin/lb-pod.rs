@@ -24,7 +24,8 @@ fn main() -> anyhow::Result<()> {
     serve_push(&name, push_port)?;
     let udp = UdpSocket::bind(("::", port))?;
     std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        // Room for the largest datagram: fragmented ones are echoed whole.
+        let mut buf = vec![0u8; 65536];
         while let Ok((n, peer)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(&buf[..n], peer);
         }
