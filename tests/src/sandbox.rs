@@ -165,6 +165,9 @@ pub struct Sandbox {
     pub push_port: bool,
     /// More arguments for `lb-userspace attach`.
     pub controller_args: Vec<String>,
+    /// The MTU of the pods' links (both ends), if not the default 1500: an overlay network's
+    /// pods behind the node's 1500.
+    pub pod_mtu: Option<u16>,
     binaries: Binaries,
     tag: String,
 }
@@ -215,6 +218,7 @@ impl Sandbox {
             controller: None,
             push_port: false,
             controller_args: Vec::new(),
+            pod_mtu: None,
             binaries,
             tag: tag.to_owned(),
         })
@@ -225,6 +229,11 @@ impl Sandbox {
         let ns = Netns::create(&format!("{}-pod{index}", self.tag))?;
         let node_end = format!("veth-p{index}");
         veth_pair((&self.node, &node_end), (&ns, "eth0"))?;
+        if let Some(mtu) = self.pod_mtu {
+            let mtu = mtu.to_string();
+            self.node.ip(&["link", "set", &node_end, "mtu", &mtu])?;
+            ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        }
         self.node.ip(&[
             "addr",
             "add",

@@ -349,3 +349,65 @@ fn a_4000_byte_udp_datagram_crosses_the_vip_both_ways_over_ipv4_and_ipv6() {
         assert_eq!(echo, payload, "{vip}");
     }
 }
+
+/// Pods on links of MTU 1400 (an overlay network) behind the node's 1500: large requests and
+/// responses still complete. A 1450-byte datagram is too big for the pod's link: the node
+/// answers "fragmentation needed" (its quoted header rewritten back to the VIP on the way
+/// out), the client's stack learns the path MTU and sends it again in fragments; the pod's
+/// echo leaves it in fragments too.
+#[test]
+fn pods_behind_a_smaller_mtu_get_large_requests_and_answer_them() {
+    let mut sandbox = Sandbox::up("e2emtu", binaries()).unwrap();
+    sandbox.pod_mtu = Some(1400);
+    sandbox.start_pod(1).unwrap();
+    sandbox.write_service(1, false).unwrap();
+    sandbox.write_endpoints(&[(1, Ready)]).unwrap();
+    sandbox.start_controller(false).unwrap();
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let payload: Vec<u8> = (0..1450u32).map(|i| (i % 241) as u8).collect();
+        let answered = sandbox
+            .client
+            .enter(move || -> anyhow::Result<bool> {
+                let socket =
+                    std::net::UdpSocket::bind(if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut buf = vec![0u8; 65536];
+                // The first try may be answered by "fragmentation needed" only.
+                for _ in 0..6 {
+                    let _ = socket.send_to(&payload, SocketAddr::new(vip, PORT));
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        return Ok(from == SocketAddr::new(vip, PORT) && buf[..n] == payload[..]);
+                    }
+                }
+                Ok(false)
+            })
+            .unwrap()
+            .unwrap();
+        assert!(
+            answered,
+            "{vip}: the 1450-byte datagram was echoed whole from the VIP"
+        );
+        // A 200 kB request over TCP, answered.
+        let url = match vip {
+            IpAddr::V4(v4) => format!("http://{v4}:{PORT}/"),
+            IpAddr::V6(v6) => format!("http://[{v6}]:{PORT}/"),
+        };
+        let answer = sandbox
+            .client
+            .enter(move || -> anyhow::Result<String> {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
+                let body = vec![b'x'; 200_000];
+                Ok(agent
+                    .post(&url)
+                    .send(&body[..])?
+                    .body_mut()
+                    .read_to_string()?)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.trim(), "tomcat-deployment-1", "{vip}");
+    }
+}
