@@ -573,6 +573,11 @@ impl HeldConnection {
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             anyhow::Ok(stream)
         })??;
+        Self::from_stream(stream)
+    }
+
+    /// A connection opened otherwise (from a chosen port, say).
+    pub fn from_stream(stream: std::net::TcpStream) -> anyhow::Result<Self> {
         Ok(Self {
             reader: BufReader::new(stream.try_clone()?),
             stream,

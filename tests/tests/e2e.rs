@@ -411,3 +411,114 @@ fn pods_behind_a_smaller_mtu_get_large_requests_and_answer_them() {
         assert_eq!(answer.trim(), "tomcat-deployment-1", "{vip}");
     }
 }
+
+/// A connection from `port` of the client to the VIP, on a socket that closes with an RST
+/// (`SO_LINGER` 0) and may reuse the port at once.
+fn connect_from(sandbox: &Sandbox, port: u16) -> HeldConnection {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let stream = sandbox
+        .client
+        .enter(move || -> anyhow::Result<TcpStream> {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            setsockopt(
+                &fd,
+                sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            )?;
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::new(198, 18, 0, 1, port),
+            )?;
+            let [a, b, c, d] = VIP4.octets();
+            connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::new(a, b, c, d, PORT),
+            )?;
+            let stream = TcpStream::from(fd);
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(stream)
+        })
+        .unwrap()
+        .unwrap();
+    HeldConnection::from_stream(stream).unwrap()
+}
+
+/// A SYN never follows an old entry: when a client vanished without its FIN or RST reaching
+/// the load balancer and its pod then went terminating, a new connection from the same port
+/// (the same 5-tuple) is placed afresh on a serving pod.
+#[test]
+fn a_reused_client_port_reaches_a_serving_pod_after_its_old_pod_went_terminating() {
+    let sandbox = sandbox("e2esyn", 2);
+    let port = 45000;
+    let mut first = connect_from(&sandbox, port);
+    let old_pod = first.get().unwrap();
+    // The client vanishes without a word: its FIN and RST never reach the load balancer, which
+    // keeps the flow as established.
+    let port_arg = port.to_string();
+    for flag in ["FIN", "RST"] {
+        sandbox
+            .client
+            .exec(
+                "iptables",
+                &[
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "--sport",
+                    &port_arg,
+                    "--tcp-flags",
+                    flag,
+                    flag,
+                    "-j",
+                    "DROP",
+                ],
+            )
+            .unwrap();
+    }
+    drop(first);
+    let index: u8 = old_pod.rsplit('-').next().unwrap().parse().unwrap();
+    let other = 3 - index;
+    sandbox
+        .write_endpoints(&[(index, Terminating), (other, Ready)])
+        .unwrap();
+    sandbox.wait_applied(2).unwrap();
+    sandbox.client.exec("iptables", &["-F", "OUTPUT"]).unwrap();
+    // The load balancer still keeps the vanished connection on the old pod.
+    let source = format!("198.18.0.1:{port}");
+    let frontend = format!("{VIP4}:{PORT}/TCP");
+    let explained = sandbox.cli(&["explain", &source, &frontend]).unwrap();
+    assert!(
+        explained.contains("Decided by:  conntrack") && explained.contains("established"),
+        "{explained}"
+    );
+    let replaced = || {
+        metric(
+            &sandbox.scrape_metrics().unwrap(),
+            "lb_events_total{event=\"conntrack_syn_replaced\"}",
+        )
+    };
+    let before = replaced();
+    let mut second = connect_from(&sandbox, port);
+    assert_eq!(
+        second.get().unwrap(),
+        format!("tomcat-deployment-{other}"),
+        "the new connection went to the serving pod"
+    );
+    assert_eq!(
+        replaced(),
+        before + 1,
+        "its SYN met the old entry and replaced it"
+    );
+}
