@@ -15,7 +15,7 @@ use lb_userspace::{
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
     pins::{self, Paths},
-    views,
+    redirects, views,
 };
 use notify::Watcher as _;
 use tokio::{
@@ -299,6 +299,7 @@ struct Setup {
 impl Setup {
     fn new(paths: Paths) -> Self {
         let inherited = paths.state_file.exists()
+            || paths.redirects_file.exists()
             || std::fs::read_dir(&paths.pin_dir).is_ok_and(|mut d| d.next().is_some());
         Self {
             paths,
@@ -373,10 +374,14 @@ impl Setup {
         error
     }
 
-    /// Removes the pins, the state and the links: safe at any moment, whatever exists yet.
+    /// Removes the pins, the state and the links, and puts the ICMP redirect settings back:
+    /// safe at any moment, whatever exists yet.
     fn remove(mut self) -> anyhow::Result<()> {
         Dataplane::unpin_all(&self.paths.pin_dir).context("removing the pins")?;
         let _ = std::fs::remove_file(&self.paths.state_file);
+        if let Err(e) = redirects::restore(&self.paths.redirects_file) {
+            warn!(error = %e, "putting the ICMP redirect settings back");
+        }
         if let Some(controller) = &mut self.controller {
             controller.dataplane_mut().detach_all()?;
         }
@@ -460,6 +465,11 @@ async fn start(
     }
     setup.touched = true;
     setup.paths.prepare(&roots.pin_root)?;
+    // Before the data plane forwards anything. Not fatal: behind a node (the Kubernetes model)
+    // replies leave by another interface than they came in on, and no redirect is sent.
+    if let Err(e) = redirects::disable(&iface, &setup.paths.redirects_file) {
+        warn!(error = %e, "could not turn ICMP redirects off: on a one-armed host, backends may be told to bypass the load balancer");
+    }
     let state = AppliedState::read(&setup.paths.state_file)?;
     if state.generation > 0 {
         info!(
@@ -664,16 +674,23 @@ fn detach(iface: &str, roots: &Roots) -> anyhow::Result<()> {
     let removed = Dataplane::unpin_all(&paths.pin_dir)
         .with_context(|| format!("removing {}", paths.pin_dir.display()))?;
     let state_removed = std::fs::remove_file(&paths.state_file).is_ok();
-    if removed.is_empty() && !state_removed {
+    let redirects_restored = redirects::restore(&paths.redirects_file)
+        .context("putting the ICMP redirect settings back")?;
+    if removed.is_empty() && !state_removed && !redirects_restored {
         anyhow::bail!(
             "nothing is attached to {iface} under {}",
             roots.pin_root.display()
         );
     }
     println!(
-        "detached {iface}: removed {} pins{}; a controller still running for it keeps it attached until it exits",
+        "detached {iface}: removed {} pins{}{}; a controller still running for it keeps it attached until it exits",
         removed.len(),
-        if state_removed { " and the state" } else { "" }
+        if state_removed { " and the state" } else { "" },
+        if redirects_restored {
+            "; ICMP redirect settings put back"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -165,8 +165,8 @@ fn keep_on_exit_then_detach_removes_everything() {
         server,
     } = pair("keep");
     let roots = lb_tests::Roots::new("keep");
-    let child = server
-        .command(lb_tests::lb_userspace_bin())
+    let mut command = server.command(lb_tests::lb_userspace_bin());
+    command
         .args([
             "attach",
             "veth-s",
@@ -180,17 +180,15 @@ fn keep_on_exit_then_detach_removes_everything() {
             "--state-root",
             &roots.state_root,
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .env("NO_COLOR", "1");
+    let controller = LoggedChild::spawn(command, false).unwrap();
+    // Start-up complete: a stop before would remove the data plane despite --keep-on-exit.
+    controller
+        .wait_for("serving Prometheus metrics", 1, Duration::from_secs(10))
         .unwrap();
-    let child = ChildGuard::new(child);
+    let child = controller.child;
     let pins = std::path::Path::new(&roots.pin_root).join("veth-s");
-    let start = Instant::now();
-    while !pins.join("link_xdp").exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no pinned link");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(pins.join("link_xdp").exists(), "pinned link");
     assert!(child.stop(Duration::from_secs(5)).unwrap().success());
     let attached = |server: &Netns| {
         let link = server
@@ -244,8 +242,39 @@ fn attach_command(
     command
 }
 
-/// What an attach to `veth-s` leaves: its pin folder, its state file, an XDP program on the
-/// interface, a tcx egress program on it, processes in the namespace.
+/// `net.ipv4.conf.all.send_redirects` and `net.ipv4.conf.veth-s.send_redirects` in `ns`, read
+/// by `sysctl` run inside it.
+fn send_redirects(ns: &Netns) -> (String, String) {
+    let output = ns
+        .exec(
+            "sysctl",
+            &[
+                "-n",
+                "net.ipv4.conf.all.send_redirects",
+                "net.ipv4.conf.veth-s.send_redirects",
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut lines = text.lines().map(str::to_owned);
+    (lines.next().unwrap(), lines.next().unwrap())
+}
+
+fn set_send_redirects(ns: &Netns, all: &str, iface: &str) {
+    ns.exec(
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.conf.all.send_redirects={all}"),
+            &format!("net.ipv4.conf.veth-s.send_redirects={iface}"),
+        ],
+    )
+    .unwrap();
+}
+
+/// What an attach to `veth-s` leaves: its pin folder, its state file and redirect record, an
+/// XDP program on the interface, a tcx egress program on it, processes in the namespace, ICMP
+/// redirect settings changed from 1 (what the test sets first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Leftovers {
     pins: bool,
@@ -253,6 +282,7 @@ struct Leftovers {
     xdp: bool,
     tcx: bool,
     processes: bool,
+    redirects: bool,
 }
 
 impl Leftovers {
@@ -262,6 +292,7 @@ impl Leftovers {
         xdp: false,
         tcx: false,
         processes: false,
+        redirects: false,
     };
 
     fn of(server: &Netns, roots: &Roots) -> Self {
@@ -276,10 +307,13 @@ impl Leftovers {
         let pids = lb_tests::netns::run("ip", &["netns", "pids", server.name()]).unwrap();
         Self {
             pins: Path::new(&roots.pin_root).join("veth-s").exists(),
-            state: Path::new(&roots.state_root).join("veth-s.json").exists(),
+            state: ["veth-s.json", "veth-s.sysctl"]
+                .iter()
+                .any(|f| Path::new(&roots.state_root).join(f).exists()),
             xdp: String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
             tcx: !tcx.is_empty(),
             processes: !String::from_utf8_lossy(&pids.stdout).trim().is_empty(),
+            redirects: send_redirects(server) != ("1".into(), "1".into()),
         }
     }
 }
@@ -318,6 +352,7 @@ fn a_stop_signal_at_any_moment_of_start_up_leaves_nothing_behind() {
     let roots = Roots::new("sig");
     let config = tempfile::tempdir().unwrap();
     write_manifests(config.path());
+    set_send_redirects(&server, "1", "1");
     let delays_ms = [0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 700, 1000];
     let mut landed: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for (signal, keep_on_exit) in [
@@ -362,6 +397,7 @@ fn a_stop_signal_at_any_moment_of_start_up_leaves_nothing_behind() {
                     xdp: true,
                     tcx: true,
                     processes: false,
+                    redirects: true,
                 };
                 assert_eq!(left, whole, "kept, so kept whole: {context}");
                 let state: serde_json::Value = serde_json::from_str(
@@ -380,4 +416,80 @@ fn a_stop_signal_at_any_moment_of_start_up_leaves_nothing_behind() {
         }
     }
     println!("where the signals landed: {landed:#?}");
+}
+
+/// Attach turns ICMP redirects off on the interface and for the namespace (either at 1 sends
+/// them), and exiting puts back the values found; a restart that adopts the attach keeps the
+/// originals recorded by the first, and `detach` run from the host puts them back too.
+#[test]
+fn icmp_redirects_are_off_while_attached_and_put_back_after() {
+    let Pair {
+        client: _client,
+        server,
+    } = pair("redir");
+    let roots = Roots::new("redir");
+    let config = tempfile::tempdir().unwrap();
+    write_manifests(config.path());
+    let record = Path::new(&roots.state_root).join("veth-s.sysctl");
+    let off = ("0".to_owned(), "0".to_owned());
+    let start = |extra: &[&str]| {
+        let controller =
+            LoggedChild::spawn(attach_command(&server, &roots, config.path(), extra), false)
+                .unwrap();
+        controller
+            .wait_for("serving Prometheus metrics", 1, Duration::from_secs(20))
+            .unwrap();
+        controller
+    };
+
+    // A controller that exits detaches and puts both back.
+    set_send_redirects(&server, "1", "1");
+    let controller = start(&[]);
+    assert_eq!(send_redirects(&server), off, "off while attached");
+    assert!(
+        controller
+            .child
+            .stop(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    assert_eq!(send_redirects(&server), ("1".into(), "1".into()));
+    assert!(!record.exists(), "the record goes with the attach");
+
+    // Kept across a restart (which finds them at 0 and must not record that), then `detach`
+    // from the host, not inside the namespace. Different originals, so a swap would show.
+    set_send_redirects(&server, "1", "0");
+    let keep = ["--keep-on-exit"];
+    let controller = start(&keep);
+    assert_eq!(send_redirects(&server), off);
+    assert!(
+        controller
+            .child
+            .stop(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    assert_eq!(send_redirects(&server), off, "kept with the data plane");
+    let controller = start(&keep);
+    assert_eq!(
+        controller.count("adopting the state of the previous controller"),
+        1
+    );
+    assert!(
+        controller
+            .child
+            .stop(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    assert_eq!(send_redirects(&server), off);
+    let detached = roots
+        .cli(&lb_tests::lb_userspace_bin(), &["detach", "veth-s"])
+        .unwrap();
+    assert!(
+        detached.contains("ICMP redirect settings put back"),
+        "{detached}"
+    );
+    assert_eq!(send_redirects(&server), ("1".into(), "0".into()));
+    assert!(!record.exists());
 }
