@@ -81,6 +81,9 @@ pub struct AppliedBackend {
     pub port: u16,
     /// Keeps its flows, takes no new ones.
     pub terminating: bool,
+    /// It takes no new flows because its pod is not ready (not because it is terminating).
+    #[serde(default)]
+    pub not_ready: bool,
     /// Maglev weight.
     pub weight: u32,
     /// The pod, if known.
@@ -268,6 +271,7 @@ impl Controller {
                             addr: e.addr,
                             port: e.port,
                             terminating: e.terminating,
+                            not_ready: e.not_ready,
                             weight: e.weight,
                             pod: e.pod.clone(),
                         })
