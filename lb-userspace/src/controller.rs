@@ -213,7 +213,8 @@ pub fn service_key(key: &VipKey) -> ServiceKey {
 /// when it had nothing to do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ApplyStep {
-    /// Backends that take new flows (new ones, and ones no longer terminating) are written.
+    /// Backends that take new flows (new ones, and ones no longer terminating) are written,
+    /// and new ids' counters zeroed.
     BackendsAdded,
     /// Changed Maglev tables are swapped in; services left with no backend taking new flows
     /// lose theirs.
@@ -356,11 +357,17 @@ impl Controller {
             MAX_BACKENDS,
             "backend",
         );
+        let mut new_service_ids = Vec::new();
+        let mut new_backend_ids = Vec::new();
         for service in &mut desired {
             let previous = old.get(&service.key);
             service.id = match previous {
                 Some(p) => p.id,
-                None => service_ids.allocate()?,
+                None => {
+                    let id = service_ids.allocate()?;
+                    new_service_ids.push(id);
+                    id
+                }
             };
             for backend in &mut service.backends {
                 let kept = previous.and_then(|p| {
@@ -370,10 +377,19 @@ impl Controller {
                 });
                 backend.id = match kept {
                     Some(b) => b.id,
-                    None => backend_ids.allocate()?,
+                    None => {
+                        let id = backend_ids.allocate()?;
+                        new_backend_ids.push(id);
+                        id
+                    }
                 };
             }
         }
+        // A recycled id must not carry its previous holder's totals into the views and metrics;
+        // zeroed before anything can count against it.
+        self.dataplane
+            .reset_flow_counters(&new_service_ids, &new_backend_ids)?;
+
         // 1. Backends that take new flows, before any table names them. Those turning
         // terminating keep their flag until step 2 replaced the tables that name them.
         let mut draining = Vec::new();

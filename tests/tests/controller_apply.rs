@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::Reason;
+use lb_common::{FlowCounter, Reason};
 use lb_tests::{frames::Spec, netns::Netns};
 use lb_userspace::{
     Dataplane,
@@ -254,6 +254,63 @@ fn no_step_of_an_apply_drops_new_flows_when_a_backend_turns_terminating() {
                 .filter(|(k, _)| k.sport >= 40_000)
                 .all(|(_, v)| v.backend_id != drained),
             "a new flow on the terminating backend"
+        );
+    })
+    .unwrap();
+}
+
+/// An id freed by one apply and handed out by a later one starts with zero counters: the views
+/// and metrics of the new service or backend must not show its predecessor's traffic.
+#[test]
+fn recycled_ids_start_with_zero_counters() {
+    let ns = Netns::create("recycle").unwrap();
+    ns.enter(|| {
+        let mut controller = Controller::new(
+            Dataplane::load().unwrap(),
+            AppliedState::default(),
+            None,
+            Options::default(),
+        );
+        controller
+            .apply(&sliced(&[("198.18.1.1", false), ("198.18.1.2", false)]))
+            .unwrap();
+        let service = controller.state().services[0].id;
+        let gone = controller.state().services[0].backends[1].id;
+        let mut port = 10_000;
+        new_flows(controller.dataplane(), &mut port, 100);
+        let counted = controller.dataplane().backend_counter(gone).unwrap();
+        assert!(counted.new_flows > 0, "{counted:?}");
+        assert!(
+            controller
+                .dataplane()
+                .service_counter(service)
+                .unwrap()
+                .packets
+                >= 100
+        );
+
+        // 198.18.1.2 goes; 198.18.1.4 comes in the next apply and gets its id back.
+        controller.apply(&sliced(&[("198.18.1.1", false)])).unwrap();
+        controller
+            .apply(&sliced(&[("198.18.1.1", false), ("198.18.1.4", false)]))
+            .unwrap();
+        let newcomer = &controller.state().services[0].backends[1];
+        assert_eq!(
+            (newcomer.addr.to_string().as_str(), newcomer.id),
+            ("198.18.1.4", gone)
+        );
+        assert_eq!(
+            controller.dataplane().backend_counter(gone).unwrap(),
+            FlowCounter::default()
+        );
+
+        // The service goes, and another takes its id.
+        controller.apply(&Cluster::default()).unwrap();
+        controller.apply(&cluster(&["198.18.1.1"], "")).unwrap();
+        assert_eq!(controller.state().services[0].id, service);
+        assert_eq!(
+            controller.dataplane().service_counter(service).unwrap(),
+            FlowCounter::default()
         );
     })
     .unwrap();
