@@ -4,7 +4,9 @@
 //!
 //! Order matters so that no packet sees a half-made state: backends are written before any
 //! table names them, tables before their service appears, and slots are emptied only after the
-//! tables that named them were replaced.
+//! tables that named them were replaced. A backend turning terminating is flagged only after
+//! the tables that named it were replaced too: the data plane refuses terminating backends to
+//! new flows, so a table still naming a flagged backend would drop the new flows of its slots.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -81,6 +83,9 @@ pub struct AppliedBackend {
     pub port: u16,
     /// Keeps its flows, takes no new ones.
     pub terminating: bool,
+    /// It takes no new flows because its pod is not ready (not because it is terminating).
+    #[serde(default)]
+    pub not_ready: bool,
     /// Maglev weight.
     pub weight: u32,
     /// The pod, if known.
@@ -204,6 +209,27 @@ pub fn service_key(key: &VipKey) -> ServiceKey {
     }
 }
 
+/// The steps of an apply, in order, each reported to [`Controller::on_step`] once done (even
+/// when it had nothing to do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApplyStep {
+    /// Backends that take new flows (new ones, and ones no longer terminating) are written,
+    /// and new ids' counters zeroed.
+    BackendsAdded,
+    /// Changed Maglev tables are swapped in; services left with no backend taking new flows
+    /// lose theirs.
+    TablesSwapped,
+    /// Backends turning terminating are flagged, now that no table names them.
+    BackendsDraining,
+    /// Services are written, and the VIP addresses counted.
+    ServicesWritten,
+    /// Services and backends that are gone are removed, and their flows cleared.
+    Retired,
+}
+
+/// Called after each step of an apply, with the data plane as that step left it.
+type StepHook = Box<dyn FnMut(ApplyStep, &Dataplane) + Send>;
+
 /// Drives a [`Dataplane`] towards desired states.
 pub struct Controller {
     dataplane: Dataplane,
@@ -213,6 +239,7 @@ pub struct Controller {
     /// The `VIP_ADDRS` values this controller wrote (empty after a start: all are written
     /// again).
     vip_addrs: BTreeMap<IpAddr, u32>,
+    on_step: Option<StepHook>,
 }
 
 impl Controller {
@@ -229,6 +256,20 @@ impl Controller {
             state_path,
             options,
             vip_addrs: BTreeMap::new(),
+            on_step: None,
+        }
+    }
+
+    /// Calls `hook` after each step of every apply, with the data plane as the step left it:
+    /// what a packet arriving between two steps meets (the tests check no step drops one).
+    pub fn on_step(&mut self, hook: impl FnMut(ApplyStep, &Dataplane) + Send + 'static) {
+        self.on_step = Some(Box::new(hook));
+    }
+
+    fn step_done(&mut self, step: ApplyStep) {
+        tracing::debug!(?step, "apply step done");
+        if let Some(hook) = &mut self.on_step {
+            hook(step, &self.dataplane);
         }
     }
 
@@ -272,6 +313,7 @@ impl Controller {
                             addr: e.addr,
                             port: e.port,
                             terminating: e.terminating,
+                            not_ready: e.not_ready,
                             weight: e.weight,
                             pod: e.pod.clone(),
                         })
@@ -319,11 +361,17 @@ impl Controller {
             MAX_BACKENDS,
             "backend",
         );
+        let mut new_service_ids = Vec::new();
+        let mut new_backend_ids = Vec::new();
         for service in &mut desired {
             let previous = old.get(&service.key);
             service.id = match previous {
                 Some(p) => p.id,
-                None => service_ids.allocate()?,
+                None => {
+                    let id = service_ids.allocate()?;
+                    new_service_ids.push(id);
+                    id
+                }
             };
             for backend in &mut service.backends {
                 let kept = previous.and_then(|p| {
@@ -333,27 +381,42 @@ impl Controller {
                 });
                 backend.id = match kept {
                     Some(b) => b.id,
-                    None => backend_ids.allocate()?,
+                    None => {
+                        let id = backend_ids.allocate()?;
+                        new_backend_ids.push(id);
+                        id
+                    }
                 };
             }
         }
+        // A recycled id must not carry its previous holder's totals into the views and metrics;
+        // zeroed before anything can count against it.
+        self.dataplane
+            .reset_flow_counters(&new_service_ids, &new_backend_ids)?;
 
-        // 1. Backends, before any table names them.
+        // 1. Backends that take new flows, before any table names them. Those turning
+        // terminating keep their flag until step 2 replaced the tables that name them.
+        let mut draining = Vec::new();
         for service in &desired {
             let previous = old.get(&service.key);
             for backend in &service.backends {
-                let unchanged = previous.is_some_and(|p| {
-                    p.backends
-                        .iter()
-                        .any(|b| b.id == backend.id && b.terminating == backend.terminating)
-                });
-                if !unchanged {
-                    self.dataplane
-                        .set_backend(backend.id, &data_plane_backend(service, backend))?;
+                let was = previous
+                    .and_then(|p| p.backends.iter().find(|b| b.id == backend.id))
+                    .map(|b| b.terminating);
+                match was {
+                    Some(terminating) if terminating == backend.terminating => {}
+                    Some(false) => {
+                        draining.push((backend.id, data_plane_backend(service, backend)));
+                    }
+                    _ => self
+                        .dataplane
+                        .set_backend(backend.id, &data_plane_backend(service, backend))?,
                 }
             }
         }
-        // 2. Tables, built whole and swapped in one batch; then 3. the services themselves.
+        self.step_done(ApplyStep::BackendsAdded);
+        // 2. Tables, built whole and swapped in one batch; then 3. the backends turning
+        // terminating, and 4. the services themselves.
         let mut tables = Vec::new();
         let mut emptied = Vec::new();
         for service in &desired {
@@ -375,6 +438,13 @@ impl Controller {
         for id in emptied {
             let _ = self.dataplane.remove_maglev_table(id);
         }
+        self.step_done(ApplyStep::TablesSwapped);
+        // The kernel returns from a map-in-map update only once running programs are done
+        // with the old inner map (an RCU grace period), so no packet still reads an old table.
+        for (id, backend) in &draining {
+            self.dataplane.set_backend(*id, backend)?;
+        }
+        self.step_done(ApplyStep::BackendsDraining);
         for service in &desired {
             let previous = old.get(&service.key).copied();
             let table_inputs_changed = previous.is_none_or(|p| {
@@ -393,8 +463,9 @@ impl Controller {
             }
         }
         self.set_vip_counts(&desired)?;
+        self.step_done(ApplyStep::ServicesWritten);
 
-        // 4. Retire what is gone, and the flows of removed backends.
+        // 5. Retire what is gone, and the flows of removed backends.
         let desired_keys: HashSet<VipKey> = desired.iter().map(|s| s.key).collect();
         let kept_backends: HashSet<u32> = desired
             .iter()
@@ -415,6 +486,7 @@ impl Controller {
         }
         report.backends_removed = removed_backends.len();
         report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
+        self.step_done(ApplyStep::Retired);
 
         self.state = AppliedState {
             generation: self.state.generation + 1,

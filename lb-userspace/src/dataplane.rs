@@ -721,6 +721,38 @@ impl Dataplane {
         self.flow_counter(names::BACKEND_STATS, backend_id)
     }
 
+    /// Zeroes the traffic counters (every CPU's) of services `service_ids` and backends
+    /// `backend_ids`: an id handed out again must not carry its previous holder's totals.
+    pub fn reset_flow_counters(
+        &mut self,
+        service_ids: &[u32],
+        backend_ids: &[u32],
+    ) -> Result<(), DataplaneError> {
+        for (name, ids) in [
+            (names::SERVICE_STATS, service_ids),
+            (names::BACKEND_STATS, backend_ids),
+        ] {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut map: PerCpuArray<_, FlowCounter> =
+                self.map_mut(name)?.try_into().map_err(map_error(name))?;
+            let cpus_error = |io_error| {
+                map_error(name)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "nr_cpus",
+                    io_error,
+                }))
+            };
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| cpus_error(e))?;
+            for &id in ids {
+                let zero = aya::maps::PerCpuValues::try_from(vec![FlowCounter::default(); cpus])
+                    .map_err(cpus_error)?;
+                map.set(id, zero, 0).map_err(map_error(name))?;
+            }
+        }
+        Ok(())
+    }
+
     fn flow_counter(&self, name: &'static str, index: u32) -> Result<FlowCounter, DataplaneError> {
         let map: PerCpuArray<_, FlowCounter> =
             self.map(name)?.try_into().map_err(map_error(name))?;

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod privileges;
+pub mod redirects;
 pub mod views;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

@@ -9,17 +9,17 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    AttachMode, Dataplane,
+    AttachMode, Dataplane, conntrack,
     controller::{AppliedState, Controller},
     dataplane::LoadOptions,
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
     pins::{self, Paths},
-    views,
+    redirects, views,
 };
 use notify::Watcher as _;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, oneshot},
     time::Instant,
 };
@@ -78,7 +78,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         stats_interval: u64,
         /// On Ctrl-C/SIGTERM leave the data plane attached and serving (pinned), for a
-        /// restart or an upgrade; `detach` removes it. Without it, exiting detaches.
+        /// restart or an upgrade; `detach` removes it. Without it, exiting detaches. A fresh
+        /// attach stopped before its first apply completed is removed all the same.
         #[arg(long)]
         keep_on_exit: bool,
         /// Capacity of the connection table.
@@ -242,7 +243,197 @@ struct AttachSettings {
 /// A request of the metrics endpoint, answered by the controller loop that owns the maps.
 type MetricsRequest = oneshot::Sender<String>;
 
+/// SIGTERM and SIGINT, listened to from the first moment of `attach`.
+///
+/// Once installed, a stop signal no longer kills the process by its default action: it waits
+/// here until the controller looks, so none is lost between two looks either (which is also why
+/// the streams are made once and kept, rather than made anew at every turn of the loop).
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for a stop signal.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+
+    /// Whether a stop signal has arrived, without waiting.
+    async fn arrived(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            () = self.recv() => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+}
+
+/// What `attach` has set up for its interface, so that a stop or an error at any moment of
+/// start-up, and the exit after it, take down exactly that (or keep it, with `--keep-on-exit`).
+struct Setup {
+    paths: Paths,
+    /// A previous controller left a data plane here (pins or a state), which this run adopts.
+    inherited: bool,
+    /// The data plane, once loaded.
+    controller: Option<Controller>,
+    /// The data plane serves what it was asked to: this run's first apply completed (or, without
+    /// `--config`, it is attached).
+    complete: bool,
+    /// A stop signal arrived; start-up goes no further.
+    stopped: bool,
+    /// Start-up got as far as making folders: there may be something to remove.
+    touched: bool,
+}
+
+impl Setup {
+    fn new(paths: Paths) -> Self {
+        let inherited = paths.state_file.exists()
+            || paths.redirects_file.exists()
+            || std::fs::read_dir(&paths.pin_dir).is_ok_and(|mut d| d.next().is_some());
+        Self {
+            paths,
+            inherited,
+            controller: None,
+            complete: false,
+            stopped: false,
+            touched: false,
+        }
+    }
+
+    /// Runs a slow start-up step (loading, attaching, the first apply) on a blocking thread
+    /// while listening for a stop signal. The step always runs to its end: a kernel call cannot
+    /// be abandoned half-way, and whatever it made must be in hand to be taken down. A signal
+    /// that arrives meanwhile marks the start-up stopped.
+    async fn step<T: Send + 'static>(
+        &mut self,
+        stop: &mut StopSignals,
+        what: &'static str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let mut task = tokio::task::spawn_blocking(work);
+        let output = tokio::select! {
+            biased;
+            () = stop.recv() => {
+                info!(step = what, "stop signal during start-up: finishing this step, then stopping");
+                self.stopped = true;
+                task.await
+            }
+            output = &mut task => output,
+        };
+        output.with_context(|| format!("{what} did not finish"))
+    }
+
+    /// Whether start-up must go no further: a stop signal arrived during or since the last step.
+    async fn should_stop(&mut self, stop: &mut StopSignals) -> bool {
+        if !self.stopped && stop.arrived().await {
+            info!("stop signal during start-up");
+            self.stopped = true;
+        }
+        self.stopped
+    }
+
+    /// The end of the run, on a stop at any moment: the data plane is removed, unless
+    /// `--keep-on-exit` and there is a whole data plane to keep (this run completed its start-up,
+    /// or it found one serving, which is left as it was). A fresh attach stopped before its first
+    /// apply completed is removed even with `--keep-on-exit`: it would keep serving nothing, or
+    /// half of what was asked.
+    fn finish(self, keep_on_exit: bool) -> anyhow::Result<()> {
+        if let Some(controller) = &self.controller {
+            log_counters(controller.dataplane());
+        }
+        if keep_on_exit && (self.complete || self.inherited) {
+            info!(pins = %self.paths.pin_dir.display(), "leaving the data plane attached and serving (--keep-on-exit)");
+            return Ok(());
+        }
+        if keep_on_exit {
+            info!("stopped before the data plane was complete: removing it despite --keep-on-exit");
+        }
+        self.remove()
+    }
+
+    /// The end of a start-up that failed: a data plane found serving is left as it was (the
+    /// previous controller's, still serving); one this run made is removed.
+    fn fail(self, error: anyhow::Error) -> anyhow::Error {
+        if self.touched
+            && !self.inherited
+            && let Err(cleanup) = self.remove()
+        {
+            warn!(error = %cleanup, "removing what the failed start-up made");
+        }
+        error
+    }
+
+    /// Removes the pins, the state and the links, and puts the ICMP redirect settings back:
+    /// safe at any moment, whatever exists yet.
+    fn remove(mut self) -> anyhow::Result<()> {
+        Dataplane::unpin_all(&self.paths.pin_dir).context("removing the pins")?;
+        let _ = std::fs::remove_file(&self.paths.state_file);
+        if let Err(e) = redirects::restore(&self.paths.redirects_file) {
+            warn!(error = %e, "putting the ICMP redirect settings back");
+        }
+        if let Some(controller) = &mut self.controller {
+            controller.dataplane_mut().detach_all()?;
+        }
+        info!("detached and removed");
+        Ok(())
+    }
+}
+
 async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
+    // First of all, before anything exists: a stop signal that arrives later is handled, never
+    // the default action that would kill the process with pins, links and state half made.
+    let mut stop = StopSignals::install()?;
+    let keep_on_exit = settings.keep_on_exit;
+    let mut setup = Setup::new(Paths::new(
+        &roots.pin_root,
+        &roots.state_root,
+        &settings.iface,
+    ));
+    match start(settings, roots, &mut setup, &mut stop).await {
+        Err(e) => Err(setup.fail(e)),
+        Ok(None) => setup.finish(keep_on_exit),
+        Ok(Some(mut running)) => {
+            let controller = setup
+                .controller
+                .as_mut()
+                .expect("a started data plane has a controller");
+            running.serve(controller, &mut stop).await;
+            info!("stopping");
+            setup.finish(keep_on_exit)
+        }
+    }
+}
+
+/// The controller loop's inputs, once start-up is done.
+struct Running {
+    config: Option<PathBuf>,
+    options: Options,
+    stats_interval: u64,
+    reloads: Reloads,
+    changes: mpsc::Receiver<()>,
+    metrics: mpsc::Receiver<MetricsRequest>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Start-up: everything up to the first apply. `None` when a stop signal ended it early (what
+/// was made is in `setup`, to be taken down).
+async fn start(
+    settings: AttachSettings,
+    roots: &Roots,
+    setup: &mut Setup,
+    stop: &mut StopSignals,
+) -> anyhow::Result<Option<Running>> {
     let AttachSettings {
         iface,
         config,
@@ -250,29 +441,36 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
         options,
         metrics_addr,
         stats_interval,
-        keep_on_exit,
+        keep_on_exit: _,
         conntrack_size,
     } = settings;
     // Watch before the first read, so a change written while we start is not missed: it
     // triggers a reload that finds either a new state or nothing to do.
-    let (change_tx, mut change_rx) = mpsc::channel::<()>(64);
-    let _watcher = match &config {
+    let (change_tx, changes) = mpsc::channel::<()>(64);
+    let watcher = match &config {
         Some(path) => Some(watch(path, change_tx)?),
         None => None,
     };
-    // A configuration that does not validate stops us before anything changes.
+    // A configuration that does not validate, or a metrics address in use, stops us before
+    // anything changes.
     let cluster = match &config {
         Some(path) => Some(model::load(path, &with_host_addresses(&options))?),
         None => None,
     };
-    let paths = Paths::new(&roots.pin_root, &roots.state_root, &iface);
-    paths.prepare(&roots.pin_root)?;
-    let dataplane = Dataplane::load_with(LoadOptions {
-        conntrack_size,
-        pin_dir: Some(paths.pin_dir.clone()),
-    })
-    .context("loading the data plane")?;
-    let state = AppliedState::read(&paths.state_file)?;
+    let listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
+    if setup.should_stop(stop).await {
+        return Ok(None);
+    }
+    setup.touched = true;
+    setup.paths.prepare(&roots.pin_root)?;
+    // Before the data plane forwards anything. Not fatal: behind a node (the Kubernetes model)
+    // replies leave by another interface than they came in on, and no redirect is sent.
+    if let Err(e) = redirects::disable(&iface, &setup.paths.redirects_file) {
+        warn!(error = %e, "could not turn ICMP redirects off: on a one-armed host, backends may be told to bypass the load balancer");
+    }
+    let state = AppliedState::read(&setup.paths.state_file)?;
     if state.generation > 0 {
         info!(
             generation = state.generation,
@@ -280,60 +478,101 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
             "adopting the state of the previous controller"
         );
     }
-    let mut controller = Controller::new(
+    let pin_dir = setup.paths.pin_dir.clone();
+    let dataplane = setup
+        .step(stop, "loading the data plane", move || {
+            Dataplane::load_with(LoadOptions {
+                conntrack_size,
+                pin_dir: Some(pin_dir),
+            })
+        })
+        .await?
+        .context("loading the data plane")?;
+    setup.controller = Some(Controller::new(
         dataplane,
         state,
-        Some(paths.state_file.clone()),
+        Some(setup.paths.state_file.clone()),
         options.clone(),
-    );
-    controller.dataplane_mut().attach(&iface, mode)?;
-    lb_userspace::conntrack::spawn_sweeper(lb_userspace::conntrack::FlowTables::of(
-        controller.dataplane(),
-    )?);
-    let mut reloads = Reloads::default();
-    if let Some(cluster) = &cluster {
-        log_warnings(cluster);
-        controller.apply(cluster)?;
-        reloads.succeeded += 1;
+    ));
+    if setup.should_stop(stop).await {
+        return Ok(None);
     }
-
-    let (metrics_tx, mut metrics_rx) = mpsc::channel::<MetricsRequest>(8);
-    let listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
-    info!(%metrics_addr, "serving Prometheus metrics on /metrics");
-    tokio::spawn(serve_metrics(listener, metrics_tx));
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
-    let mut settle_at: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            Some(()) = change_rx.recv() => settle_at = Some(Instant::now() + SETTLE),
-            () = async { tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)).await }, if settle_at.is_some() => {
-                settle_at = None;
-                if let Some(path) = &config {
-                    reload(&mut controller, path, &options, &mut reloads);
-                }
+    let mut controller = setup.controller.take().expect("just loaded");
+    let (controller, attached) = setup
+        .step(stop, "attaching", move || {
+            let attached = controller.dataplane_mut().attach(&iface, mode);
+            (controller, attached)
+        })
+        .await?;
+    setup.controller = Some(controller);
+    attached?;
+    if let Some(controller) = &setup.controller {
+        // Off the controller's loop: the sweep of quiet flows never delays an apply.
+        conntrack::spawn_sweeper(conntrack::FlowTables::of(controller.dataplane())?);
+    }
+    let mut reloads = Reloads::default();
+    // A stop that arrived before the data plane was complete (during the step that completes
+    // it, too) finds it incomplete: --keep-on-exit keeps only whole data planes.
+    match cluster {
+        None => setup.complete = !setup.stopped,
+        Some(cluster) => {
+            if setup.should_stop(stop).await {
+                return Ok(None);
             }
-            Some(reply) = metrics_rx.recv() => {
-                let _ = reply.send(metrics::render(&controller, reloads));
-            }
-            _ = ticker.tick(), if stats_interval > 0 => log_counters(controller.dataplane()),
+            log_warnings(&cluster);
+            let mut controller = setup.controller.take().expect("loaded");
+            let (controller, applied) = setup
+                .step(stop, "the first apply", move || {
+                    let applied = controller.apply(&cluster);
+                    (controller, applied)
+                })
+                .await?;
+            setup.controller = Some(controller);
+            applied?;
+            setup.complete = !setup.stopped;
+            reloads.succeeded += 1;
         }
     }
-    info!("stopping");
-    log_counters(controller.dataplane());
-    if keep_on_exit {
-        info!(pins = %paths.pin_dir.display(), "leaving the data plane attached and serving (--keep-on-exit)");
-        return Ok(());
+    if setup.should_stop(stop).await {
+        return Ok(None);
     }
-    Dataplane::unpin_all(&paths.pin_dir).context("removing the pins")?;
-    let _ = std::fs::remove_file(&paths.state_file);
-    controller.dataplane_mut().detach_all()?;
-    Ok(())
+
+    let (metrics_tx, metrics) = mpsc::channel::<MetricsRequest>(8);
+    info!(%metrics_addr, "serving Prometheus metrics on /metrics");
+    tokio::spawn(serve_metrics(listener, metrics_tx));
+    Ok(Some(Running {
+        config,
+        options,
+        stats_interval,
+        reloads,
+        changes,
+        metrics,
+        _watcher: watcher,
+    }))
+}
+
+impl Running {
+    /// Follows the configuration and answers metrics until a stop signal.
+    async fn serve(&mut self, controller: &mut Controller, stop: &mut StopSignals) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(self.stats_interval.max(1)));
+        let mut settle_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = stop.recv() => break,
+                Some(()) = self.changes.recv() => settle_at = Some(Instant::now() + SETTLE),
+                () = async { tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)).await }, if settle_at.is_some() => {
+                    settle_at = None;
+                    if let Some(path) = &self.config {
+                        reload(controller, path, &self.options, &mut self.reloads);
+                    }
+                }
+                Some(reply) = self.metrics.recv() => {
+                    let _ = reply.send(metrics::render(controller, self.reloads));
+                }
+                _ = ticker.tick(), if self.stats_interval > 0 => log_counters(controller.dataplane()),
+            }
+        }
+    }
 }
 
 fn log_warnings(cluster: &Cluster) {
@@ -428,16 +667,23 @@ fn detach(iface: &str, roots: &Roots) -> anyhow::Result<()> {
     let removed = Dataplane::unpin_all(&paths.pin_dir)
         .with_context(|| format!("removing {}", paths.pin_dir.display()))?;
     let state_removed = std::fs::remove_file(&paths.state_file).is_ok();
-    if removed.is_empty() && !state_removed {
+    let redirects_restored = redirects::restore(&paths.redirects_file)
+        .context("putting the ICMP redirect settings back")?;
+    if removed.is_empty() && !state_removed && !redirects_restored {
         anyhow::bail!(
             "nothing is attached to {iface} under {}",
             roots.pin_root.display()
         );
     }
     println!(
-        "detached {iface}: removed {} pins{}; a controller still running for it keeps it attached until it exits",
+        "detached {iface}: removed {} pins{}{}; a controller still running for it keeps it attached until it exits",
         removed.len(),
-        if state_removed { " and the state" } else { "" }
+        if state_removed { " and the state" } else { "" },
+        if redirects_restored {
+            "; ICMP redirect settings put back"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The desired state: services as the data plane serves them, built from manifests and
 //! validated. Kubernetes' own rules apply: ready endpoints serve; when none is ready, serving
-//! and terminating ones do; terminating ones otherwise keep their existing flows only.
+//! and terminating ones do. Every other endpoint still listed (terminating, or not ready) keeps
+//! its existing flows and takes no new ones; only an endpoint that leaves the objects loses its
+//! flows.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -78,8 +80,12 @@ pub struct EndpointModel {
     pub addr: IpAddr,
     /// The resolved target port.
     pub port: u16,
-    /// Keeps its existing flows but takes no new ones.
+    /// Keeps its existing flows but takes no new ones (its pod is terminating or not ready).
     pub terminating: bool,
+    /// Why it takes no new flows, when it does not: its pod is not ready (and not terminating).
+    /// Absent from states saved before it existed.
+    #[serde(default)]
+    pub not_ready: bool,
     /// Maglev weight (0: no new flows).
     pub weight: u32,
     /// The pod behind it, if the manifest names it.
@@ -550,14 +556,15 @@ fn endpoints_for_port(
     let mut endpoints = Vec::new();
     for endpoint in raw {
         // Kubernetes' rule: ready endpoints serve; with none ready, serving+terminating ones do.
-        let (serves, terminating) = if any_ready {
-            (endpoint.ready, !endpoint.ready && endpoint.terminating)
+        let serves = if any_ready {
+            endpoint.ready
         } else {
-            (endpoint.serving && endpoint.terminating, false)
+            endpoint.serving && endpoint.terminating
         };
-        if !serves && !terminating {
-            continue;
-        }
+        // Every other endpoint listed keeps its established flows and takes no new ones: a pod
+        // whose readiness probe fails for a moment should not have its connections cut, and
+        // kube-proxy leaves established connections alone too. Only endpoints that leave the
+        // objects lose their flows.
         let resolved = endpoint
             .ports
             .iter()
@@ -587,11 +594,13 @@ fn endpoints_for_port(
             addr: endpoint.addr,
             port: target,
             terminating: !serves,
+            not_ready: !serves && !endpoint.terminating,
             weight: weights.get(&endpoint.addr).copied().unwrap_or(1),
             pod: endpoint.pod.clone(),
         });
     }
-    endpoints.sort_by_key(|e| (e.addr, e.port));
+    // An endpoint listed twice (two slices during a change) serves if either listing does.
+    endpoints.sort_by_key(|e| (e.addr, e.port, e.terminating));
     endpoints.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
     Ok(endpoints)
 }
@@ -689,23 +698,70 @@ mod tests {
         );
     }
 
+    /// (address, takes no new flows, not ready) of the first port's endpoints.
+    fn states(cluster: &Cluster) -> Vec<(String, bool, bool)> {
+        cluster.services[0].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.terminating, e.not_ready))
+            .collect()
+    }
+
     #[test]
     fn endpoint_slices_follow_kubernetes_serving_rules() {
         let endpoints = "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n\
                          - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
-                         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false}\n";
+                         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false}\n\
+                         - addresses: [198.18.1.4]\n  conditions: {ready: false, serving: false, terminating: true}\n";
         let cluster = parse(&(service("") + &slice(endpoints))).unwrap();
-        let endpoints = &cluster.services[0].ports[0].endpoints;
-        assert_eq!(endpoints.len(), 2, "{endpoints:?}");
-        assert!(!endpoints[0].terminating, "ready serves");
-        assert!(endpoints[1].terminating, "terminating keeps flows only");
+        assert_eq!(
+            states(&cluster),
+            [
+                ("198.18.1.1".into(), false, false), // ready: serves
+                ("198.18.1.2".into(), true, false),  // terminating: existing flows only
+                ("198.18.1.3".into(), true, true),   // not ready: existing flows only
+                ("198.18.1.4".into(), true, false),  // terminating, not serving: the same
+            ]
+        );
 
-        // None ready: serving and terminating ones serve.
-        let endpoints = "- addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n";
+        // None ready: serving and terminating ones serve; the others keep their flows only.
+        let endpoints = "- addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+                         - addresses: [198.18.1.3]\n  conditions: {ready: false}\n";
         let cluster = parse(&(service("") + &slice(endpoints))).unwrap();
-        let endpoints = &cluster.services[0].ports[0].endpoints;
-        assert_eq!(endpoints.len(), 1);
-        assert!(!endpoints[0].terminating);
+        assert_eq!(
+            states(&cluster),
+            [
+                ("198.18.1.2".into(), false, false),
+                ("198.18.1.3".into(), true, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn not_ready_addresses_of_endpoints_keep_their_flows_only() {
+        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n\
+                         - addresses:\n  - ip: 198.18.1.1\n  notReadyAddresses:\n  - ip: 198.18.1.2\n";
+        let cluster = parse(&(service("") + endpoints)).unwrap();
+        assert_eq!(
+            states(&cluster),
+            [
+                ("198.18.1.1".into(), false, false),
+                ("198.18.1.2".into(), true, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_listed_twice_serves_if_either_listing_does() {
+        let second = slice("- addresses: [198.18.1.1]\n  conditions: {ready: false}\n")
+            .replace("name: web-abc", "name: web-def");
+        let yaml = service("")
+            + &slice("- addresses: [198.18.1.1]\n  conditions: {ready: true}\n")
+            + &second;
+        assert_eq!(
+            states(&parse(&yaml).unwrap()),
+            [("198.18.1.1".into(), false, false)]
+        );
     }
 
     #[test]

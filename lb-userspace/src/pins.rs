@@ -42,6 +42,9 @@ pub struct Paths {
     pub pin_dir: PathBuf,
     /// Its applied-state file.
     pub state_file: PathBuf,
+    /// Beside the state: the ICMP redirect settings found before attach, put back by detach
+    /// (see [`crate::redirects`]).
+    pub redirects_file: PathBuf,
 }
 
 impl Paths {
@@ -50,6 +53,7 @@ impl Paths {
         Self {
             pin_dir: pin_root.join(iface),
             state_file: state_root.join(format!("{iface}.json")),
+            redirects_file: state_root.join(format!("{iface}.sysctl")),
         }
     }
 

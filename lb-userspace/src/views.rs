@@ -127,7 +127,7 @@ pub struct EndpointView {
     pub endpoint: String,
     /// The pod, if known.
     pub pod: Option<String>,
-    /// Serving, or terminating (existing flows only).
+    /// `serving`, or `terminating` / `not-ready` (existing flows only, no new ones).
     pub state: &'static str,
     /// Maglev weight.
     pub weight: u32,
@@ -177,10 +177,10 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
             let view = views.entry(endpoint.clone()).or_insert(EndpointView {
                 endpoint,
                 pod: backend.pod.clone(),
-                state: if backend.terminating {
-                    "terminating"
-                } else {
-                    "serving"
+                state: match (backend.terminating, backend.not_ready) {
+                    (false, _) => "serving",
+                    (true, false) => "terminating",
+                    (true, true) => "not-ready",
                 },
                 weight: backend.weight,
                 packets: 0,

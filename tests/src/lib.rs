@@ -140,21 +140,28 @@ impl ChildGuard {
     }
 
     /// Sends SIGTERM and waits up to `grace` before SIGKILL; returns the exit status.
-    pub fn stop(mut self, grace: std::time::Duration) -> std::io::Result<std::process::ExitStatus> {
+    pub fn stop(self, grace: std::time::Duration) -> std::io::Result<std::process::ExitStatus> {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM, grace)
+    }
+
+    /// Sends `signal` and waits up to `grace` before SIGKILL; returns the exit status.
+    pub fn stop_with(
+        mut self,
+        signal: nix::sys::signal::Signal,
+        grace: std::time::Duration,
+    ) -> std::io::Result<std::process::ExitStatus> {
         let child = self.child.take().expect("child present until stopped");
-        terminate(child, grace)
+        terminate(child, signal, grace)
     }
 }
 
 fn terminate(
     mut child: std::process::Child,
+    signal: nix::sys::signal::Signal,
     grace: std::time::Duration,
 ) -> std::io::Result<std::process::ExitStatus> {
-    use nix::{
-        sys::signal::{Signal, kill},
-        unistd::Pid,
-    };
-    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    use nix::{sys::signal::kill, unistd::Pid};
+    let _ = kill(Pid::from_raw(child.id() as i32), signal);
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
@@ -169,7 +176,11 @@ fn terminate(
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
-            let _ = terminate(child, std::time::Duration::from_secs(2));
+            let _ = terminate(
+                child,
+                nix::sys::signal::Signal::SIGTERM,
+                std::time::Duration::from_secs(2),
+            );
         }
     }
 }

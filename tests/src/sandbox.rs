@@ -145,6 +145,9 @@ pub enum EndpointState {
     Ready,
     /// Terminating: keeps its connections, takes no new ones.
     Terminating,
+    /// Not ready (a failing readiness probe), not terminating: keeps its connections, takes no
+    /// new ones.
+    NotReady,
 }
 
 /// The sandbox. Dropping it stops every process and removes every namespace and pin.
@@ -432,6 +435,7 @@ ports:
                     EndpointState::Terminating => {
                         "{ready: false, serving: true, terminating: true}"
                     }
+                    EndpointState::NotReady => "{ready: false, serving: false, terminating: false}",
                 };
                 yaml += &format!(
                     "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",

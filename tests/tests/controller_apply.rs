@@ -1,13 +1,18 @@
 //! The controller's diffing against the real maps: ids stay stable, only what changed is
 //! written, removed backends' flows are cleared, removed services disappear.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{FlowCounter, Reason};
 use lb_tests::{frames::Spec, netns::Netns};
 use lb_userspace::{
     Dataplane,
-    controller::{AppliedState, ApplyReport, Controller},
+    controller::{AppliedState, ApplyReport, ApplyStep, Controller},
     manifest::{self, Manifests},
     model::{self, Cluster, Options},
 };
@@ -131,6 +136,182 @@ fn node_ports_are_served_on_the_node_addresses() {
             .unwrap();
         output.truncate(result.data_size_out as usize);
         assert_eq!(output, Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 1, 1]), 8080).build());
+    })
+    .unwrap();
+}
+
+/// The `web` service with an EndpointSlice: (address, terminating) per endpoint.
+fn sliced(endpoints: &[(&str, bool)]) -> Cluster {
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- port: 8080\nendpoints:\n".to_owned();
+    for (addr, terminating) in endpoints {
+        yaml += &format!(
+            "- addresses: [{addr}]\n  conditions: {{ready: {}, serving: true, terminating: {terminating}}}\n",
+            !terminating
+        );
+    }
+    let mut manifests = Manifests::default();
+    manifest::read_text(&PathBuf::from("sliced.yaml"), &yaml, &mut manifests).unwrap();
+    model::build(&manifests, &Options::default()).unwrap()
+}
+
+/// Runs `count` new TCP flows (client ports from `*next_port` on) to 198.18.100.1:8080 through
+/// the XDP program; returns how many were dropped for want of a backend.
+fn new_flows(dataplane: &Dataplane, next_port: &mut u16, count: u16) -> u64 {
+    let dropped = || {
+        dataplane
+            .reason_counter(Reason::DropNoBackend)
+            .unwrap()
+            .packets
+    };
+    let before = dropped();
+    let program = dataplane.xdp_program().unwrap();
+    for _ in 0..count {
+        let frame = Spec::tcp(
+            IpAddr::from([198, 18, 0, 1]),
+            *next_port,
+            IpAddr::from([198, 18, 100, 1]),
+            8080,
+        )
+        .build();
+        *next_port += 1;
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..TestRunOptions::new()
+            })
+            .unwrap();
+    }
+    dropped() - before
+}
+
+/// A backend turning terminating is flagged only once no table names it: new flows arriving
+/// between any two steps of the apply all find a backend (the data plane refuses terminating
+/// backends to new flows, so a flag written while the old table still names the backend drops
+/// the new flows of its slots).
+#[test]
+fn no_step_of_an_apply_drops_new_flows_when_a_backend_turns_terminating() {
+    let ns = Netns::create("drain").unwrap();
+    ns.enter(|| {
+        let mut controller = Controller::new(
+            Dataplane::load().unwrap(),
+            AppliedState::default(),
+            None,
+            Options::default(),
+        );
+        let pods = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        controller
+            .apply(&sliced(&pods.map(|p| (p, false))))
+            .unwrap();
+        let drained = controller.state().services[0].backends[1].id;
+
+        // Probe every step: 300 new flows, about 100 of them hashing to the slots of the
+        // backend about to drain.
+        let steps: Arc<Mutex<Vec<(ApplyStep, u64)>>> = Arc::default();
+        let mut next_port = 20_000;
+        {
+            let steps = steps.clone();
+            controller.on_step(move |step, dataplane| {
+                let dropped = new_flows(dataplane, &mut next_port, 300);
+                steps.lock().unwrap().push((step, dropped));
+            });
+        }
+        controller
+            .apply(&sliced(&[
+                (pods[0], false),
+                (pods[1], true),
+                (pods[2], false),
+            ]))
+            .unwrap();
+        let steps = steps.lock().unwrap().clone();
+        assert_eq!(
+            steps.iter().map(|(step, _)| *step).collect::<Vec<_>>(),
+            [
+                ApplyStep::BackendsAdded,
+                ApplyStep::TablesSwapped,
+                ApplyStep::BackendsDraining,
+                ApplyStep::ServicesWritten,
+                ApplyStep::Retired,
+            ]
+        );
+        assert!(
+            steps.iter().all(|(_, dropped)| *dropped == 0),
+            "new flows dropped between steps: {steps:?}"
+        );
+
+        // And it did drain: flagged, out of the table, no new flow placed on it.
+        let service = &controller.state().services[0];
+        assert!(service.backends[1].terminating && service.backends[1].id == drained);
+        let table = service.maglev_table().unwrap().unwrap();
+        assert!(!table.contains(&drained));
+        let flows_before = controller.dataplane().flows().unwrap().len();
+        let mut port = 40_000;
+        assert_eq!(new_flows(controller.dataplane(), &mut port, 300), 0);
+        let flows = controller.dataplane().flows().unwrap();
+        assert_eq!(flows.len(), flows_before + 300);
+        assert!(
+            flows
+                .iter()
+                .filter(|(k, _)| k.sport >= 40_000)
+                .all(|(_, v)| v.backend_id != drained),
+            "a new flow on the terminating backend"
+        );
+    })
+    .unwrap();
+}
+
+/// An id freed by one apply and handed out by a later one starts with zero counters: the views
+/// and metrics of the new service or backend must not show its predecessor's traffic.
+#[test]
+fn recycled_ids_start_with_zero_counters() {
+    let ns = Netns::create("recycle").unwrap();
+    ns.enter(|| {
+        let mut controller = Controller::new(
+            Dataplane::load().unwrap(),
+            AppliedState::default(),
+            None,
+            Options::default(),
+        );
+        controller
+            .apply(&sliced(&[("198.18.1.1", false), ("198.18.1.2", false)]))
+            .unwrap();
+        let service = controller.state().services[0].id;
+        let gone = controller.state().services[0].backends[1].id;
+        let mut port = 10_000;
+        new_flows(controller.dataplane(), &mut port, 100);
+        let counted = controller.dataplane().backend_counter(gone).unwrap();
+        assert!(counted.new_flows > 0, "{counted:?}");
+        assert!(
+            controller
+                .dataplane()
+                .service_counter(service)
+                .unwrap()
+                .packets
+                >= 100
+        );
+
+        // 198.18.1.2 goes; 198.18.1.4 comes in the next apply and gets its id back.
+        controller.apply(&sliced(&[("198.18.1.1", false)])).unwrap();
+        controller
+            .apply(&sliced(&[("198.18.1.1", false), ("198.18.1.4", false)]))
+            .unwrap();
+        let newcomer = &controller.state().services[0].backends[1];
+        assert_eq!(
+            (newcomer.addr.to_string().as_str(), newcomer.id),
+            ("198.18.1.4", gone)
+        );
+        assert_eq!(
+            controller.dataplane().backend_counter(gone).unwrap(),
+            FlowCounter::default()
+        );
+
+        // The service goes, and another takes its id.
+        controller.apply(&Cluster::default()).unwrap();
+        controller.apply(&cluster(&["198.18.1.1"], "")).unwrap();
+        assert_eq!(controller.state().services[0].id, service);
+        assert_eq!(
+            controller.dataplane().service_counter(service).unwrap(),
+            FlowCounter::default()
+        );
     })
     .unwrap();
 }

@@ -9,7 +9,7 @@ use std::{
 
 use lb_tests::sandbox::{
     Binaries,
-    EndpointState::{Ready, Terminating},
+    EndpointState::{NotReady, Ready, Terminating},
     HeldConnection, PORT, PUSH_PORT, Sandbox, VIP4, VIP6,
 };
 
@@ -180,6 +180,62 @@ fn held_connections_survive_scaling_and_a_controller_kill() {
     sandbox.stop_pod(3).unwrap();
     sandbox.stop_pod(4).unwrap();
     check(&mut held);
+}
+
+/// A pod whose endpoint turns not ready (a failing readiness probe; not terminating) keeps its
+/// established connections and gets no new ones, as with kube-proxy; ready again, it gets new
+/// ones again.
+#[test]
+fn a_not_ready_endpoint_keeps_its_connections_and_gets_no_new_ones() {
+    let sandbox = sandbox("e2er", 2);
+    let on = |pod: &str, index: u8| pod.ends_with(&format!("-{index}"));
+    let mut held: Vec<(HeldConnection, String)> = Vec::new();
+    // Connections until both pods hold some (Maglev spreads them; 64 all on one pod would be
+    // a bug, not bad luck).
+    while !(held.iter().any(|(_, p)| on(p, 1)) && held.iter().any(|(_, p)| on(p, 2))) {
+        assert!(held.len() < 64, "both pods hold connections");
+        let mut connection = HeldConnection::open(&sandbox, IpAddr::V4(VIP4)).unwrap();
+        let pod = connection.get().unwrap();
+        held.push((connection, pod));
+    }
+    let check = |held: &mut Vec<(HeldConnection, String)>| {
+        for (connection, pod) in held.iter_mut() {
+            assert_eq!(
+                &connection.get().unwrap(),
+                pod,
+                "a held connection moved or broke"
+            );
+        }
+    };
+
+    sandbox
+        .write_endpoints(&[(1, Ready), (2, NotReady)])
+        .unwrap();
+    sandbox.wait_applied(2).unwrap();
+    check(&mut held);
+    let answers = sandbox.http_batch(IpAddr::V4(VIP4), 20).unwrap();
+    assert!(
+        answers.iter().all(|a| on(a, 1)),
+        "no new connection to the not-ready pod: {answers:?}"
+    );
+    let described = sandbox
+        .cli(&["describe", "service", lb_tests::sandbox::SERVICE])
+        .unwrap();
+    assert!(
+        described
+            .lines()
+            .any(|l| l.contains("not-ready") && l.contains("tomcat-deployment-2")),
+        "{described}"
+    );
+
+    sandbox.write_endpoints(&[(1, Ready), (2, Ready)]).unwrap();
+    sandbox.wait_applied(3).unwrap();
+    check(&mut held);
+    let answers = sandbox.http_batch(IpAddr::V4(VIP4), 40).unwrap();
+    assert!(
+        answers.iter().any(|a| on(a, 2)),
+        "ready again, it gets new connections: {answers:?}"
+    );
 }
 
 /// Under load (wrk hammering the VIP): `kill -9` of the controller and a restart lose no held
