@@ -137,6 +137,9 @@ pub struct EndpointView {
     pub bytes: u64,
     /// New flows placed on it.
     pub new_flows: u64,
+    /// Flows tracked on it now (live entries of the connection table, as the data path
+    /// follows them).
+    pub flows: u64,
 }
 
 /// One service as `describe` shows it.
@@ -152,7 +155,24 @@ pub struct ServiceView {
     pub endpoints: BTreeMap<String, Vec<EndpointView>>,
 }
 
+/// Live connection-table entries per backend id (expired ones are no longer followed).
+fn live_flows(attached: &Attached) -> BTreeMap<u32, u64> {
+    let now = crate::conntrack::now_ns();
+    let mut counts = BTreeMap::new();
+    for (_, flow) in attached
+        .conntrack
+        .iter()
+        .flat_map(|m| m.iter().filter_map(Result::ok))
+    {
+        if !conntrack::expired(flow.expires_ns, now) {
+            *counts.entry(flow.backend_id).or_default() += 1;
+        }
+    }
+    counts
+}
+
 fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
+    let live = live_flows(attached);
     let mut frontends = BTreeMap::new();
     let mut endpoints: BTreeMap<String, BTreeMap<String, EndpointView>> = BTreeMap::new();
     for applied in attached
@@ -186,7 +206,9 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
                 packets: 0,
                 bytes: 0,
                 new_flows: 0,
+                flows: 0,
             });
+            view.flows += live.get(&backend.id).copied().unwrap_or_default();
             view.packets += counter.packets;
             view.bytes += counter.bytes;
             view.new_flows += counter.new_flows;
@@ -403,20 +425,21 @@ pub fn describe_service(
     }
     let _ = writeln!(
         out,
-        "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10}  POD",
-        "ENDPOINT", "STATE", "WEIGHT", "PACKETS", "BYTES", "NEW FLOWS"
+        "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  POD",
+        "ENDPOINT", "STATE", "WEIGHT", "PACKETS", "BYTES", "NEW FLOWS", "FLOWS"
     );
     for (port, endpoints) in &view.endpoints {
         for e in endpoints {
             let _ = writeln!(
                 out,
-                "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10}  {}",
+                "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  {}",
                 format!("{} ({port})", e.endpoint),
                 e.state,
                 e.weight,
                 e.packets,
                 e.bytes,
                 e.new_flows,
+                e.flows,
                 e.pod.clone().unwrap_or_else(|| "-".into())
             );
         }

@@ -227,6 +227,28 @@ fn a_not_ready_endpoint_keeps_its_connections_and_gets_no_new_ones() {
             .any(|l| l.contains("not-ready") && l.contains("tomcat-deployment-2")),
         "{described}"
     );
+    // Its held connections are still tracked on it: describe reads the data path's table.
+    let json: serde_json::Value = serde_json::from_str(
+        &sandbox
+            .cli(&[
+                "describe",
+                "service",
+                lb_tests::sandbox::SERVICE,
+                "-o",
+                "json",
+            ])
+            .unwrap(),
+    )
+    .unwrap();
+    let flows_on_pod2: u64 = json["endpoints"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|list| list.as_array().unwrap())
+        .filter(|e| e["pod"] == "tomcat-deployment-2")
+        .map(|e| e["flows"].as_u64().unwrap())
+        .sum();
+    assert!(flows_on_pod2 >= 1, "{json}");
 
     sandbox.write_endpoints(&[(1, Ready), (2, Ready)]).unwrap();
     sandbox.wait_applied(3).unwrap();

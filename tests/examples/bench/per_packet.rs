@@ -150,8 +150,11 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             .build();
             xdp_ns(lb, &frame);
         }
-        let established = Spec::tcp(IpAddr::V4(CLIENT), 50000, IpAddr::V4(vip(0)), 8080).build();
-        xdp_ns(lb, &established);
+        // Opened by a SYN, then measured with the segments of an established connection (a
+        // SYN is always placed afresh).
+        let opening = Spec::tcp(IpAddr::V4(CLIENT), 50000, IpAddr::V4(vip(0)), 8080);
+        xdp_ns(lb, &opening.build());
+        let established = opening.ack().build();
         let backend_of = {
             let flows = dataplane.flows()?;
             let key = flows
@@ -167,6 +170,7 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             IpAddr::V4(CLIENT),
             50000,
         )
+        .ack()
         .build();
         let untracked = Spec::tcp(
             IpAddr::V4(Ipv4Addr::new(198, 18, 9, 9)),
@@ -174,6 +178,7 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             IpAddr::V4(CLIENT),
             50001,
         )
+        .ack()
         .build();
         let not_vip = Spec::tcp(
             IpAddr::V4(CLIENT),
