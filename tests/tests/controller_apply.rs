@@ -136,6 +136,22 @@ fn node_ports_are_served_on_the_node_addresses() {
             .unwrap();
         output.truncate(result.data_size_out as usize);
         assert_eq!(output, Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 1, 1]), 8080).build());
+        // The node IP is the host's own: what is not its services' passes (here a fragment of
+        // the host's own traffic), while the same to the cluster IP, which the load balancer
+        // owns, is dropped.
+        let verdict = |dst: [u8; 4]| {
+            let mut spec = Spec::udp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from(dst), 53);
+            spec.fragment_offset = 100;
+            spec.identification = 77;
+            let frame = spec.build();
+            let mut output = vec![0u8; frame.len() + 64];
+            program
+                .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut output), ..TestRunOptions::new() })
+                .unwrap()
+                .return_value
+        };
+        assert_eq!(verdict([198, 18, 0, 2]), 2, "XDP_PASS on the node IP");
+        assert_eq!(verdict([198, 18, 100, 1]), 1, "XDP_DROP on the cluster IP");
     })
     .unwrap();
 }
