@@ -16,7 +16,10 @@ use std::{
 
 use lb_common::{FlowKey, FlowValue, ReverseValue, conntrack::expired};
 
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    syscall::{delete, lookup, read_all},
+};
 
 /// Errors of sweeping the connection tables.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +57,6 @@ pub fn now_ns() -> u64 {
     // SAFETY: `now` is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// An all-zero `T`, which every [`aya::Pod`] type may be.
-fn zeroed<T: aya::Pod>() -> T {
-    // SAFETY: `Pod` types are valid for any bit pattern.
-    unsafe { std::mem::zeroed() }
 }
 
 /// The connection and reverse-NAT tables of a data plane, as file descriptors of their own so
@@ -166,120 +163,6 @@ fn forward_key(reply: &FlowKey, to: &ReverseValue) -> FlowKey {
         proto: reply.proto,
         pad: [0; 3],
     }
-}
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// The `map_elem` member of `union bpf_attr`.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-/// Entries read per system call.
-const BATCH: usize = 4096;
-
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: `attr` is the `bpf_attr` member the command reads, and every pointer in it is
-    // valid for the sizes the map was created with (the callers' types).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Every entry of a hash map, read in batches.
-fn read_all<K: aya::Pod, V: aya::Pod>(fd: i32) -> io::Result<Vec<(K, V)>> {
-    let mut entries = Vec::new();
-    let mut keys = vec![zeroed::<K>(); BATCH];
-    let mut values = vec![zeroed::<V>(); BATCH];
-    // Hash maps take a 4-byte bucket cursor.
-    let mut cursor = 0u32;
-    let mut first = true;
-    loop {
-        let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::from_ref(&cursor) as u64
-            },
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let read = attr.count as usize;
-        entries.extend(
-            keys[..read]
-                .iter()
-                .copied()
-                .zip(values[..read].iter().copied()),
-        );
-        match result {
-            Ok(()) => {}
-            // The end of the table.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-            Err(e) => return Err(e),
-        }
-        cursor = next;
-        first = false;
-    }
-}
-
-fn lookup<K: aya::Pod, V: aya::Pod>(fd: i32, key: &K) -> Option<V> {
-    let mut value = zeroed::<V>();
-    let mut attr = ElemAttr {
-        map_fd: fd as u32,
-        pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_mut(&mut value) as u64,
-        flags: 0,
-    };
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).ok().map(|()| value)
-}
-
-/// Removes `key`; false if it was gone already.
-fn delete<K: aya::Pod>(fd: i32, key: &K) -> bool {
-    let mut attr = ElemAttr {
-        map_fd: fd as u32,
-        pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: 0,
-        flags: 0,
-    };
-    bpf(BPF_MAP_DELETE_ELEM, &mut attr).is_ok()
 }
 
 /// Keeps the descriptors' types honest: both are maps of the data plane.

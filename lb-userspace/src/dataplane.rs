@@ -558,7 +558,7 @@ impl Dataplane {
                 });
             }
         };
-        match update_batch(outer_fd, &keys, &fds) {
+        match crate::syscall::update_batch(outer_fd, &keys, &fds) {
             Ok(()) => Ok(()),
             // Kernels without batch updates of this map type: one update per table.
             Err(_) => {
@@ -761,49 +761,6 @@ impl Dataplane {
             .iter()
             .fold(FlowCounter::default(), |a, b| a.plus(*b)))
     }
-}
-
-/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (aya 0.14 has no batch operations).
-fn update_batch(map_fd: u32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `attr` points at valid key and value arrays of `count` elements for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if attr.count as usize != keys.len() {
-        return Err(std::io::Error::other("partial batch update"));
-    }
-    Ok(())
 }
 
 /// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a

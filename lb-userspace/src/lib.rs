@@ -12,6 +12,7 @@ pub mod model;
 pub mod pins;
 pub mod privileges;
 pub mod redirects;
+pub mod syscall;
 pub mod views;
 
 pub use dataplane::{AttachMode, Dataplane, DataplaneError};

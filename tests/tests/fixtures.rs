@@ -680,19 +680,7 @@ fn replies_are_reverse_nated_on_egress() {
         let mut lb = Lb::new();
         lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
         lb.service(4, VIP6, PROTO_UDP, 0, &[(4, backend6(4), BACKEND_F_VALID)]);
-        let tc = lb.dataplane.tc_egress_program().unwrap();
-        let run_tc = |frame: &[u8]| {
-            let mut output = vec![0u8; frame.len() + 256];
-            let result = tc
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut output),
-                    ..TestRunOptions::new()
-                })
-                .expect("BPF_PROG_TEST_RUN (tc)");
-            output.truncate(result.data_size_out as usize);
-            (result.return_value, output)
-        };
+        let run_tc = |frame: &[u8]| lb.run_tc(frame);
         for (name, request, backend) in [
             ("tcp4", Spec::tcp(CLIENT4, 41000, VIP4, PORT), backend4(1)),
             ("udp6", Spec::udp(CLIENT6, 41001, VIP6, PORT), backend6(4)),

@@ -1,0 +1,146 @@
+//! The few `bpf(2)` map commands aya 0.14 does not offer: batch updates (one per apply for all
+//! its Maglev tables) and batch reads (the connection tables' sweep), with the single-element
+//! lookups and deletions that go with them on raw descriptors.
+
+use std::io;
+
+/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values.
+pub fn update_batch(map_fd: u32, keys: &[u32], values: &[u32]) -> io::Result<()> {
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd,
+        elem_flags: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    if attr.count as usize != keys.len() {
+        return Err(io::Error::other("partial batch update"));
+    }
+    Ok(())
+}
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The `map_elem` member of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Entries read per system call.
+const BATCH: usize = 4096;
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is the `bpf_attr` member the command reads, and every pointer in it is
+    // valid for the sizes the map was created with (the callers' types).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Every entry of the hash map `fd`, read in batches.
+pub fn read_all<K: aya::Pod, V: aya::Pod>(fd: i32) -> io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    let mut keys = vec![zeroed::<K>(); BATCH];
+    let mut values = vec![zeroed::<V>(); BATCH];
+    // Hash maps take a 4-byte bucket cursor.
+    let mut cursor = 0u32;
+    let mut first = true;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&cursor) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let read = attr.count as usize;
+        entries.extend(
+            keys[..read]
+                .iter()
+                .copied()
+                .zip(values[..read].iter().copied()),
+        );
+        match result {
+            Ok(()) => {}
+            // The end of the table.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(e) => return Err(e),
+        }
+        cursor = next;
+        first = false;
+    }
+}
+
+/// The value of `key` in the map `fd`, if it has one.
+pub fn lookup<K: aya::Pod, V: aya::Pod>(fd: i32, key: &K) -> Option<V> {
+    let mut value = zeroed::<V>();
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).ok().map(|()| value)
+}
+
+/// Removes `key`; false if it was gone already.
+pub fn delete<K: aya::Pod>(fd: i32, key: &K) -> bool {
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).is_ok()
+}
+
+/// An all-zero `T`, which every [`aya::Pod`] type may be.
+fn zeroed<T: aya::Pod>() -> T {
+    // SAFETY: `Pod` types are valid for any bit pattern.
+    unsafe { std::mem::zeroed() }
+}
