@@ -186,12 +186,18 @@ pub struct ReverseValue {
     pub vip: [u8; 16],
     /// The service port the client used, host byte order.
     pub vip_port: u16,
-    /// Always zero.
-    pub pad: u16,
+    /// The flow's state (`CT_*` bits) when a reply last updated its entry.
+    pub state: u16,
     /// The service id.
     pub service_id: u32,
     /// The backend id.
     pub backend_id: u32,
+    /// Always zero.
+    pub pad: u32,
+    /// When a reply last updated the flow's entry (0: never). A reply within
+    /// [`crate::conntrack::LIFETIME_GRANULARITY_NS`] after it, without FIN, RST or SYN, of a
+    /// flow that had no FIN then, would change nothing there and skips it.
+    pub checked_ns: u64,
 }
 
 /// A datagram's fragments: the later ones carry no ports and are matched to the first by this.
@@ -273,7 +279,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 24);
-        assert_eq!(size_of::<ReverseValue>(), 28);
+        assert_eq!(size_of::<ReverseValue>(), 40);
         assert_eq!(size_of::<AffinityKey>(), 20);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 40);

@@ -5,7 +5,10 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, Event, FlowKey, FlowValue, ReverseValue,
-    conntrack::{self, Direction, LIFETIME_GRANULARITY_NS},
+    conntrack::{
+        self, CT_FIN_BACKEND, CT_FIN_CLIENT, Direction, LIFETIME_GRANULARITY_NS, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
     maps::{BACKEND_F_VALID, PROTO_TCP},
 };
 
@@ -91,7 +94,8 @@ pub struct Tracked {
 /// A SYN without ACK never follows an old entry: a new connection on a reused 5-tuple is
 /// placed afresh, and the old connection's reverse entry is removed with it.
 #[inline(always)]
-pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32, now: u64) -> Option<Tracked> {
+pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32) -> Option<Tracked> {
+    let now = packet.now_ns;
     let syn = conntrack::is_syn(packet.proto, packet.tcp_flags);
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         stats::event(if syn || packet.proto != PROTO_TCP {
@@ -107,27 +111,26 @@ pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32, now: u64) -> Opt
     let backend = BACKENDS
         .get(entry.backend_id)
         .copied()
-        .filter(|b| b.flags & BACKEND_F_VALID != 0);
-    if syn {
-        stats::event(Event::ConntrackSynReplaced);
-        if let Some(old) = backend.filter(|b| b.service_id == entry.service_id) {
+        .filter(|b| b.flags & BACKEND_F_VALID != 0 && b.service_id == entry.service_id);
+    let followed = if syn {
+        Event::ConntrackSynReplaced
+    } else if entry.service_id != service_id {
+        Event::ConntrackForeign
+    } else if conntrack::expired(entry.expires_ns, now) {
+        Event::ConntrackExpired
+    } else if backend.is_none_or(|b| !crate::select::family_matches(&b, packet.ipv4)) {
+        // Its backend was removed: the flow is placed again.
+        Event::ConntrackRebalanced
+    } else {
+        Event::ConntrackHit
+    };
+    let Some(backend) = backend.filter(|_| followed == Event::ConntrackHit) else {
+        stats::event(followed);
+        // The flow is placed afresh and its entry replaced: the old reverse entry goes now,
+        // so no late reply of the old placement is rewritten into the new one.
+        if let Some(old) = backend {
             let _ = REVERSE_NAT.remove(&reply_key(packet, &old));
         }
-        return None;
-    }
-    if entry.service_id != service_id {
-        stats::event(Event::ConntrackForeign);
-        return None;
-    }
-    if conntrack::expired(entry.expires_ns, now) {
-        stats::event(Event::ConntrackExpired);
-        return None;
-    }
-    let Some(backend) = backend
-        .filter(|b| b.service_id == service_id && crate::select::family_matches(b, packet.ipv4))
-    else {
-        // Its backend was removed: the flow is placed again.
-        stats::event(Event::ConntrackRebalanced);
         return None;
     };
     stats::event(Event::ConntrackHit);
@@ -151,7 +154,7 @@ pub fn create(key: &FlowKey, packet: &Packet, service_id: u32, id: u32, backend:
     if !conntrack::creates_entry(packet.proto, packet.tcp_flags) {
         return;
     }
-    let now = now_ns();
+    let now = packet.now_ns;
     let mut entry = FlowValue {
         backend_id: id,
         service_id,
@@ -163,9 +166,11 @@ pub fn create(key: &FlowKey, packet: &Packet, service_id: u32, id: u32, backend:
     let reverse = ReverseValue {
         vip: packet.dst,
         vip_port: packet.dport,
-        pad: 0,
+        state: entry.state,
         service_id,
         backend_id: id,
+        pad: 0,
+        checked_ns: 0,
     };
     if CONNTRACK.insert(key, &entry, 0).is_err()
         || REVERSE_NAT
@@ -185,19 +190,32 @@ fn remove(forward: &FlowKey, reply: &FlowKey) {
 }
 
 /// What a reply (backend -> client) must be rewritten to, with the packet applied to its
-/// flow; `None` when it is not a reply of a tracked flow.
+/// flow; false when it is not a reply of a tracked flow.
+///
+/// A reply updates its flow's entry (its state, its lifetime) only when it can change it: the
+/// first reply, one with FIN, RST or SYN, or one more than [`LIFETIME_GRANULARITY_NS`] after
+/// the last update. Every other reply costs one lookup, the reverse entry's.
 ///
 /// Not inlined: the keys get a stack frame of their own.
 #[inline(never)]
-pub fn reply(packet: &Packet, to: &mut ReverseValue) -> bool {
+pub fn reply(packet: &mut Packet, to: &mut ReverseValue) -> bool {
     let key = flow_key(packet);
-    // SAFETY: the value is copied out at once.
-    let Some(found) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+    let Some(found) = REVERSE_NAT.get_ptr_mut(&key) else {
         return false;
     };
-    *to = found;
+    // SAFETY: a value of the map (see `forward`).
+    let found = unsafe { &mut *found };
+    *to = *found;
+    packet.now_ns = now_ns();
+    let now = packet.now_ns;
+    if packet.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0
+        && found.state & (CT_FIN_CLIENT | CT_FIN_BACKEND) == 0
+        && found.checked_ns != 0
+        && now < found.checked_ns + LIFETIME_GRANULARITY_NS
+    {
+        return true;
+    }
     let forward = forward_key_of_reply(packet, to);
-    let now = now_ns();
     let closed = match CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: a value of the map (see `forward`).
         Some(entry) => {
@@ -209,7 +227,9 @@ pub fn reply(packet: &Packet, to: &mut ReverseValue) -> bool {
                 return false;
             }
             // A reply revives an entry that expired but is not swept yet: the flow is alive.
-            advance(entry, packet, Direction::Reply, now)
+            let closed = advance(entry, packet, Direction::Reply, now);
+            found.state = entry.state;
+            closed
         }
         None => {
             // The flow's entry was evicted (a table over capacity): write it again from the
@@ -226,11 +246,14 @@ pub fn reply(packet: &Packet, to: &mut ReverseValue) -> bool {
             if !closed && CONNTRACK.insert(&forward, &entry, 0).is_err() {
                 stats::event(Event::ConntrackInsertFailed);
             }
+            found.state = entry.state;
             closed
         }
     };
     if closed {
         remove(&forward, &key);
+    } else {
+        found.checked_ns = now;
     }
     true
 }

@@ -5,7 +5,7 @@ use core::mem;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
 use lb_common::{Event, Reason, checksum::replace16};
@@ -51,8 +51,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     };
     // SAFETY: this CPU's slot.
     let hop = unsafe { &mut *hop };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = packet.now_ns;
     if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
         let routable = look_up_next_hop(ctx, packet, ingress, hop);
         hop.addr = packet.dst;

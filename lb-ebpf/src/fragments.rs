@@ -21,14 +21,18 @@ fn key(packet: &Packet) -> FragmentKey {
 }
 
 /// Remembers the ports of `packet` if it is a first fragment (call before rewriting it: the
-/// later fragments arrive with the addresses it arrived with).
-///
+/// later fragments arrive with the addresses it arrived with). Inlined, so that the packets
+/// that are not fragments (nearly all) pay for one comparison, not a call.
+#[inline(always)]
+pub fn remember(packet: &Packet) {
+    if packet.fragment == FRAGMENT_FIRST {
+        remember_first(packet);
+    }
+}
+
 /// Not inlined (nor `recall`): the key gets a stack frame of its own.
 #[inline(never)]
-pub fn remember(packet: &Packet) {
-    if packet.fragment != FRAGMENT_FIRST {
-        return;
-    }
+fn remember_first(packet: &Packet) {
     let ports = FragmentPorts {
         sport: packet.sport,
         dport: packet.dport,

@@ -130,6 +130,9 @@ mod programs {
         let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
             return Reason::PassNotVip;
         };
+        // Read once, for the connection table and the next-hop cache alike; not for packets
+        // that are not ours.
+        packet.now_ns = conntrack::now_ns();
         if !select::backend(packet, &service, selected) {
             return Reason::DropNoBackend;
         }
@@ -161,7 +164,10 @@ mod programs {
             Kind::Icmp => {
                 // SAFETY: the value is copied out at once.
                 match unsafe { VIP_ADDRS.get(&packet.dst) }.copied() {
-                    Some(flags) => icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0),
+                    Some(flags) => {
+                        packet.now_ns = conntrack::now_ns();
+                        icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0)
+                    }
                     None => Reason::PassNotVip,
                 }
             }

@@ -47,6 +47,9 @@ pub struct Packet {
     pub fragment: u8,
     /// The fragment's identification (IPv4: 16 bits; IPv6: the fragment header's 32).
     pub fragment_id: u32,
+    /// When the program started on this packet (`CLOCK_MONOTONIC`, coarse), read once by the
+    /// entry point and shared by every step that needs the time. Not set by the parser.
+    pub now_ns: u64,
 }
 
 /// Not a fragment.

@@ -60,7 +60,7 @@ fn maglev_pick(service_id: u32, hash: u32) -> Option<u32> {
 #[inline(never)]
 pub fn backend(packet: &Packet, service: &ServiceValue, selected: &mut Selected) -> bool {
     let key = conntrack::flow_key(packet);
-    if let Some(tracked) = conntrack::forward(&key, packet, service.id, conntrack::now_ns()) {
+    if let Some(tracked) = conntrack::forward(&key, packet, service.id) {
         *selected = Selected {
             id: tracked.backend_id,
             backend: tracked.backend,
@@ -93,7 +93,7 @@ fn place_new_flow(packet: &Packet, service: &ServiceValue) -> Option<(u32, Backe
         let id = maglev_pick(service.id, hash)?;
         return accepting_backend(id, service.id, packet.ipv4).map(|backend| (id, backend));
     }
-    let now = conntrack::now_ns();
+    let now = packet.now_ns;
     let key = AffinityKey {
         client: packet.src,
         service_id: service.id,
