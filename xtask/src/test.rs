@@ -108,9 +108,11 @@ fn cargo_test() -> anyhow::Result<Totals> {
     Ok(totals)
 }
 
-/// `lb-pod` and `lb-userspace` processes of this workspace's builds still running.
+/// `lb-pod` and `lb-userspace` processes of the builds the tests run (`target/debug`) still
+/// running. The demo, the sandbox and the benchmark run the release builds: their processes,
+/// alive beside a test run, belong to them.
 fn leftover_processes() -> Vec<String> {
-    let target = crate::cmd::workspace_root().join("target");
+    let target = crate::cmd::workspace_root().join("target/debug");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
