@@ -1,46 +1,116 @@
-//! The invalid-manifest corpus (`lb-userspace/tests/data/invalid`, one file per mistake) against
-//! the real binary: each stops `attach` at start-up with a one-line error naming the file, and,
-//! arriving by live reload, none changes what is serving.
+//! The invalid-manifest corpus (`lb-userspace/tests/data/invalid`, one file per mistake, each
+//! with the object, field and mistake it must be rejected for in its header) against the real
+//! binary: each stops `attach` at start-up with a one-line error naming the file, the object
+//! and the field, and, arriving by live reload, is rejected for that same fault without changing
+//! what is serving.
+//!
+//! The corpus uses VIPs the sandbox does not serve (198.18.150.0/24), so a live rejection can
+//! only come from the file's own fault, not from a collision with the sandbox's service.
 
 use std::{
+    io::Read as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
+    process::Stdio,
+    time::{Duration, Instant},
 };
 
-use lb_tests::sandbox::{
-    Binaries, EndpointState::Ready, HeldConnection, Sandbox, VIP4, write_atomically,
+use lb_tests::{
+    ChildGuard, Roots,
+    netns::Netns,
+    sandbox::{Binaries, EndpointState::Ready, HeldConnection, Sandbox, VIP4, write_atomically},
 };
 
-fn corpus() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-userspace/tests/data/invalid");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert!(files.len() >= 30);
-    files
+#[path = "../../lb-userspace/tests/data/invalid_corpus.rs"]
+mod invalid_corpus;
+
+use invalid_corpus::{Invalid, invalid_corpus};
+
+fn corpus() -> Vec<Invalid> {
+    invalid_corpus(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-userspace/tests/data/invalid"),
+    )
 }
 
+/// The error line must locate the fault exactly (file, object, field) and say what it is.
+fn assert_names_the_fault(line: &str, invalid: &Invalid, file: &Path) {
+    let expected = invalid.expected_error(file);
+    assert!(
+        line.contains(&expected),
+        "{}: expected {expected:?} in {line:?}",
+        invalid.path.display()
+    );
+}
+
+/// Run inside a namespace of its own on a veth, with private roots: were a file accepted, the
+/// attach it let through would touch neither the host's loopback nor its pins, and the test
+/// fails on a deadline instead of hanging on a controller that serves.
 #[test]
 fn each_invalid_manifest_stops_attach_at_start_up() {
-    for file in corpus() {
-        let output = Command::new(lb_tests::lb_userspace_bin())
-            .args(["attach", "lo", "--config"])
-            .arg(&file)
-            .env("RUST_BACKTRACE", "0")
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{} was accepted", file.display());
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let error = stderr
+    let ns = Netns::create("badcfg-start").unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "veth-lb",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth-peer",
+    ])
+    .unwrap();
+    for link in ["veth-lb", "veth-peer"] {
+        ns.ip(&["link", "set", link, "up"]).unwrap();
+    }
+    let roots = Roots::new("badcfg-start");
+    for invalid in corpus() {
+        let file = invalid.path.display();
+        let mut child = ChildGuard::new(
+            ns.command(lb_tests::lb_userspace_bin())
+                .args(["attach", "veth-lb", "--config"])
+                .arg(&invalid.path)
+                .args(["--pin-root", &roots.pin_root])
+                .args(["--state-root", &roots.state_root])
+                .env("RUST_BACKTRACE", "0")
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.child_mut().try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{file} was accepted: attach runs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        let mut pipe = child.child_mut().stderr.take().unwrap();
+        pipe.read_to_string(&mut stderr).unwrap();
+        assert!(!status.success(), "{file} was accepted: {stderr}");
+        let errors: Vec<&str> = stderr
             .lines()
-            .find(|l| l.starts_with("Error: "))
-            .unwrap_or_else(|| panic!("no error line for {}: {stderr}", file.display()));
-        assert!(error.contains(&file.display().to_string()), "{error}");
+            .filter(|l| l.starts_with("Error: "))
+            .collect();
+        let [error] = errors[..] else {
+            panic!("one error line for {file}: {stderr}")
+        };
+        assert_names_the_fault(error, &invalid, &invalid.path);
+        // Refused before anything was made.
+        let link = ns.exec("ip", &["link", "show", "veth-lb"]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+            "{file} left XDP attached"
+        );
+        assert!(
+            !Path::new(&roots.pin_root).join("veth-lb").exists(),
+            "{file} left pins"
+        );
     }
 }
 
@@ -61,19 +131,27 @@ fn invalid_manifests_arriving_live_never_disturb_what_is_serving() {
     let applied = std::fs::read_to_string(&state).unwrap();
 
     let bad = sandbox.config.path().join("zz-incoming.yaml");
-    for (n, file) in corpus().iter().enumerate() {
-        write_atomically(&bad, &std::fs::read_to_string(file).unwrap()).unwrap();
-        sandbox
-            .controller
-            .as_ref()
-            .unwrap()
+    let controller = sandbox.controller.as_ref().unwrap();
+    for (n, invalid) in corpus().iter().enumerate() {
+        write_atomically(&bad, &invalid.text).unwrap();
+        controller
             .wait_for("configuration rejected", n + 1, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            .unwrap_or_else(|e| panic!("{}: {e}", invalid.path.display()));
+        let rejection = controller
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("configuration rejected"))
+            .nth(n)
+            .cloned()
+            .unwrap();
+        assert_names_the_fault(&rejection, invalid, &bad);
         assert_eq!(
             held.get().unwrap(),
             pod,
             "{} disturbed a held connection",
-            file.display()
+            invalid.path.display()
         );
     }
     assert_eq!(
