@@ -1,6 +1,8 @@
 //! Least privilege, as the binary enforces it.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
+
+use lb_tests::{Roots, netns::Netns, sandbox::LoggedChild};
 
 /// Without the capabilities it needs, `attach` stops at once and names them.
 #[test]
@@ -33,10 +35,125 @@ fn attach_without_capabilities_names_what_is_missing() {
     }
 }
 
-/// The pin and state folders are readable by root only; metrics listen on loopback by
-/// default.
+/// Exactly CAP_NET_ADMIN + CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN, nothing else, none to
+/// gain: the bounding set holds only those three) are enough to attach, apply a service and
+/// serve, and the metrics then listen on loopback only: checked by what is bound, and by a
+/// connection on the interface's own address being refused while loopback answers.
 #[test]
-fn state_is_private_and_metrics_stay_on_loopback() {
+fn attach_with_exactly_the_three_capabilities_serves_and_keeps_metrics_on_loopback() {
+    let ns = Netns::create("leastpriv").unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "veth-lb",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth-peer",
+    ])
+    .unwrap();
+    for link in ["veth-lb", "veth-peer"] {
+        ns.ip(&["link", "set", link, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-lb"])
+        .unwrap();
+    let roots = Roots::new("leastpriv");
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config.path().join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  \
+         ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n\
+         subsets:\n- addresses:\n  - ip: 198.18.1.1\n",
+    )
+    .unwrap();
+    let caps = "-all,+net_admin,+bpf,+perfmon";
+    let mut command = ns.command("setpriv");
+    command
+        .args([
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+            &format!("--bounding-set={caps}"),
+        ])
+        .arg(lb_tests::lb_userspace_bin())
+        .args(["attach", "veth-lb", "--stats-interval", "0", "--config"])
+        .arg(config.path())
+        .args(["--pin-root", &roots.pin_root])
+        .args(["--state-root", &roots.state_root])
+        .env("NO_COLOR", "1");
+    let controller = LoggedChild::spawn(command, false).unwrap();
+    controller
+        .wait_for("serving Prometheus metrics", 1, Duration::from_secs(10))
+        .unwrap();
+    // It ran with the three capabilities and no other.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", controller_pid(&ns))).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(
+        u64::from_str_radix(effective, 16).unwrap(),
+        (1 << 12) | (1 << 38) | (1 << 39)
+    );
+    let link = ns.exec("ip", &["link", "show", "veth-lb"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no XDP program on veth-lb"
+    );
+
+    // What is bound: one listener on the metrics port, on 127.0.0.1.
+    let tcp = ns
+        .exec("cat", &["/proc/net/tcp", "/proc/net/tcp6"])
+        .unwrap();
+    let listeners: Vec<String> = String::from_utf8_lossy(&tcp.stdout)
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            // local_address is field 1 (hex address:port), st field 3 (0A = LISTEN).
+            (fields.get(3) == Some(&"0A") && fields[1].ends_with(":24F8"))
+                .then(|| fields[1].to_owned())
+        })
+        .collect();
+    assert_eq!(listeners, ["0100007F:24F8"], "127.0.0.1:9464 only");
+    let reachable = |addr: &str| {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        ns.enter(move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        })
+        .unwrap()
+    };
+    assert!(reachable("127.0.0.1:9464"));
+    assert!(
+        !reachable("198.18.0.2:9464"),
+        "metrics reachable off loopback"
+    );
+
+    let stopped = controller.child.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+}
+
+/// The id of the one `lb-userspace` running in `ns`.
+fn controller_pid(ns: &Netns) -> u32 {
+    let pids = ns.exec("ip", &["netns", "pids", ns.name()]).unwrap();
+    let pids: Vec<u32> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "lb-userspace")
+        })
+        .collect();
+    let [pid] = pids[..] else {
+        panic!("one lb-userspace in the namespace: {pids:?}")
+    };
+    pid
+}
+
+/// The pin and state folders are readable by root only.
+#[test]
+fn state_is_private() {
     use std::os::unix::fs::PermissionsExt as _;
     let roots = lb_tests::Roots::new("priv");
     let paths = lb_userspace::pins::Paths::new(
@@ -51,9 +168,4 @@ fn state_is_private_and_metrics_stay_on_loopback() {
         let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", dir.display());
     }
-    let help = Command::new(lb_tests::lb_userspace_bin())
-        .args(["attach", "--help"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&help.stdout).contains("127.0.0.1:9464"));
 }
