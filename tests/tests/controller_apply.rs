@@ -7,9 +7,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{FlowCounter, Reason};
 use lb_tests::{frames::Spec, netns::Netns};
+
+mod harness;
 use lb_userspace::{
     Dataplane,
     controller::{AppliedState, ApplyReport, ApplyStep, Controller},
@@ -53,34 +54,39 @@ fn apply_diffs_against_what_is_applied() {
         // Same state again: nothing to write.
         assert_eq!(controller.apply(&three).unwrap(), ApplyReport::default());
 
-        // Flows to every backend.
+        // Flows to every backend: each new flow's frame comes out rewritten to one of the
+        // three, whole (XDP_PASS: no route in this namespace, the kernel forwards it).
         let program = controller.dataplane().xdp_program().unwrap();
+        let mut placed = [0usize; 3];
         for port in 0..60u16 {
-            let frame = Spec::tcp(
-                IpAddr::from([198, 18, 0, 1]),
-                10000 + port,
-                IpAddr::from([198, 18, 100, 1]),
-                8080,
-            )
-            .build();
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ..TestRunOptions::new()
-                })
-                .unwrap();
+            let client = IpAddr::from([198, 18, 0, 1]);
+            let frame = Spec::tcp(client, 10000 + port, IpAddr::from([198, 18, 100, 1]), 8080);
+            let (verdict, output) = harness::run_xdp(program, &frame.build(), None);
+            assert_eq!(verdict, harness::XDP_PASS);
+            let backend = harness::backend_of(&output);
+            assert!((1..=3).contains(&backend), "flow {port} went to .{backend}");
+            assert_eq!(
+                output,
+                frame.to(harness::backend4(backend), 8080).build(),
+                "flow {port}"
+            );
+            placed[usize::from(backend - 1)] += 1;
         }
-        let flows_before = controller.dataplane().flows().unwrap().len();
-        assert_eq!(flows_before, 60);
+        assert!(placed.iter().all(|n| *n > 0), "{placed:?}");
+        assert_eq!(controller.dataplane().flows().unwrap().len(), 60);
 
-        // Remove one backend: its slot is emptied and its flows cleared; the others keep ids.
+        // Remove one backend: its slot is emptied and exactly its flows cleared (the ones
+        // whose frames went to it); the others keep their ids and flows.
         let two = cluster(&["198.18.1.1", "198.18.1.3"], "");
         let report = controller.apply(&two).unwrap();
-        assert_eq!(report.changed, 1);
-        assert_eq!(report.backends_removed, 1);
-        assert!(
-            report.flows_cleared > 0 && report.flows_cleared < 60,
-            "{report:?}"
+        assert_eq!(
+            report,
+            ApplyReport {
+                changed: 1,
+                backends_removed: 1,
+                flows_cleared: placed[1],
+                ..ApplyReport::default()
+            }
         );
         let kept: Vec<u32> = controller.state().services[0]
             .backends
@@ -93,18 +99,32 @@ fn apply_diffs_against_what_is_applied() {
             "surviving backends keep their ids"
         );
         let flows = controller.dataplane().flows().unwrap();
-        assert_eq!(flows.len(), 60 - report.flows_cleared);
+        assert_eq!(flows.len(), placed[0] + placed[2]);
         assert!(flows.iter().all(|(_, v)| v.backend_id != ids[1]));
 
         // Adding a backend changes the table and removes nothing.
         let report = controller
             .apply(&cluster(&["198.18.1.1", "198.18.1.3", "198.18.1.4"], ""))
             .unwrap();
-        assert_eq!((report.changed, report.backends_removed), (1, 0));
+        assert_eq!(
+            report,
+            ApplyReport {
+                changed: 1,
+                ..ApplyReport::default()
+            }
+        );
 
         // The service goes away entirely.
         let report = controller.apply(&Cluster::default()).unwrap();
-        assert_eq!((report.removed, report.backends_removed), (1, 3));
+        assert_eq!(
+            report,
+            ApplyReport {
+                removed: 1,
+                backends_removed: 3,
+                flows_cleared: placed[0] + placed[2],
+                ..ApplyReport::default()
+            }
+        );
         assert!(controller.dataplane().flows().unwrap().is_empty());
         assert!(controller.state().services.is_empty());
     })
@@ -130,11 +150,8 @@ fn node_ports_are_served_on_the_node_addresses() {
         // A packet to the node port is DNATed to the endpoint's port.
         let frame = Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 0, 2]), 30854).build();
         let program = controller.dataplane().xdp_program().unwrap();
-        let mut output = vec![0u8; frame.len() + 64];
-        let result = program
-            .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut output), ..TestRunOptions::new() })
-            .unwrap();
-        output.truncate(result.data_size_out as usize);
+        let (verdict, output) = harness::run_xdp(program, &frame, None);
+        assert_eq!(verdict, harness::XDP_PASS);
         assert_eq!(output, Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 1, 1]), 8080).build());
         // The node IP is the host's own: what is not its services' passes (here a fragment of
         // the host's own traffic), while the same to the cluster IP, which the load balancer
@@ -143,15 +160,10 @@ fn node_ports_are_served_on_the_node_addresses() {
             let mut spec = Spec::udp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from(dst), 53);
             spec.fragment_offset = 100;
             spec.identification = 77;
-            let frame = spec.build();
-            let mut output = vec![0u8; frame.len() + 64];
-            program
-                .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut output), ..TestRunOptions::new() })
-                .unwrap()
-                .return_value
+            harness::run_xdp(program, &spec.build(), None).0
         };
-        assert_eq!(verdict([198, 18, 0, 2]), 2, "XDP_PASS on the node IP");
-        assert_eq!(verdict([198, 18, 100, 1]), 1, "XDP_DROP on the cluster IP");
+        assert_eq!(verdict([198, 18, 0, 2]), harness::XDP_PASS, "on the node IP");
+        assert_eq!(verdict([198, 18, 100, 1]), harness::XDP_DROP, "on the cluster IP");
     })
     .unwrap();
 }
@@ -171,7 +183,8 @@ fn sliced(endpoints: &[(&str, bool)]) -> Cluster {
 }
 
 /// Runs `count` new TCP flows (client ports from `*next_port` on) to 198.18.100.1:8080 through
-/// the XDP program; returns how many were dropped for want of a backend.
+/// the XDP program; returns how many were dropped for want of a backend. Every frame is either
+/// passed on (DNATed) or dropped, and the drop counter agrees with the verdicts.
 fn new_flows(dataplane: &Dataplane, next_port: &mut u16, count: u16) -> u64 {
     let dropped = || {
         dataplane
@@ -181,6 +194,7 @@ fn new_flows(dataplane: &Dataplane, next_port: &mut u16, count: u16) -> u64 {
     };
     let before = dropped();
     let program = dataplane.xdp_program().unwrap();
+    let mut dropped_verdicts = 0;
     for _ in 0..count {
         let frame = Spec::tcp(
             IpAddr::from([198, 18, 0, 1]),
@@ -190,14 +204,15 @@ fn new_flows(dataplane: &Dataplane, next_port: &mut u16, count: u16) -> u64 {
         )
         .build();
         *next_port += 1;
-        program
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                ..TestRunOptions::new()
-            })
-            .unwrap();
+        match harness::run_xdp(program, &frame, None).0 {
+            harness::XDP_PASS => {}
+            harness::XDP_DROP => dropped_verdicts += 1,
+            other => panic!("verdict {other} for a new flow"),
+        }
     }
-    dropped() - before
+    let counted = dropped() - before;
+    assert_eq!(counted, dropped_verdicts, "drops counted against verdicts");
+    counted
 }
 
 /// A backend turning terminating is flagged only once no table names it: new flows arriving
@@ -294,15 +309,24 @@ fn recycled_ids_start_with_zero_counters() {
         let gone = controller.state().services[0].backends[1].id;
         let mut port = 10_000;
         new_flows(controller.dataplane(), &mut port, 100);
+        // Counted exactly: one packet per flow, and the flows the table holds for the backend.
         let counted = controller.dataplane().backend_counter(gone).unwrap();
-        assert!(counted.new_flows > 0, "{counted:?}");
-        assert!(
+        let placed = controller
+            .dataplane()
+            .flows()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.backend_id == gone)
+            .count();
+        assert!(placed > 0);
+        assert_eq!(counted.new_flows, placed as u64, "{counted:?}");
+        assert_eq!(
             controller
                 .dataplane()
                 .service_counter(service)
                 .unwrap()
-                .packets
-                >= 100
+                .packets,
+            100
         );
 
         // 198.18.1.2 goes; 198.18.1.4 comes in the next apply and gets its id back.
