@@ -167,41 +167,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn removing_one_backend_moves_about_one_nth_of_the_slots() {
-        let n = 10;
-        let size = 16381;
-        let all = backends(n);
-        let before = build(&all, size).unwrap().unwrap();
-        let removed = 3;
-        let survivors: Vec<_> = all.iter().filter(|b| b.id != removed).cloned().collect();
-        let after = build(&survivors, size).unwrap().unwrap();
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-        let freed = before.iter().filter(|id| **id == removed).count();
-        // The removed backend's slots must move; the paper's bound on the rest is small.
-        let survivors_moved = moved - freed;
-        assert!(
-            (moved as f64) / f64::from(size) < 1.0 / f64::from(n) * 1.15,
-            "{moved} of {size} slots moved"
-        );
-        assert!(
-            (survivors_moved as f64) / f64::from(size) < 0.02,
-            "{survivors_moved} slots of surviving backends moved"
-        );
+    /// Slots whose backend changed between `before` and `after` although the backend they held
+    /// is in both tables (neither removed nor the newcomer): the disruption Maglev keeps small.
+    /// Counted slot by slot, not derived from other counts.
+    fn survivors_moved(before: &[u32], after: &[u32], changed: u32) -> usize {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| b != a && **b != changed && **a != changed)
+            .count()
     }
 
+    /// Removing any one of N backends empties exactly its own slots (each now held by a
+    /// survivor), and moves at most 2% of the table between survivors (the paper measures
+    /// about 1% here); the survivors still share the table within 1%.
     #[test]
-    fn adding_one_backend_moves_about_one_nth_of_the_slots() {
-        let size = 16381;
-        let before = build(&backends(9), size).unwrap().unwrap();
-        let after = build(&backends(10), size).unwrap().unwrap();
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-        let taken = after.iter().filter(|id| **id == 9).count();
-        assert!(
-            (moved as f64) / f64::from(size) < 0.1 * 1.15,
-            "{moved} slots moved"
-        );
-        assert!(moved >= taken);
+    fn removing_one_backend_moves_its_slots_and_few_others() {
+        for (n, size) in [(10, 16381), (5, 1021), (30, 65537)] {
+            let all = backends(n);
+            let before = build(&all, size).unwrap().unwrap();
+            for removed in 0..n {
+                let survivors: Vec<_> = all.iter().filter(|b| b.id != removed).cloned().collect();
+                let after = build(&survivors, size).unwrap().unwrap();
+                assert!(!after.contains(&removed));
+                let moved = survivors_moved(&before, &after, removed);
+                assert!(
+                    (moved as f64) / f64::from(size) <= 0.02,
+                    "N={n} M={size} without {removed}: {moved} slots of survivors moved"
+                );
+                let fair = f64::from(size) / f64::from(n - 1);
+                for (id, count) in shares(&after) {
+                    assert!(
+                        (count as f64 - fair).abs() / fair <= 0.01,
+                        "N={n} M={size} without {removed}: {id} has {count}, fair {fair:.1}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Adding a backend gives it its fair share, taken from the others, and moves at most 2%
+    /// of the table between the backends that were there before.
+    #[test]
+    fn adding_one_backend_takes_a_fair_share_and_moves_few_others() {
+        for (n, size) in [(9, 16381), (4, 1021), (29, 65537)] {
+            let before = build(&backends(n), size).unwrap().unwrap();
+            let after = build(&backends(n + 1), size).unwrap().unwrap();
+            let newcomer = n;
+            let taken = after.iter().filter(|id| **id == newcomer).count();
+            let fair = f64::from(size) / f64::from(n + 1);
+            assert!(
+                (taken as f64 - fair).abs() / fair <= 0.01,
+                "N={n} M={size}: the newcomer took {taken}, fair {fair:.1}"
+            );
+            let moved = survivors_moved(&before, &after, newcomer);
+            assert!(
+                (moved as f64) / f64::from(size) <= 0.02,
+                "N={n} M={size}: {moved} slots moved between the first {n}"
+            );
+        }
     }
 
     #[test]
