@@ -2,6 +2,7 @@
 //! written, removed backends' flows are cleared, removed services disappear.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -352,6 +353,116 @@ fn recycled_ids_start_with_zero_counters() {
             controller.dataplane().service_counter(service).unwrap(),
             FlowCounter::default()
         );
+    })
+    .unwrap();
+}
+
+/// `explain` answers what the data plane does for the same flow: for new flows (Maglev), for
+/// the same flows once tracked (conntrack), and after a backend is removed (its flows placed
+/// afresh), the endpoint it names is the one the XDP program rewrites the frame to.
+#[test]
+fn explain_names_the_backend_the_data_plane_picks() {
+    let ns = Netns::create("explain").unwrap();
+    let roots = lb_tests::Roots::new("explain");
+    ns.enter(|| {
+        let paths = lb_userspace::pins::Paths::new(
+            std::path::Path::new(&roots.pin_root),
+            std::path::Path::new(&roots.state_root),
+            "veth-x",
+        );
+        paths
+            .prepare(std::path::Path::new(&roots.pin_root))
+            .unwrap();
+        let dataplane = Dataplane::load_with(lb_userspace::dataplane::LoadOptions {
+            pin_dir: Some(paths.pin_dir.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut controller = Controller::new(
+            dataplane,
+            AppliedState::default(),
+            Some(paths.state_file.clone()),
+            Options::default(),
+        );
+        controller
+            .apply(&cluster(&["198.18.1.1", "198.18.1.2", "198.18.1.3"], ""))
+            .unwrap();
+        let client = IpAddr::from([198, 18, 0, 1]);
+        let flow = |port: u16| Spec::tcp(client, port, IpAddr::from([198, 18, 100, 1]), 8080);
+        // What `lb-userspace explain` prints, as JSON: (endpoint, decided by).
+        let explain = |port: u16| {
+            let all = lb_userspace::views::read_all(
+                std::path::Path::new(&roots.state_root),
+                std::path::Path::new(&roots.pin_root),
+            )
+            .unwrap();
+            let json = lb_userspace::views::explain(
+                &all,
+                &format!("{client}:{port}"),
+                "198.18.100.1:8080/TCP",
+                true,
+            )
+            .unwrap();
+            let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+            (
+                value["endpoint"].as_str().unwrap_or("<none>").to_owned(),
+                value["decided_by"].as_str().unwrap().to_owned(),
+            )
+        };
+        // Where the program sends a frame.
+        let run = |controller: &Controller, frame: &Spec| {
+            let program = controller.dataplane().xdp_program().unwrap();
+            let (verdict, output) = harness::run_xdp(program, &frame.build(), None);
+            assert_eq!(verdict, harness::XDP_PASS);
+            format!("198.18.1.{}:8080", harness::backend_of(&output))
+        };
+        let ports = 30000..30200u16;
+        let mut placed = BTreeMap::new();
+        for port in ports.clone() {
+            let (endpoint, decided_by) = explain(port);
+            assert_eq!(decided_by, "maglev", "port {port}");
+            assert_eq!(
+                run(&controller, &flow(port)),
+                endpoint,
+                "new flow from port {port}"
+            );
+            placed.insert(port, endpoint.clone());
+            // Now tracked: the same answer, by conntrack, and the next segment follows it.
+            assert_eq!(explain(port), (endpoint.clone(), "conntrack".into()));
+            assert_eq!(run(&controller, &flow(port).ack()), endpoint, "port {port}");
+        }
+        let mut on = BTreeMap::<&str, usize>::new();
+        for endpoint in placed.values() {
+            *on.entry(endpoint).or_default() += 1;
+        }
+        assert_eq!(on.len(), 3, "{on:?}");
+
+        // 198.18.1.2 goes: its flows are cleared and placed afresh, the others stay tracked.
+        controller
+            .apply(&cluster(&["198.18.1.1", "198.18.1.3"], ""))
+            .unwrap();
+        for port in ports {
+            let (endpoint, decided_by) = explain(port);
+            assert_ne!(endpoint, "198.18.1.2:8080");
+            // Exactly the removed backend's flows lost their entries.
+            let was = &placed[&port];
+            assert_eq!(
+                decided_by == "maglev",
+                was == "198.18.1.2:8080",
+                "port {port}, on {was}"
+            );
+            // A SYN is placed afresh, a tracked flow's next segment follows its entry.
+            let frame = match decided_by.as_str() {
+                "maglev" => flow(port),
+                "conntrack" => flow(port).ack(),
+                other => panic!("port {port} decided by {other}"),
+            };
+            assert_eq!(
+                run(&controller, &frame),
+                endpoint,
+                "port {port} after removal"
+            );
+        }
     })
     .unwrap();
 }
