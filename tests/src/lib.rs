@@ -93,6 +93,60 @@ impl Roots {
     }
 }
 
+/// The one-service manifest [`attach_in_netns`] serves: `web` on 198.18.100.1:8080/TCP with
+/// endpoints 198.18.1.1 and 198.18.1.2.
+pub const WEB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  \
+    clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\n\
+    metadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n  - ip: 198.18.1.2\n";
+
+/// A controller attached to `veth-lb` in a namespace of its own (see [`netns::Netns::with_veth`])
+/// with private roots, serving [`WEB_SERVICE`]. Dropping it stops the controller, then removes
+/// the namespace and the roots.
+pub struct NetnsController {
+    /// The controller, once it logged that it serves metrics (start-up is over).
+    pub controller: sandbox::LoggedChild,
+    /// Its namespace.
+    pub ns: netns::Netns,
+    /// Its pin and state roots.
+    pub roots: Roots,
+    _config: tempfile::TempDir,
+}
+
+/// Starts a [`NetnsController`] tagged `tag`; `wrapper` (a program and its arguments, e.g.
+/// `setpriv` and the capabilities to keep) runs the binary when not empty.
+pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsController> {
+    let ns = netns::Netns::with_veth(tag, "veth-lb", "veth-peer")?;
+    let roots = Roots::new(tag);
+    let config = tempfile::tempdir()?;
+    std::fs::write(config.path().join("web.yaml"), WEB_SERVICE)?;
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = ns.command(program);
+            command.args(args).arg(lb_userspace_bin());
+            command
+        }
+        None => ns.command(lb_userspace_bin()),
+    };
+    command
+        .args(["attach", "veth-lb", "--stats-interval", "0", "--config"])
+        .arg(config.path())
+        .args(["--pin-root", &roots.pin_root])
+        .args(["--state-root", &roots.state_root])
+        .env("NO_COLOR", "1");
+    let controller = sandbox::LoggedChild::spawn(command, false)?;
+    controller.wait_for(
+        "serving Prometheus metrics",
+        1,
+        std::time::Duration::from_secs(10),
+    )?;
+    Ok(NetnsController {
+        controller,
+        ns,
+        roots,
+        _config: config,
+    })
+}
+
 /// The Prometheus text a controller in `ns` serves on its default metrics address.
 pub fn scrape_metrics(ns: &netns::Netns) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};

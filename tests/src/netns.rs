@@ -54,6 +54,17 @@ impl Netns {
         Ok(netns)
     }
 
+    /// Creates `lbt-<tag>-<pid>` with a veth pair `link` <-> `peer` inside it, both up: a link
+    /// to attach to that touches nothing outside the namespace.
+    pub fn with_veth(tag: &str, link: &str, peer: &str) -> anyhow::Result<Self> {
+        let netns = Self::create(tag)?;
+        netns.ip(&["link", "add", link, "type", "veth", "peer", "name", peer])?;
+        for name in [link, peer] {
+            netns.ip(&["link", "set", name, "up"])?;
+        }
+        Ok(netns)
+    }
+
     /// The namespace's name as `ip netns` knows it.
     pub fn name(&self) -> &str {
         &self.name

@@ -47,21 +47,7 @@ fn assert_names_the_fault(line: &str, invalid: &Invalid, file: &Path) {
 /// fails on a deadline instead of hanging on a controller that serves.
 #[test]
 fn each_invalid_manifest_stops_attach_at_start_up() {
-    let ns = Netns::create("badcfg-start").unwrap();
-    ns.ip(&[
-        "link",
-        "add",
-        "veth-lb",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-peer",
-    ])
-    .unwrap();
-    for link in ["veth-lb", "veth-peer"] {
-        ns.ip(&["link", "set", link, "up"]).unwrap();
-    }
+    let ns = Netns::with_veth("badcfg-start", "veth-lb", "veth-peer").unwrap();
     let roots = Roots::new("badcfg-start");
     for invalid in corpus() {
         let file = invalid.path.display();

@@ -2,7 +2,7 @@
 
 use std::{process::Command, time::Duration};
 
-use lb_tests::{Roots, netns::Netns, sandbox::LoggedChild};
+use lb_tests::netns::Netns;
 
 /// Without the capabilities it needs, `attach` stops at once and names them.
 #[test]
@@ -41,52 +41,22 @@ fn attach_without_capabilities_names_what_is_missing() {
 /// connection on the interface's own address being refused while loopback answers.
 #[test]
 fn attach_with_exactly_the_three_capabilities_serves_and_keeps_metrics_on_loopback() {
-    let ns = Netns::create("leastpriv").unwrap();
-    ns.ip(&[
-        "link",
-        "add",
-        "veth-lb",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-peer",
-    ])
-    .unwrap();
-    for link in ["veth-lb", "veth-peer"] {
-        ns.ip(&["link", "set", link, "up"]).unwrap();
-    }
-    ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-lb"])
-        .unwrap();
-    let roots = Roots::new("leastpriv");
-    let config = tempfile::tempdir().unwrap();
-    std::fs::write(
-        config.path().join("web.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  \
-         ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n\
-         subsets:\n- addresses:\n  - ip: 198.18.1.1\n",
-    )
-    .unwrap();
     let caps = "-all,+net_admin,+bpf,+perfmon";
-    let mut command = ns.command("setpriv");
-    command
-        .args([
+    let running = lb_tests::attach_in_netns(
+        "leastpriv",
+        &[
+            "setpriv",
             &format!("--inh-caps={caps}"),
             &format!("--ambient-caps={caps}"),
             &format!("--bounding-set={caps}"),
-        ])
-        .arg(lb_tests::lb_userspace_bin())
-        .args(["attach", "veth-lb", "--stats-interval", "0", "--config"])
-        .arg(config.path())
-        .args(["--pin-root", &roots.pin_root])
-        .args(["--state-root", &roots.state_root])
-        .env("NO_COLOR", "1");
-    let controller = LoggedChild::spawn(command, false).unwrap();
-    controller
-        .wait_for("serving Prometheus metrics", 1, Duration::from_secs(10))
+        ],
+    )
+    .unwrap();
+    let ns = &running.ns;
+    ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-lb"])
         .unwrap();
     // It ran with the three capabilities and no other.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", controller_pid(&ns))).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", controller_pid(ns))).unwrap();
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -130,7 +100,11 @@ fn attach_with_exactly_the_three_capabilities_serves_and_keeps_metrics_on_loopba
         "metrics reachable off loopback"
     );
 
-    let stopped = controller.child.stop(Duration::from_secs(10)).unwrap();
+    let stopped = running
+        .controller
+        .child
+        .stop(Duration::from_secs(10))
+        .unwrap();
     assert!(stopped.success(), "{stopped:?}");
 }
 
