@@ -340,8 +340,7 @@ fn service_model(
         }
     };
 
-    let raw = raw_endpoints(&namespace, &name, manifests)
-        .map_err(|(field, message)| error(&field, message))?;
+    let raw = raw_endpoints(&namespace, &name, manifests)?;
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
@@ -441,7 +440,14 @@ fn raw_endpoints(
     namespace: &str,
     name: &str,
     manifests: &Manifests,
-) -> Result<Vec<RawEndpoint>, (String, String)> {
+) -> Result<Vec<RawEndpoint>, ConfigError> {
+    // A bad address is the fault of the object that lists it, in its own file.
+    let bad_address = |file: &Path, object: String, field: String, text: &str| ConfigError {
+        file: file.display().to_string(),
+        object,
+        field,
+        message: format!("{text:?} is not an IP address"),
+    };
     let mut raw = Vec::new();
     let slices: Vec<_> = manifests
         .slices
@@ -465,17 +471,17 @@ fn raw_endpoints(
                 .flatten()
                 .filter_map(|p| endpoint_port(p.name.as_ref(), p.port?, p.protocol.as_ref()))
                 .collect();
-            for endpoint in slice.object.endpoints.iter().flatten() {
+            let slice_name = slice.object.metadata.name.as_deref().unwrap_or_default();
+            for (e, endpoint) in slice.object.endpoints.iter().flatten().enumerate() {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
                 let ready = conditions.ready.unwrap_or(true);
-                for text in &endpoint.addresses {
+                for (a, text) in endpoint.addresses.iter().enumerate() {
                     let addr = text.parse().map_err(|_| {
-                        (
-                            "endpoints[].addresses".to_owned(),
-                            format!(
-                                "{text:?} in EndpointSlice {} is not an IP address",
-                                slice.object.metadata.name.clone().unwrap_or_default()
-                            ),
+                        bad_address(
+                            &slice.file,
+                            format!("EndpointSlice {namespace}/{slice_name}"),
+                            format!("endpoints[{e}].addresses[{a}]"),
+                            text,
                         )
                     })?;
                     raw.push(RawEndpoint {
@@ -497,22 +503,28 @@ fn raw_endpoints(
     }) else {
         return Ok(raw);
     };
-    for subset in endpoints.object.subsets.iter().flatten() {
+    for (s, subset) in endpoints.object.subsets.iter().flatten().enumerate() {
         let ports: Vec<(String, u16, String)> = subset
             .ports
             .iter()
             .flatten()
             .filter_map(|p| endpoint_port(p.name.as_ref(), p.port, p.protocol.as_ref()))
             .collect();
-        for (ready, addresses) in [
-            (true, subset.addresses.iter().flatten()),
-            (false, subset.not_ready_addresses.iter().flatten()),
+        for (ready, list, addresses) in [
+            (true, "addresses", subset.addresses.iter().flatten()),
+            (
+                false,
+                "notReadyAddresses",
+                subset.not_ready_addresses.iter().flatten(),
+            ),
         ] {
-            for address in addresses {
+            for (a, address) in addresses.enumerate() {
                 let addr = address.ip.parse().map_err(|_| {
-                    (
-                        "subsets[].addresses[].ip".to_owned(),
-                        format!("{:?} in Endpoints {name} is not an IP address", address.ip),
+                    bad_address(
+                        &endpoints.file,
+                        format!("Endpoints {namespace}/{name}"),
+                        format!("subsets[{s}].{list}[{a}].ip"),
+                        &address.ip,
                     )
                 })?;
                 raw.push(RawEndpoint {
@@ -898,6 +910,38 @@ mod tests {
                 line.starts_with(&expected),
                 "{line}\ndoes not begin {expected}"
             );
+        }
+    }
+
+    /// A bad address is the fault of the Endpoints or EndpointSlice that lists it: the error
+    /// names that object and its file, not the Service's (the sandbox keeps them apart).
+    #[test]
+    fn a_bad_endpoint_address_names_the_file_and_object_that_list_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a-service.yaml"), service("")).unwrap();
+        for (listing, object, field) in [
+            (
+                "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  \
+                 - ip: 198.18.1.1\n  notReadyAddresses:\n  - ip: 198.18.1.2\n  - ip: 198.18.1.x\n"
+                    .to_owned(),
+                "Endpoints default/web",
+                "subsets[0].notReadyAddresses[1].ip",
+            ),
+            (
+                slice("- addresses: [198.18.1.1]\n- addresses: [198.18.1.x]\n"),
+                "EndpointSlice default/web-abc",
+                "endpoints[1].addresses[0]",
+            ),
+        ] {
+            let file = dir.path().join("b-endpoints.yaml");
+            std::fs::write(&file, listing).unwrap();
+            let error = load(dir.path(), &Options::default()).unwrap_err();
+            assert_eq!(
+                (error.file.as_str(), error.object.as_str(), error.field.as_str()),
+                (file.display().to_string().as_str(), object, field),
+                "{error}"
+            );
+            assert_eq!(error.message, "\"198.18.1.x\" is not an IP address");
         }
     }
 
