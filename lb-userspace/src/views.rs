@@ -557,7 +557,8 @@ fn explain_flow(
                     endpoint: Some(endpoint),
                     decided_by: "conntrack".into(),
                     detail: format!(
-                        "a tracked flow ({state}, expires in {}s), kept on backend {}; a new                          connection (SYN) from this port is placed afresh",
+                        "a tracked flow ({state}, expires in {}s), kept on backend {}; a new \
+                         connection (SYN) from this port is placed afresh",
                         flow.expires_ns.saturating_sub(now) / 1_000_000_000,
                         flow.backend_id
                     ),
@@ -565,7 +566,8 @@ fn explain_flow(
             }
             _ => {
                 stale = Some(format!(
-                    "its tracked entry ({state}) is expired or names a backend no longer                      serving, so "
+                    "its tracked entry ({state}) is expired or names a backend no longer \
+                     serving, so "
                 ));
             }
         }

@@ -404,6 +404,9 @@ fn explain_names_the_backend_the_data_plane_picks() {
             )
             .unwrap();
             let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+            // The detail is one readable sentence: no run of spaces left by a broken literal.
+            let detail = value["detail"].as_str().unwrap();
+            assert!(!detail.contains("  "), "{detail:?}");
             (
                 value["endpoint"].as_str().unwrap_or("<none>").to_owned(),
                 value["decided_by"].as_str().unwrap().to_owned(),
