@@ -1,12 +1,15 @@
 //! Least privilege, as the binary enforces it.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use lb_tests::netns::Netns;
 
-/// Without the capabilities it needs, `attach` stops at once and names them.
+/// Without the capabilities it needs, `attach` stops at once and names them. Run on a veth of a
+/// namespace of its own with private roots, so that a regression touches nothing of the host.
 #[test]
 fn attach_without_capabilities_names_what_is_missing() {
+    let ns = Netns::with_veth("nocaps", "veth-lb", "veth-peer").unwrap();
+    let roots = lb_tests::Roots::new("nocaps");
     // A copy others may execute: the build tree may not be reachable to `nobody`.
     let copy = tempfile::Builder::new()
         .prefix("lb-userspace")
@@ -18,10 +21,12 @@ fn attach_without_capabilities_names_what_is_missing() {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let output = Command::new("setpriv")
+    let output = ns
+        .command("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&*copy)
-        .args(["attach", "lo"])
+        .args(["attach", "veth-lb", "--pin-root", &roots.pin_root])
+        .args(["--state-root", &roots.state_root])
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
@@ -33,6 +38,8 @@ fn attach_without_capabilities_names_what_is_missing() {
             "{capability} not named: {stderr}"
         );
     }
+    let link = ns.exec("ip", &["link", "show", "veth-lb"]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
 }
 
 /// Exactly CAP_NET_ADMIN + CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN, nothing else, none to
