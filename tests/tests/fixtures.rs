@@ -731,9 +731,9 @@ fn replies_are_reverse_nated_on_egress() {
     });
 }
 
-/// A namespace with a route to the backends' subnet out of `fwd0` (its peer `fwd1`), a
-/// resolved neighbour for backend 1 and forwarding on: (namespace, fwd0's index and MAC, fwd1's
-/// index).
+/// A namespace with routes to the backends' subnets (IPv4 and IPv6) out of `fwd0` (its peer
+/// `fwd1`), resolved neighbours for backend 1 of both families (the same MAC) and forwarding
+/// on: (namespace, fwd0's index and MAC, fwd1's index).
 fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
     let ns = Netns::create(tag).unwrap();
     ns.ip(&[
@@ -758,6 +758,24 @@ fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
     ])
     .unwrap();
     ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    // nodad: the address is usable (and the route with it) at once, not after duplicate
+    // address detection.
+    ns.ip(&["addr", "add", "2001:db8:1::fe/64", "dev", "fwd0", "nodad"])
+        .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "2001:db8:1::1",
+        "lladdr",
+        "02:00:00:00:01:01",
+        "dev",
+        "fwd0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
         .unwrap();
     let (fwd0, fwd0_mac) = link(&ns, "fwd0");
     let (fwd1, _) = link(&ns, "fwd1");
@@ -802,6 +820,45 @@ fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(lb.last_reason(), Reason::DnatFibFallback);
         assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
+    })
+    .unwrap();
+}
+
+#[test]
+fn ipv6_frames_with_a_route_and_a_neighbour_are_sent_directly() {
+    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns("fwd6");
+    ns.enter(|| {
+        let mut lb = Lb::new();
+        lb.service(3, VIP6, PROTO_TCP, 0, &[(1, backend6(1), BACKEND_F_VALID)]);
+
+        // Arriving on the egress port itself: XDP_TX with the next hop's MACs and hop limit - 1.
+        let request = Spec::tcp(CLIENT6, 42000, VIP6, PORT);
+        let (verdict, output) = lb.run_on(&request.build(), Some(fwd0));
+        assert_eq!((verdict, lb.last_reason()), (XDP_TX, Reason::DnatTx));
+        assert_eq!(output, forwarded(&request, backend6(1), fwd0_mac).build());
+        assert_checksums_valid(&output);
+
+        // Registered as a redirect target and arriving elsewhere: redirected, rewritten alike.
+        lb.dataplane.add_tx_port(fwd0).unwrap();
+        let other = Spec::udp(CLIENT6, 42001, VIP6, PORT);
+        lb.service(4, VIP6, PROTO_UDP, 0, &[(2, backend6(1), BACKEND_F_VALID)]);
+        let (verdict, output) = lb.run_on(&other.build(), Some(fwd1));
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (XDP_REDIRECT, Reason::DnatRedirect)
+        );
+        assert_eq!(output, forwarded(&other, backend6(1), fwd0_mac).build());
+        assert_checksums_valid(&output);
+
+        // Hop limit 1: the kernel answers with time exceeded, so it gets the frame.
+        let mut expiring = Spec::tcp(CLIENT6, 42002, VIP6, PORT);
+        expiring.ttl = 1;
+        let (verdict, output) = lb.run_on(&expiring.build(), Some(fwd0));
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (XDP_PASS, Reason::DnatFibFallback)
+        );
+        assert_eq!(output, expiring.to(backend6(1), TARGET_PORT).build());
     })
     .unwrap();
 }
