@@ -147,21 +147,7 @@ impl Lb {
 
     /// Runs `frame` through the TC egress program.
     pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.counted_once(|| {
-            let mut output = vec![0u8; frame.len() + 256];
-            let result = self
-                .dataplane
-                .tc_egress_program()
-                .unwrap()
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut output),
-                    ..TestRunOptions::new()
-                })
-                .expect("BPF_PROG_TEST_RUN (tc)");
-            output.truncate(result.data_size_out as usize);
-            (result.return_value, output)
-        })
+        self.counted_once(|| run_tc(self.dataplane.tc_egress_program().unwrap(), frame))
     }
 
     /// Runs one frame with `run` and checks it was counted under exactly one reason, once,
@@ -324,6 +310,20 @@ pub fn run_xdp(
             ..TestRunOptions::new()
         })
         .expect("BPF_PROG_TEST_RUN");
+    output.truncate(result.data_size_out as usize);
+    (result.return_value, output)
+}
+
+/// Runs `frame` through a TC program.
+pub fn run_tc(program: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN (tc)");
     output.truncate(result.data_size_out as usize);
     (result.return_value, output)
 }
