@@ -745,38 +745,27 @@ fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
     }
     ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "fwd0"])
         .unwrap();
-    ns.ip(&[
-        "neigh",
-        "add",
-        "198.18.1.1",
-        "lladdr",
-        "02:00:00:00:01:01",
-        "dev",
-        "fwd0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
-        .unwrap();
     // nodad: the address is usable (and the route with it) at once, not after duplicate
     // address detection.
     ns.ip(&["addr", "add", "2001:db8:1::fe/64", "dev", "fwd0", "nodad"])
         .unwrap();
-    ns.ip(&[
-        "neigh",
-        "add",
-        "2001:db8:1::1",
-        "lladdr",
-        "02:00:00:00:01:01",
-        "dev",
-        "fwd0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])
+    // Backend 1 of both families, behind one MAC.
+    for (backend, family) in [("198.18.1.1", "ipv4"), ("2001:db8:1::1", "ipv6")] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            backend,
+            "lladdr",
+            "02:00:00:00:01:01",
+            "dev",
+            "fwd0",
+            "nud",
+            "permanent",
+        ])
         .unwrap();
+        let forwarding = format!("net.{family}.conf.all.forwarding=1");
+        ns.exec("sysctl", &["-qw", &forwarding]).unwrap();
+    }
     let (fwd0, fwd0_mac) = link(&ns, "fwd0");
     let (fwd1, _) = link(&ns, "fwd1");
     (ns, fwd0, fwd0_mac, fwd1)
@@ -784,81 +773,59 @@ fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
 
 #[test]
 fn frames_with_a_route_and_a_neighbour_are_sent_directly() {
-    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns("fwd");
-    ns.enter(|| {
-        let mut lb = Lb::new();
-        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
-        let request = Spec::tcp(CLIENT4, 42000, VIP4, PORT);
-
-        // Arriving on the egress port itself: XDP_TX with the next hop's MACs and TTL - 1.
-        let (verdict, output) = lb.run_on(&request.build(), Some(fwd0));
-        assert_eq!(verdict, XDP_TX);
-        assert_eq!(output, forwarded(&request, backend4(1), fwd0_mac).build());
-        assert_checksums_valid(&output);
-        assert_eq!(lb.last_reason(), Reason::DnatTx);
-
-        // Arriving elsewhere, with the egress port not registered: the kernel forwards it.
-        let other = Spec::tcp(CLIENT4, 42001, VIP4, PORT);
-        let (verdict, output) = lb.run_on(&other.build(), Some(fwd1));
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(lb.last_reason(), Reason::DnatFibFallback);
-        assert_eq!(output, other.to(backend4(1), TARGET_PORT).build());
-
-        // Registered as a redirect target: redirected, rewritten as for XDP_TX.
-        lb.dataplane.add_tx_port(fwd0).unwrap();
-        let third = Spec::tcp(CLIENT4, 42002, VIP4, PORT);
-        let (verdict, output) = lb.run_on(&third.build(), Some(fwd1));
-        assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(output, forwarded(&third, backend4(1), fwd0_mac).build());
-        assert_checksums_valid(&output);
-        assert_eq!(lb.last_reason(), Reason::DnatRedirect);
-
-        // TTL 1: the kernel must answer with time-exceeded, so it gets the frame.
-        let mut expiring = Spec::tcp(CLIENT4, 42003, VIP4, PORT);
-        expiring.ttl = 1;
-        let (verdict, output) = lb.run_on(&expiring.build(), Some(fwd0));
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(lb.last_reason(), Reason::DnatFibFallback);
-        assert_eq!(output, expiring.to(backend4(1), TARGET_PORT).build());
-    })
-    .unwrap();
+    sent_directly("fwd", CLIENT4, VIP4, backend4(1));
 }
 
 #[test]
 fn ipv6_frames_with_a_route_and_a_neighbour_are_sent_directly() {
-    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns("fwd6");
+    sent_directly("fwd6", CLIENT6, VIP6, backend6(1));
+}
+
+/// DNATed frames to `backend` (resolved by `routed_netns`) leave by XDP_TX when they arrived on
+/// the egress port, through the device map once it takes redirected frames, both with the next
+/// hop's MACs and TTL / hop limit - 1; to the kernel otherwise, and when the TTL expires here.
+fn sent_directly(tag: &str, client: IpAddr, vip: IpAddr, backend: IpAddr) {
+    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns(tag);
     ns.enter(|| {
         let mut lb = Lb::new();
-        lb.service(3, VIP6, PROTO_TCP, 0, &[(1, backend6(1), BACKEND_F_VALID)]);
+        lb.service(1, vip, PROTO_TCP, 0, &[(1, backend, BACKEND_F_VALID)]);
+        let request = Spec::tcp(client, 42000, vip, PORT);
 
-        // Arriving on the egress port itself: XDP_TX with the next hop's MACs and hop limit - 1.
-        let request = Spec::tcp(CLIENT6, 42000, VIP6, PORT);
+        // Arriving on the egress port itself: XDP_TX with the next hop's MACs and TTL - 1.
         let (verdict, output) = lb.run_on(&request.build(), Some(fwd0));
         assert_eq!((verdict, lb.last_reason()), (XDP_TX, Reason::DnatTx));
-        assert_eq!(output, forwarded(&request, backend6(1), fwd0_mac).build());
+        assert_eq!(output, forwarded(&request, backend, fwd0_mac).build());
         assert_checksums_valid(&output);
 
-        // Registered as a redirect target and arriving elsewhere: redirected, rewritten alike.
-        lb.dataplane.add_tx_port(fwd0).unwrap();
-        let other = Spec::udp(CLIENT6, 42001, VIP6, PORT);
-        lb.service(4, VIP6, PROTO_UDP, 0, &[(2, backend6(1), BACKEND_F_VALID)]);
+        // Arriving elsewhere, with the egress port not registered: the kernel forwards it.
+        let other = Spec::tcp(client, 42001, vip, PORT);
         let (verdict, output) = lb.run_on(&other.build(), Some(fwd1));
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (XDP_PASS, Reason::DnatFibFallback)
+        );
+        assert_eq!(output, other.to(backend, TARGET_PORT).build());
+
+        // Registered as a redirect target: redirected, rewritten as for XDP_TX.
+        lb.dataplane.add_tx_port(fwd0).unwrap();
+        let third = Spec::tcp(client, 42002, vip, PORT);
+        let (verdict, output) = lb.run_on(&third.build(), Some(fwd1));
         assert_eq!(
             (verdict, lb.last_reason()),
             (XDP_REDIRECT, Reason::DnatRedirect)
         );
-        assert_eq!(output, forwarded(&other, backend6(1), fwd0_mac).build());
+        assert_eq!(output, forwarded(&third, backend, fwd0_mac).build());
         assert_checksums_valid(&output);
 
-        // Hop limit 1: the kernel answers with time exceeded, so it gets the frame.
-        let mut expiring = Spec::tcp(CLIENT6, 42002, VIP6, PORT);
+        // TTL 1: the kernel must answer with time-exceeded, so it gets the frame.
+        let mut expiring = Spec::tcp(client, 42003, vip, PORT);
         expiring.ttl = 1;
         let (verdict, output) = lb.run_on(&expiring.build(), Some(fwd0));
         assert_eq!(
             (verdict, lb.last_reason()),
             (XDP_PASS, Reason::DnatFibFallback)
         );
-        assert_eq!(output, expiring.to(backend6(1), TARGET_PORT).build());
+        assert_eq!(output, expiring.to(backend, TARGET_PORT).build());
     })
     .unwrap();
 }

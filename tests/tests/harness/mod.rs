@@ -238,55 +238,18 @@ impl Stats {
     /// Packets per reason, summed over the CPUs, indexed by `Reason as usize`.
     pub fn packets(&self) -> Vec<u64> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        /// The `batch` member of `union bpf_attr`.
-        #[repr(C)]
-        struct BatchAttr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
-        const BPF_MAP_LOOKUP_BATCH: nix::libc::c_long = 24;
-        let slots = Reason::ALL.len();
-        let mut keys = vec![0u32; slots];
-        // Per key, one `Counter` (packets, bytes) per possible CPU.
-        let mut values = vec![[0u64; 2]; slots * self.cpus];
-        let mut out_batch = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: slots as u32,
-            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` points at buffers sized for `count` keys and values.
-        let rc = unsafe {
-            nix::libc::syscall(
-                nix::libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let error = std::io::Error::last_os_error();
-        // ENOENT: the batch reached the end of the array, which it does.
-        assert!(
-            rc == 0 || error.raw_os_error() == Some(nix::libc::ENOENT),
-            "BPF_MAP_LOOKUP_BATCH of STATS: {error}"
-        );
-        assert_eq!(attr.count as usize, slots, "every reason read");
-        let mut packets = vec![0u64; slots];
-        for (key, per_cpu) in keys.iter().zip(values.chunks(self.cpus)) {
-            packets[*key as usize] = per_cpu.iter().map(|c| c[0]).sum();
-        }
-        packets
+        // A `Counter` is two words: packets, bytes.
+        let words = std::mem::size_of::<lb_common::Counter>() / 8;
+        lb_userspace::syscall::read_per_cpu_array(
+            self.map.fd().as_fd().as_raw_fd(),
+            Reason::ALL.len(),
+            self.cpus,
+            words,
+        )
+        .expect("BPF_MAP_LOOKUP_BATCH of STATS")
+        .chunks(self.cpus * words)
+        .map(|per_cpu| per_cpu.iter().step_by(words).sum())
+        .collect()
     }
 }
 
