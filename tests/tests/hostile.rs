@@ -807,6 +807,13 @@ fn a_hostile_corpus_gets_the_decision_tables_verdict_for_every_frame() {
                 |frame| xdp_oracle(frame, &mut datagrams),
                 true,
             );
+            // The oracle remembers every first fragment; the kernel's table evicts beyond its
+            // size, which would make the oracle wrong, not the data plane.
+            assert!(
+                datagrams.len() < lb_common::maps::FRAGMENTS_SIZE as usize,
+                "{} fragmented datagrams: more than FRAGMENTS holds",
+                datagrams.len()
+            );
             (total, exhaustive, rewritten, echoed)
         })
         .unwrap();
@@ -903,7 +910,7 @@ fn test_run_takes(frame: &[u8]) -> bool {
 
 #[test]
 fn a_hostile_corpus_through_egress_rewrites_only_replies_of_tracked_flows() {
-    let frames = corpus_size() / 5;
+    let frames = corpus_size() / 10;
     let ns = Netns::create("hostiletc").unwrap();
     let (total, rewritten) = ns
         .enter(move || {
