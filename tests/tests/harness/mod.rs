@@ -169,15 +169,6 @@ impl Lb {
         self.dataplane.reason_counter(reason).unwrap().packets
     }
 
-    pub fn total(&self) -> u64 {
-        self.dataplane
-            .reason_counters()
-            .unwrap()
-            .iter()
-            .map(|(_, c)| c.packets)
-            .sum()
-    }
-
     pub fn event(&self, event: Event) -> u64 {
         self.dataplane.event_counter(event).unwrap()
     }
