@@ -114,6 +114,39 @@ pub fn read_all<K: aya::Pod, V: aya::Pod>(fd: i32) -> io::Result<Vec<(K, V)>> {
     }
 }
 
+/// Every slot of the per-CPU array `fd` of `slots` entries whose values are `u64` words, in
+/// one `BPF_MAP_LOOKUP_BATCH`: slot by slot, `words` per CPU for each of `cpus` possible CPUs.
+/// Cheap enough to read after every packet a test runs.
+pub fn read_per_cpu_array(
+    fd: i32,
+    slots: usize,
+    cpus: usize,
+    words: usize,
+) -> io::Result<Vec<u64>> {
+    let mut keys = vec![0u32; slots];
+    let mut values = vec![0u64; slots * cpus * words];
+    let mut next = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: slots as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        // ENOENT: the batch reached the end of the array.
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+        _ => {}
+    }
+    if attr.count as usize != slots || keys.iter().enumerate().any(|(i, k)| *k as usize != i) {
+        return Err(io::Error::other("partial batch read"));
+    }
+    Ok(values)
+}
+
 /// The value of `key` in the map `fd`, if it has one.
 pub fn lookup<K: aya::Pod, V: aya::Pod>(fd: i32, key: &K) -> Option<V> {
     let mut value = zeroed::<V>();

@@ -378,14 +378,13 @@ fn the_sweep_removes_expired_flows_and_orphans_only() {
 #[test]
 fn idle_flows_outlive_ten_times_the_table_in_closed_and_quiet_flows() {
     in_fresh_netns("ctten", |_| {
-        let mut lb = Lb {
-            dataplane: Dataplane::load_with(LoadOptions {
+        let mut lb = Lb::with_dataplane(
+            Dataplane::load_with(LoadOptions {
                 conntrack_size: 256,
                 ..Default::default()
             })
             .unwrap(),
-            runs: std::cell::Cell::new(0),
-        };
+        );
         lb.service(1, VIP4, PROTO_TCP, 0, &valid_backends4(2));
         // Backend ids are per service, as the controller allocates them.
         lb.service(

@@ -53,41 +53,27 @@ pub fn backend6(i: u16) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i))
 }
 
-/// A loaded data plane with helpers to program services.
+/// A loaded data plane with helpers to program services. Every frame run through it (XDP or
+/// TC) is checked to be counted under exactly one reason, once: a path that counts twice and
+/// another that counts nothing cannot cancel out as they could in a total taken at the end.
 pub struct Lb {
     pub dataplane: Dataplane,
-    /// Frames run through `lb_xdp`, to check the counters account for every one.
-    pub runs: std::cell::Cell<u64>,
-}
-
-impl Drop for Lb {
-    /// Every frame run through the program is counted under exactly one reason.
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let xdp_total: u64 = self
-                .dataplane
-                .reason_counters()
-                .unwrap()
-                .iter()
-                .filter(|(reason, _)| {
-                    !reason.name().starts_with("egress") && !reason.name().starts_with("reverse")
-                })
-                .map(|(_, c)| c.packets)
-                .sum();
-            assert_eq!(
-                xdp_total,
-                self.runs.get(),
-                "XDP counters account for every frame"
-            );
-        }
-    }
+    stats: Stats,
+    /// The reason the last run frame was counted under.
+    last_reason: std::cell::Cell<Option<Reason>>,
 }
 
 impl Lb {
     pub fn new() -> Self {
+        Self::with_dataplane(Dataplane::load().expect("load the data plane"))
+    }
+
+    /// A harness around a data plane loaded with non-default options.
+    pub fn with_dataplane(dataplane: Dataplane) -> Self {
         Self {
-            dataplane: Dataplane::load().expect("load the data plane"),
-            runs: std::cell::Cell::new(0),
+            stats: Stats::of(&dataplane),
+            dataplane,
+            last_reason: std::cell::Cell::new(None),
         }
     }
 
@@ -150,46 +136,111 @@ impl Lb {
     }
 
     pub fn run_on(&self, frame: &[u8], ingress_ifindex: Option<u32>) -> (u32, Vec<u8>) {
-        self.runs.set(self.runs.get() + 1);
-        run_xdp(
-            self.dataplane.xdp_program().unwrap(),
-            frame,
-            ingress_ifindex,
-        )
+        self.counted_once(|| {
+            run_xdp(
+                self.dataplane.xdp_program().unwrap(),
+                frame,
+                ingress_ifindex,
+            )
+        })
     }
 
     /// Runs `frame` through the TC egress program.
     pub fn run_tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut output = vec![0u8; frame.len() + 256];
-        let result = self
-            .dataplane
-            .tc_egress_program()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut output),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN (tc)");
-        output.truncate(result.data_size_out as usize);
-        (result.return_value, output)
+        self.counted_once(|| run_tc(self.dataplane.tc_egress_program().unwrap(), frame))
+    }
+
+    /// Runs one frame with `run` and checks it was counted under exactly one reason, once,
+    /// remembering that reason for `last_reason`.
+    fn counted_once(&self, run: impl FnOnce() -> (u32, Vec<u8>)) -> (u32, Vec<u8>) {
+        let before = self.stats.packets();
+        let result = run();
+        self.last_reason
+            .set(Some(counted_under(&before, &self.stats.packets())));
+        result
+    }
+
+    /// The reason the last frame run (XDP or TC) was counted under.
+    pub fn last_reason(&self) -> Reason {
+        self.last_reason.get().expect("no frame run yet")
     }
 
     pub fn reason(&self, reason: Reason) -> u64 {
         self.dataplane.reason_counter(reason).unwrap().packets
     }
 
-    pub fn total(&self) -> u64 {
-        self.dataplane
-            .reason_counters()
-            .unwrap()
-            .iter()
-            .map(|(_, c)| c.packets)
-            .sum()
-    }
-
     pub fn event(&self, event: Event) -> u64 {
         self.dataplane.event_counter(event).unwrap()
+    }
+}
+
+/// The one reason whose packet count grew, by exactly one, between two readings of the `STATS`
+/// counters; panics naming what was counted otherwise (twice, under two reasons, or not at all).
+pub fn counted_under(before: &[u64], after: &[u64]) -> Reason {
+    let grown: Vec<(Reason, u64)> = Reason::ALL
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (b, a))| a != b)
+        .map(|(&reason, (b, a))| (reason, a.wrapping_sub(*b)))
+        .collect();
+    match grown[..] {
+        [(reason, 1)] => reason,
+        _ => panic!(
+            "one frame must be counted under exactly one reason, once; counted: {:?}",
+            grown
+                .iter()
+                .map(|(r, n)| (r.name(), *n as i64))
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// The `STATS` per-CPU array of one loaded data plane (found through its XDP program's maps,
+/// as other tests' data planes run beside it), read whole in one `BPF_MAP_LOOKUP_BATCH`: cheap
+/// enough to read after every frame of a large corpus.
+pub struct Stats {
+    map: aya::maps::MapData,
+    cpus: usize,
+}
+
+impl Stats {
+    pub fn of(dataplane: &Dataplane) -> Self {
+        let ids = dataplane
+            .xdp_program()
+            .unwrap()
+            .info()
+            .unwrap()
+            .map_ids()
+            .unwrap()
+            .expect("the kernel lists a program's maps");
+        let id = ids
+            .into_iter()
+            .find(|&id| {
+                aya::maps::MapInfo::from_id(id)
+                    .is_ok_and(|info| info.name_as_str() == Some(lb_common::maps::names::STATS))
+            })
+            .expect("the XDP program uses STATS");
+        Self {
+            map: aya::maps::MapData::from_id(id).unwrap(),
+            cpus: aya::util::nr_cpus().unwrap(),
+        }
+    }
+
+    /// Packets per reason, summed over the CPUs, indexed by `Reason as usize`.
+    pub fn packets(&self) -> Vec<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // A `Counter` is two words: packets, bytes.
+        let words = std::mem::size_of::<lb_common::Counter>() / 8;
+        lb_userspace::syscall::read_per_cpu_array(
+            self.map.fd().as_fd().as_raw_fd(),
+            Reason::ALL.len(),
+            self.cpus,
+            words,
+        )
+        .expect("BPF_MAP_LOOKUP_BATCH of STATS")
+        .chunks(self.cpus * words)
+        .map(|per_cpu| per_cpu.iter().step_by(words).sum())
+        .collect()
     }
 }
 
@@ -217,6 +268,20 @@ pub fn run_xdp(
     (result.return_value, output)
 }
 
+/// Runs `frame` through a TC program.
+pub fn run_tc(program: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN (tc)");
+    output.truncate(result.data_size_out as usize);
+    (result.return_value, output)
+}
+
 /// Runs `f` on a thread inside a fresh namespace.
 pub fn in_fresh_netns<T: Send>(tag: &str, f: impl FnOnce(&Netns) -> T + Send) -> T {
     let ns = Netns::create(tag).unwrap();
@@ -225,9 +290,30 @@ pub fn in_fresh_netns<T: Send>(tag: &str, f: impl FnOnce(&Netns) -> T + Send) ->
     result
 }
 
-/// Which backend a DNATed output frame went to (its IPv4 destination's last byte).
+/// Which backend `i` a DNATed output frame went to: its whole destination address is
+/// `backend4(i)` or `backend6(i)` and its destination port `TARGET_PORT`, else `None` (a frame
+/// left untouched, or rewritten to anything else).
+pub fn try_backend_of(output: &[u8]) -> Option<u8> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(output).ok()?;
+    let dst = match sliced.net? {
+        NetSlice::Ipv4(ip) => IpAddr::V4(ip.header().destination_addr()),
+        NetSlice::Ipv6(ip) => IpAddr::V6(ip.header().destination_addr()),
+        NetSlice::Arp(_) => return None,
+    };
+    let dport = match sliced.transport? {
+        TransportSlice::Tcp(tcp) => tcp.destination_port(),
+        TransportSlice::Udp(udp) => udp.destination_port(),
+        _ => return None,
+    };
+    (1..=u8::MAX)
+        .find(|&i| dport == TARGET_PORT && (dst == backend4(i) || dst == backend6(u16::from(i))))
+}
+
+/// Which backend a DNATed output frame went to; panics unless it was DNATed to one.
 pub fn backend_of(output: &[u8]) -> u8 {
-    output[14 + 19]
+    try_backend_of(output)
+        .unwrap_or_else(|| panic!("not DNATed to a backend:TARGET_PORT: {output:02x?}"))
 }
 /// Reads an interface's index and MAC in `ns` (`ip netns exec` mounts the namespace's /sys).
 pub fn link(ns: &Netns, name: &str) -> (u32, [u8; 6]) {
