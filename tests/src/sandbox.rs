@@ -40,6 +40,10 @@ pub const PORT: u16 = 8080;
 pub const PUSH_PORT: u16 = 9090;
 /// Namespace and name of the tutorial's service.
 pub const SERVICE: &str = "tomcat-load-balancer";
+/// The line `lb-userspace attach` logs once it is fully up (`READY_LINE` in its `main.rs`):
+/// stop handlers installed, metrics served, first apply done. "applied" comes before the
+/// metrics listener is served, so waiting for it races start-up.
+pub const READY: &str = "controller ready";
 /// Name of the client-facing interface in the node namespace.
 pub const NODE_IFACE: &str = "veth-node";
 
@@ -107,6 +111,11 @@ impl LoggedChild {
             .iter()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// Waits until a controller logged its [`READY`] line (start-up over).
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for(READY, 1, timeout)
     }
 
     /// Waits until `needle` was logged `times` times.
@@ -446,7 +455,8 @@ ports:
         write_atomically(&self.config.path().join("tomcat-endpoints.yaml"), &yaml)
     }
 
-    /// Starts (or restarts) the controller on the node and waits for its first apply.
+    /// Starts (or restarts) the controller on the node and waits until it is ready (first
+    /// apply done, metrics served, stop handlers installed).
     pub fn start_controller(&mut self, echo: bool) -> anyhow::Result<()> {
         let mut command = self.node.command(&self.binaries.controller);
         command
@@ -457,8 +467,12 @@ ports:
             .args(&self.controller_args)
             .env("NO_COLOR", "1");
         let controller = LoggedChild::spawn(command, echo)?;
-        controller.wait_for("applied", 1, Duration::from_secs(10))?;
+        // Kept before the wait: a controller that never gets ready is still stopped on drop.
         self.controller = Some(controller);
+        self.controller
+            .as_ref()
+            .expect("just set")
+            .wait_ready(Duration::from_secs(10))?;
         Ok(())
     }
 

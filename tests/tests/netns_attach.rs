@@ -15,7 +15,7 @@ use lb_common::Reason;
 use lb_tests::{
     ChildGuard, Roots,
     netns::{Netns, veth_pair},
-    sandbox::LoggedChild,
+    sandbox::{LoggedChild, READY},
 };
 use lb_userspace::{AttachMode, Dataplane};
 use nix::sys::signal::Signal;
@@ -133,7 +133,7 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
         }
         false
     };
-    let attached = wait_for("XDP program attached", Duration::from_secs(10));
+    let attached = wait_for(READY, Duration::from_secs(10));
     assert!(attached, "no attach line: {:?}", lines.lock().unwrap());
 
     send_udp(&client, "198.18.0.2:9", 10);
@@ -183,9 +183,7 @@ fn keep_on_exit_then_detach_removes_everything() {
         .env("NO_COLOR", "1");
     let controller = LoggedChild::spawn(command, false).unwrap();
     // Start-up complete: a stop before would remove the data plane despite --keep-on-exit.
-    controller
-        .wait_for("serving Prometheus metrics", 1, Duration::from_secs(10))
-        .unwrap();
+    controller.wait_ready(Duration::from_secs(10)).unwrap();
     let child = controller.child;
     let pins = std::path::Path::new(&roots.pin_root).join("veth-s");
     assert!(pins.join("link_xdp").exists(), "pinned link");
@@ -436,9 +434,7 @@ fn icmp_redirects_are_off_while_attached_and_put_back_after() {
         let controller =
             LoggedChild::spawn(attach_command(&server, &roots, config.path(), extra), false)
                 .unwrap();
-        controller
-            .wait_for("serving Prometheus metrics", 1, Duration::from_secs(20))
-            .unwrap();
+        controller.wait_ready(Duration::from_secs(20)).unwrap();
         controller
     };
 

@@ -113,7 +113,8 @@ fn new_connections(client: &Netns, count: usize) -> Vec<String> {
         .collect()
 }
 
-/// Starts `lb-userspace attach` on the node and waits for its first apply.
+/// Starts `lb-userspace attach` on the node and waits until it is ready (first apply done,
+/// metrics served).
 fn start_controller(node: &Netns, config: &Path, roots: &Roots) -> LoggedChild {
     let mut command = node.command(lb_tests::lb_userspace_bin());
     command
@@ -127,7 +128,7 @@ fn start_controller(node: &Netns, config: &Path, roots: &Roots) -> LoggedChild {
         ])
         .env("NO_COLOR", "1");
     let controller = LoggedChild::spawn(command, false).unwrap();
-    controller.wait_for("applied", 1, WAIT).unwrap();
+    controller.wait_ready(WAIT).unwrap();
     controller
 }
 
