@@ -93,6 +93,47 @@ impl Roots {
     }
 }
 
+impl Roots {
+    /// What the controller's own detach left of its attach to `iface` in `ns`: pins, the
+    /// state and redirect records, an XDP program, a tcx (TC egress) program. Empty when it removed
+    /// everything. Checked before [`Roots`]' drop removes the folders, which would hide a
+    /// leak from `cargo xtask test`'s leftover check.
+    pub fn leftovers(&self, ns: &netns::Netns, iface: &str) -> anyhow::Result<Vec<String>> {
+        let mut left = Vec::new();
+        let pins = std::path::Path::new(&self.pin_root).join(iface);
+        if pins.exists() {
+            left.push(format!("pins {}", pins.display()));
+        }
+        for record in ["json", "sysctl"] {
+            let file = std::path::Path::new(&self.state_root).join(format!("{iface}.{record}"));
+            if file.exists() {
+                left.push(format!("state {}", file.display()));
+            }
+        }
+        // tcx programs (the reverse NAT), asked of the kernel: bpftool 7.1 does not list them.
+        let owned = iface.to_owned();
+        let (_, tcx) = ns.enter(move || {
+            aya::programs::SchedClassifier::query_tcx(&owned, aya::programs::TcAttachType::Egress)
+        })??;
+        if !tcx.is_empty() {
+            left.push(format!("{} tcx egress programs on {iface}", tcx.len()));
+        }
+        let link = ns.exec("ip", &["-d", "link", "show", iface])?;
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        if link.contains("prog/xdp") {
+            left.push(format!("XDP on {iface}: {link}"));
+        }
+        Ok(left)
+    }
+
+    /// Asserts that the controller's own detach removed everything of its attach to `iface`
+    /// in `ns` (see [`Roots::leftovers`]).
+    pub fn assert_detached(&self, ns: &netns::Netns, iface: &str) {
+        let left = self.leftovers(ns, iface).expect("listing leftovers");
+        assert!(left.is_empty(), "the controller's detach left: {left:#?}");
+    }
+}
+
 /// The Prometheus text a controller in `ns` serves on its default metrics address.
 pub fn scrape_metrics(ns: &netns::Netns) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};

@@ -559,8 +559,20 @@ ports:
 impl Drop for Sandbox {
     fn drop(&mut self) {
         // The controller first (it detaches and unpins), then the pods, then the namespaces.
+        // Its own detach must have removed everything before the roots' drop removes the
+        // folders (which would hide a leak): checked unless the test is failing already.
         if let Some(controller) = self.controller.take() {
-            let _ = controller.child.stop(Duration::from_secs(5));
+            let stopped = controller.child.stop(Duration::from_secs(5));
+            if !std::thread::panicking() {
+                let left = self.roots.leftovers(&self.node, NODE_IFACE);
+                self.pods.clear();
+                assert!(
+                    matches!(&stopped, Ok(status) if status.success()),
+                    "the controller's stop: {stopped:?}"
+                );
+                let left = left.expect("listing the controller's leftovers");
+                assert!(left.is_empty(), "the controller's detach left: {left:#?}");
+            }
         }
         self.pods.clear();
     }

@@ -148,13 +148,7 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
     let output = lines.lock().unwrap().join("\n");
     assert!(status.success(), "exit status {status}: {output}");
     assert!(output.contains("detached"), "{output}");
-    let attached_progs = server
-        .exec("ip", &["-d", "link", "show", "veth-s"])
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&attached_progs.stdout).contains("prog/xdp"),
-        "XDP program still attached after exit"
-    );
+    roots.assert_detached(&server, "veth-s");
 }
 
 /// `--keep-on-exit` leaves the data plane attached after SIGTERM; `detach` removes it.
@@ -205,6 +199,7 @@ fn keep_on_exit_then_detach_removes_everything() {
         .unwrap();
     assert!(!pins.exists(), "pins removed");
     assert!(!attached(&server), "detached once the pins are gone");
+    roots.assert_detached(&server, "veth-s");
 }
 
 /// A Service with one endpoint, so that start-up includes a first apply.
