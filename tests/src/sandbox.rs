@@ -643,3 +643,62 @@ impl HeldConnection {
         Ok(String::from_utf8_lossy(&body).trim().to_owned())
     }
 }
+
+/// A long-lived connection to the pods' server-push port ([`PUSH_PORT`]) from the client: the
+/// pod speaks first, so only its replies cross the load balancer once it is open. A flow
+/// whose reverse (reply) entry was lost is caught here even when Maglev would place the
+/// client's packets on the same pod again.
+pub struct PushConnection {
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl PushConnection {
+    /// Opens a connection to `vip`:[`PUSH_PORT`] from the client namespace.
+    pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
+        let stream = sandbox.client.enter(move || {
+            let stream = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(vip, PUSH_PORT),
+                Duration::from_secs(5),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            anyhow::Ok(stream)
+        })??;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Reads lines until one ends with `token` (lines of earlier pushes still on the way are
+    /// skipped); returns the pod that wrote it. Fails on a closed, reset or silent connection.
+    pub fn hear(&mut self, token: &str) -> anyhow::Result<String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the connection was closed");
+            }
+            if let Some(pod) = line.trim_end().strip_suffix(token) {
+                return Ok(pod.trim_end().to_owned());
+            }
+        }
+    }
+}
+
+impl Sandbox {
+    /// Pushes `token` until the pods hold at least `connections` push connections (a pod
+    /// accepts them asynchronously, so the first pushes may miss the newest ones); fails
+    /// after a few seconds.
+    pub fn push_to_at_least(&self, token: &str, connections: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pushed = self.push(token)?;
+            if pushed >= connections {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the pods hold {pushed} push connections, expected {connections}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
