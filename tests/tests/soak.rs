@@ -44,6 +44,61 @@ fn allowed(timeline: &[(Instant, BTreeSet<u8>)], start: Instant, end: Instant) -
     pods
 }
 
+/// The answers of a client thread: `(sent, answered, pod)`.
+type Answers = Vec<(Instant, Instant, String)>;
+
+/// A client thread sending requests through the VIP until told to stop. Dropped (a failed
+/// check unwinding), it stops and is joined, so the sandbox it shares is dropped and cleaned
+/// up rather than left running when the test process exits.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Answers, u32)>>,
+}
+
+impl Clients {
+    fn start(sandbox: &Arc<Sandbox>, vip: IpAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sandbox, stop) = (sandbox.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let mut failures = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    match sandbox.http_get(vip) {
+                        Ok(pod) => answers.push((start, Instant::now(), pod)),
+                        // A request placed on a pod removed in the same instant may fail.
+                        Err(_) => failures += 1,
+                    }
+                }
+                (answers, failures)
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the thread; its answers and how many requests failed.
+    fn finish(&mut self) -> (Answers, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the client thread")
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
+
 /// The backend ids of the applied state and its generation.
 fn applied_state(sandbox: &Sandbox) -> (u64, BTreeSet<u64>) {
     let state: serde_json::Value = serde_json::from_str(
@@ -125,24 +180,7 @@ fn endpoints_churning_ten_times_a_second_never_misroute_or_break_surviving_flows
     let survivors = held.iter().filter(|(_, p)| p.ends_with("-1")).count();
 
     let timeline: Timeline = Arc::new(Mutex::new(vec![(Instant::now(), (1..=4).collect())]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = {
-        let (sandbox, stop) = (sandbox.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut answers = Vec::new();
-            let mut failures = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let start = Instant::now();
-                match sandbox.http_get(vip) {
-                    Ok(pod) => answers.push((start, Instant::now(), pod)),
-                    // A request placed on a pod removed in the same instant may fail.
-                    Err(_) => failures += 1,
-                }
-            }
-            (answers, failures)
-        })
-    };
-
+    let mut clients = Clients::start(&sandbox, vip);
     let start = Instant::now();
     let mut changes = 0usize;
     let mut seed = 0x2545_f491u64;
@@ -172,8 +210,7 @@ fn endpoints_churning_ten_times_a_second_never_misroute_or_break_surviving_flows
         let next = start + Duration::from_millis(100) * u32::try_from(changes).unwrap();
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    stop.store(true, Ordering::Relaxed);
-    let (answers, failures) = clients.join().unwrap();
+    let (answers, failures) = clients.finish();
     let timeline = timeline.lock().unwrap().clone();
     for (start, end, pod) in &answers {
         let index: u8 = pod.rsplit('-').next().unwrap().parse().unwrap();
