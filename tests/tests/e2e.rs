@@ -10,7 +10,7 @@ use std::{
 use lb_tests::sandbox::{
     Binaries,
     EndpointState::{NotReady, Ready, Terminating},
-    HeldConnection, NODE_IFACE, PORT, PUSH_PORT, PushConnection, Sandbox, VIP4, VIP6,
+    HeldConnection, NODE_IFACE, PORT, PushConnection, Sandbox, VIP4, VIP6,
 };
 
 fn binaries() -> Binaries {
@@ -54,6 +54,19 @@ fn sandbox_with(tag: &str, pods: u8, ready: u8, push: bool) -> Sandbox {
     sandbox.write_endpoints(&endpoints).unwrap();
     sandbox.start_controller(false).unwrap();
     sandbox
+}
+
+/// The metric `prefix` once it reaches `least`, or its value after a few seconds: counters
+/// read right after sending may not show the last packets yet.
+fn wait_for_metric(sandbox: &Sandbox, prefix: &str, least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = metric(&sandbox.scrape_metrics().unwrap(), prefix);
+        if value >= least || std::time::Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Whether `pod` (a pod's name) is pod `index`.
@@ -210,9 +223,10 @@ fn a_vip_without_endpoints_answers_nothing_and_counts_the_drops() {
         })
         .unwrap();
     assert!(connected.is_err(), "no endpoint, no answer");
-    let after = metric(
-        &sandbox.scrape_metrics().unwrap(),
+    let after = wait_for_metric(
+        &sandbox,
         "lb_packets_total{reason=\"drop_no_backend\"}",
+        before + 1,
     );
     assert!(after > before, "drop counter moved: {before} -> {after}");
 }
@@ -466,7 +480,7 @@ fn controller_kill_restart_and_detach_under_load() {
 /// still hear the server.
 #[test]
 fn idle_connections_outlive_ten_tables_of_short_ones_and_hear_the_server_first() {
-    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    use std::io::{Read as _, Write as _};
     const TABLE: usize = 1024;
     let mut sandbox = Sandbox::up("e2eidle", binaries()).unwrap();
     sandbox.push_port = true;
@@ -478,47 +492,18 @@ fn idle_connections_outlive_ten_tables_of_short_ones_and_hear_the_server_first()
     sandbox.write_endpoints(&[(1, Ready), (2, Ready)]).unwrap();
     sandbox.start_controller(false).unwrap();
 
-    let idle: Vec<BufReader<TcpStream>> = sandbox
-        .client
-        .enter(|| {
-            (0..10)
-                .map(|_| {
-                    let stream = TcpStream::connect_timeout(
-                        &SocketAddr::new(IpAddr::V4(VIP4), PUSH_PORT),
-                        Duration::from_secs(5),
-                    )?;
-                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    anyhow::Ok(BufReader::new(stream))
-                })
-                .collect::<anyhow::Result<_>>()
-        })
-        .unwrap()
-        .unwrap();
-    let mut idle = idle;
-    // How many idle connections hear the pods' push `token` (lines of earlier pushes, still on
-    // the way, are skipped).
-    let hear_all = |idle: &mut Vec<BufReader<TcpStream>>, token: &str| {
+    let mut idle: Vec<PushConnection> = (0..10)
+        .map(|_| PushConnection::open(&sandbox, IpAddr::V4(VIP4)).unwrap())
+        .collect();
+    // How many idle connections hear the pods' push `token`.
+    let hear_all = |idle: &mut Vec<PushConnection>, token: &str| {
         // The pods may not have accepted every connection yet: push until all 10 are held.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while sandbox.push(token).unwrap() < 10 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        sandbox.push_to_at_least(token, idle.len()).unwrap();
         let mut heard = 0;
-        for (i, stream) in idle.iter_mut().enumerate() {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match stream.read_line(&mut line) {
-                    Ok(n) if n > 0 && line.trim_end().ends_with(token) => {
-                        heard += 1;
-                        break;
-                    }
-                    Ok(n) if n > 0 => {}
-                    other => {
-                        eprintln!("{token}: idle connection {i}: {other:?} {line:?}");
-                        break;
-                    }
-                }
+        for (i, connection) in idle.iter_mut().enumerate() {
+            match connection.hear(token) {
+                Ok(_) => heard += 1,
+                Err(e) => eprintln!("{token}: idle connection {i}: {e}"),
             }
         }
         heard
@@ -549,8 +534,12 @@ fn idle_connections_outlive_ten_tables_of_short_ones_and_hear_the_server_first()
         })
         .unwrap();
     assert_eq!(closed, 10 * TABLE, "every short connection answered");
-    let metrics = sandbox.scrape_metrics().unwrap();
-    let removed = metric(&metrics, "lb_events_total{event=\"conntrack_closed\"}");
+    // The last connections' final ACKs may still be on their way when the client is done.
+    let removed = wait_for_metric(
+        &sandbox,
+        "lb_events_total{event=\"conntrack_closed\"}",
+        (10 * TABLE) as u64,
+    );
     assert!(
         removed >= (10 * TABLE) as u64,
         "closed connections were removed: {removed}"
@@ -747,7 +736,11 @@ fn a_reused_client_port_reaches_a_serving_pod_after_its_old_pod_went_terminating
         "the new connection went to the serving pod"
     );
     assert_eq!(
-        replaced(),
+        wait_for_metric(
+            &sandbox,
+            "lb_events_total{event=\"conntrack_syn_replaced\"}",
+            before + 1
+        ),
         before + 1,
         "its SYN met the old entry and replaced it"
     );

@@ -72,8 +72,14 @@ fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
     send_udp(&client, "[2001:db8::2]:9", 20);
 
     // No service is configured: all IP traffic passes as not-for-a-VIP. The neighbour is
-    // resolved before any IP packet leaves, so ARP must have been seen too.
-    let ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    // resolved before any IP packet leaves, so ARP must have been seen too. The last
+    // datagrams may still be on the veth when the sender is done: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    while ip.packets < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    }
     let not_ip = dataplane.reason_counter(Reason::PassNotIp).unwrap();
     assert!(ip.packets >= 40, "IP packets counted: {ip:?}");
     assert!(not_ip.packets >= 1, "ARP counted: {not_ip:?}");
@@ -81,9 +87,17 @@ fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
 
     dataplane.detach_all().unwrap();
     // Packets already queued on the veth's NAPI may still meet the old program: let them
-    // drain before freezing the counter.
-    std::thread::sleep(Duration::from_millis(300));
-    let frozen = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    // drain (the counter holds still for 100 ms) before freezing it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut frozen = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+        if now == frozen || Instant::now() > deadline {
+            break;
+        }
+        frozen = now;
+    }
     send_udp(&client, "198.18.0.2:9", 5);
     assert_eq!(
         dataplane.reason_counter(Reason::PassNotVip).unwrap(),
