@@ -286,10 +286,26 @@ fn held_connections_survive_scaling_and_a_controller_kill() {
             10000 + n
         );
     }
+    let generation = |sandbox: &Sandbox| -> u64 {
+        let path = std::path::Path::new(&sandbox.roots.state_root).join("veth-node.json");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        state["generation"].as_u64().unwrap()
+    };
+    let before_write = generation(&sandbox);
     lb_tests::sandbox::write_atomically(&sandbox.config.path().join("many.yaml"), &many).unwrap();
     // The change is seen, settles for 50 ms and is applied: kill as it starts.
     std::thread::sleep(Duration::from_millis(60));
     kill_controller(&mut sandbox);
+    // For the record (where the kill landed moves from run to run; nothing asserted on it).
+    println!(
+        "killed {} the apply of {SERVICES} services finished",
+        if generation(&sandbox) > before_write {
+            "after"
+        } else {
+            "before"
+        }
+    );
     held.check(&sandbox, "killed-mid-apply");
     sandbox.start_controller(false).unwrap();
     let services: serde_json::Value =
