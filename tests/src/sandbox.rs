@@ -540,6 +540,15 @@ ports:
         })?
     }
 
+    /// A TCP connection from the client to `to` (5 s to connect, reads time out after 5 s).
+    pub fn connect(&self, to: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+        self.client.enter(move || {
+            let stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            anyhow::Ok(stream)
+        })?
+    }
+
     /// A UDP datagram to the VIP and its echo, from the client.
     pub fn udp_echo(&self, vip: IpAddr, payload: &[u8]) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
         let payload = payload.to_vec();
@@ -595,14 +604,7 @@ pub struct HeldConnection {
 impl HeldConnection {
     /// Opens a connection to `vip` from the client namespace.
     pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
-        let stream = sandbox.client.enter(move || {
-            let stream = std::net::TcpStream::connect_timeout(
-                &SocketAddr::new(vip, PORT),
-                Duration::from_secs(5),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            anyhow::Ok(stream)
-        })??;
+        let stream = sandbox.connect(SocketAddr::new(vip, PORT))?;
         Self::from_stream(stream)
     }
 
@@ -655,14 +657,7 @@ pub struct PushConnection {
 impl PushConnection {
     /// Opens a connection to `vip`:[`PUSH_PORT`] from the client namespace.
     pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
-        let stream = sandbox.client.enter(move || {
-            let stream = std::net::TcpStream::connect_timeout(
-                &SocketAddr::new(vip, PUSH_PORT),
-                Duration::from_secs(5),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            anyhow::Ok(stream)
-        })??;
+        let stream = sandbox.connect(SocketAddr::new(vip, PUSH_PORT))?;
         Ok(Self {
             reader: BufReader::new(stream),
         })
