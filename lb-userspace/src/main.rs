@@ -29,6 +29,10 @@ use tracing::{error, info, warn};
 /// write files in several steps.
 const SETTLE: Duration = Duration::from_millis(50);
 
+/// Logged once `attach` is fully up: stop handlers installed, metrics served, first apply
+/// done. Nothing else logs these words.
+const READY_LINE: &str = "controller ready";
+
 /// XDP service load balancer for Kubernetes `Service`s of type LoadBalancer.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -540,6 +544,11 @@ async fn start(
     let (metrics_tx, metrics) = mpsc::channel::<MetricsRequest>(8);
     info!(%metrics_addr, "serving Prometheus metrics on /metrics");
     tokio::spawn(serve_metrics(listener, metrics_tx));
+    // The one line that says start-up is over: the stop handlers exist, the metrics listener is
+    // bound and answered by a running task, and the first apply is done. "applied" comes
+    // earlier, before the metrics exist: whoever waits for the controller (tests, scripts)
+    // waits for this line.
+    info!("{READY_LINE}");
     Ok(Some(Running {
         config,
         options,
@@ -650,10 +659,20 @@ async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender
             let requests = requests.clone();
             async move {
                 let (tx, rx) = oneshot::channel();
-                if requests.send(tx).await.is_err() {
-                    return String::new();
-                }
-                rx.await.unwrap_or_default()
+                let body = if requests.send(tx).await.is_ok() {
+                    rx.await.unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                // prometheus-client writes OpenMetrics (`_total` suffixes, `# EOF`): say so, or
+                // a scraper would read it as the older Prometheus text format.
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
             }
         }),
     );

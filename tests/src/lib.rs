@@ -103,8 +103,8 @@ pub const WEB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name:
 /// with private roots, serving [`WEB_SERVICE`]. Dropping it stops the controller, then removes
 /// the namespace and the roots.
 pub struct NetnsController {
-    /// The controller, once it logged that it serves metrics (start-up is over).
-    pub controller: sandbox::LoggedChild,
+    /// The controller, once it logged that start-up is over (taken by [`NetnsController::stop`]).
+    controller: Option<sandbox::LoggedChild>,
     /// Its namespace.
     pub ns: netns::Netns,
     /// Its pin and state roots.
@@ -134,17 +134,82 @@ pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsContr
         .args(["--state-root", &roots.state_root])
         .env("NO_COLOR", "1");
     let controller = sandbox::LoggedChild::spawn(command, false)?;
-    controller.wait_for(
-        "serving Prometheus metrics",
-        1,
-        std::time::Duration::from_secs(10),
-    )?;
+    controller.wait_ready(std::time::Duration::from_secs(10))?;
     Ok(NetnsController {
-        controller,
+        controller: Some(controller),
         ns,
         roots,
         _config: config,
     })
+}
+
+impl NetnsController {
+    /// Stops the controller (SIGTERM) and checks that its own detach removed everything
+    /// ([`Roots::assert_detached`]) before the roots' drop removes the folders, which would hide
+    /// a leak; returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.stop_and_check()
+            .expect("the controller was running until stopped")
+    }
+
+    fn stop_and_check(&mut self) -> Option<std::process::ExitStatus> {
+        let controller = self.controller.take()?;
+        let status = controller
+            .child
+            .stop(std::time::Duration::from_secs(10))
+            .expect("stopping the controller");
+        if !std::thread::panicking() {
+            self.roots.assert_detached(&self.ns, "veth-lb");
+        }
+        Some(status)
+    }
+}
+
+impl Drop for NetnsController {
+    fn drop(&mut self) {
+        self.stop_and_check();
+    }
+}
+
+impl Roots {
+    /// What the controller's own detach left of its attach to `iface` in `ns`: pins, the
+    /// state and redirect records, an XDP program, a tcx (TC egress) program. Empty when it removed
+    /// everything. Checked before [`Roots`]' drop removes the folders, which would hide a
+    /// leak from `cargo xtask test`'s leftover check.
+    pub fn leftovers(&self, ns: &netns::Netns, iface: &str) -> anyhow::Result<Vec<String>> {
+        let mut left = Vec::new();
+        let pins = std::path::Path::new(&self.pin_root).join(iface);
+        if pins.exists() {
+            left.push(format!("pins {}", pins.display()));
+        }
+        for record in ["json", "sysctl"] {
+            let file = std::path::Path::new(&self.state_root).join(format!("{iface}.{record}"));
+            if file.exists() {
+                left.push(format!("state {}", file.display()));
+            }
+        }
+        // tcx programs (the reverse NAT), asked of the kernel: bpftool 7.1 does not list them.
+        let owned = iface.to_owned();
+        let (_, tcx) = ns.enter(move || {
+            aya::programs::SchedClassifier::query_tcx(&owned, aya::programs::TcAttachType::Egress)
+        })??;
+        if !tcx.is_empty() {
+            left.push(format!("{} tcx egress programs on {iface}", tcx.len()));
+        }
+        let link = ns.exec("ip", &["-d", "link", "show", iface])?;
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        if link.contains("prog/xdp") {
+            left.push(format!("XDP on {iface}: {link}"));
+        }
+        Ok(left)
+    }
+
+    /// Asserts that the controller's own detach removed everything of its attach to `iface`
+    /// in `ns` (see [`Roots::leftovers`]).
+    pub fn assert_detached(&self, ns: &netns::Netns, iface: &str) {
+        let left = self.leftovers(ns, iface).expect("listing leftovers");
+        assert!(left.is_empty(), "the controller's detach left: {left:#?}");
+    }
 }
 
 /// The Prometheus text a controller in `ns` serves on its default metrics address.

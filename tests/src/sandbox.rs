@@ -40,6 +40,10 @@ pub const PORT: u16 = 8080;
 pub const PUSH_PORT: u16 = 9090;
 /// Namespace and name of the tutorial's service.
 pub const SERVICE: &str = "tomcat-load-balancer";
+/// The line `lb-userspace attach` logs once it is fully up (`READY_LINE` in its `main.rs`):
+/// stop handlers installed, metrics served, first apply done. "applied" comes before the
+/// metrics listener is served, so waiting for it races start-up.
+pub const READY: &str = "controller ready";
 /// Name of the client-facing interface in the node namespace.
 pub const NODE_IFACE: &str = "veth-node";
 
@@ -107,6 +111,11 @@ impl LoggedChild {
             .iter()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// Waits until a controller logged its [`READY`] line (start-up over).
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for(READY, 1, timeout)
     }
 
     /// Waits until `needle` was logged `times` times.
@@ -446,7 +455,8 @@ ports:
         write_atomically(&self.config.path().join("tomcat-endpoints.yaml"), &yaml)
     }
 
-    /// Starts (or restarts) the controller on the node and waits for its first apply.
+    /// Starts (or restarts) the controller on the node and waits until it is ready (first
+    /// apply done, metrics served, stop handlers installed).
     pub fn start_controller(&mut self, echo: bool) -> anyhow::Result<()> {
         let mut command = self.node.command(&self.binaries.controller);
         command
@@ -457,8 +467,12 @@ ports:
             .args(&self.controller_args)
             .env("NO_COLOR", "1");
         let controller = LoggedChild::spawn(command, echo)?;
-        controller.wait_for("applied", 1, Duration::from_secs(10))?;
+        // Kept before the wait: a controller that never gets ready is still stopped on drop.
         self.controller = Some(controller);
+        self.controller
+            .as_ref()
+            .expect("just set")
+            .wait_ready(Duration::from_secs(10))?;
         Ok(())
     }
 
@@ -526,6 +540,15 @@ ports:
         })?
     }
 
+    /// A TCP connection from the client to `to` (5 s to connect, reads time out after 5 s).
+    pub fn connect(&self, to: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+        self.client.enter(move || {
+            let stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            anyhow::Ok(stream)
+        })?
+    }
+
     /// A UDP datagram to the VIP and its echo, from the client.
     pub fn udp_echo(&self, vip: IpAddr, payload: &[u8]) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
         let payload = payload.to_vec();
@@ -545,8 +568,20 @@ ports:
 impl Drop for Sandbox {
     fn drop(&mut self) {
         // The controller first (it detaches and unpins), then the pods, then the namespaces.
+        // Its own detach must have removed everything before the roots' drop removes the
+        // folders (which would hide a leak): checked unless the test is failing already.
         if let Some(controller) = self.controller.take() {
-            let _ = controller.child.stop(Duration::from_secs(5));
+            let stopped = controller.child.stop(Duration::from_secs(5));
+            if !std::thread::panicking() {
+                let left = self.roots.leftovers(&self.node, NODE_IFACE);
+                self.pods.clear();
+                assert!(
+                    matches!(&stopped, Ok(status) if status.success()),
+                    "the controller's stop: {stopped:?}"
+                );
+                let left = left.expect("listing the controller's leftovers");
+                assert!(left.is_empty(), "the controller's detach left: {left:#?}");
+            }
         }
         self.pods.clear();
     }
@@ -569,14 +604,7 @@ pub struct HeldConnection {
 impl HeldConnection {
     /// Opens a connection to `vip` from the client namespace.
     pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
-        let stream = sandbox.client.enter(move || {
-            let stream = std::net::TcpStream::connect_timeout(
-                &SocketAddr::new(vip, PORT),
-                Duration::from_secs(5),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            anyhow::Ok(stream)
-        })??;
+        let stream = sandbox.connect(SocketAddr::new(vip, PORT))?;
         Self::from_stream(stream)
     }
 
@@ -615,5 +643,57 @@ impl HeldConnection {
         let mut body = vec![0; length];
         self.reader.read_exact(&mut body)?;
         Ok(String::from_utf8_lossy(&body).trim().to_owned())
+    }
+}
+
+/// A long-lived connection to the pods' server-push port ([`PUSH_PORT`]) from the client: the
+/// pod speaks first, so only its replies cross the load balancer once it is open. A flow
+/// whose reverse (reply) entry was lost is caught here even when Maglev would place the
+/// client's packets on the same pod again.
+pub struct PushConnection {
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl PushConnection {
+    /// Opens a connection to `vip`:[`PUSH_PORT`] from the client namespace.
+    pub fn open(sandbox: &Sandbox, vip: IpAddr) -> anyhow::Result<Self> {
+        let stream = sandbox.connect(SocketAddr::new(vip, PUSH_PORT))?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Reads lines until one ends with `token` (lines of earlier pushes still on the way are
+    /// skipped); returns the pod that wrote it. Fails on a closed, reset or silent connection.
+    pub fn hear(&mut self, token: &str) -> anyhow::Result<String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the connection was closed");
+            }
+            if let Some(pod) = line.trim_end().strip_suffix(token) {
+                return Ok(pod.trim_end().to_owned());
+            }
+        }
+    }
+}
+
+impl Sandbox {
+    /// Pushes `token` until the pods hold at least `connections` push connections (a pod
+    /// accepts them asynchronously, so the first pushes may miss the newest ones); fails
+    /// after a few seconds.
+    pub fn push_to_at_least(&self, token: &str, connections: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pushed = self.push(token)?;
+            if pushed >= connections {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the pods hold {pushed} push connections, expected {connections}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

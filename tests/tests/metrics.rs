@@ -176,6 +176,11 @@ fn metrics_parse_as_openmetrics_with_the_promised_families_and_labels() {
     let response = lb_tests::scrape_metrics(&running.ns).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "served as OpenMetrics: {head}"
+    );
     let families = parse(body);
 
     let kinds: BTreeMap<&str, &str> = families

@@ -15,7 +15,7 @@ use lb_common::Reason;
 use lb_tests::{
     ChildGuard, Roots,
     netns::{Netns, veth_pair},
-    sandbox::LoggedChild,
+    sandbox::{LoggedChild, READY},
 };
 use lb_userspace::{AttachMode, Dataplane};
 use nix::sys::signal::Signal;
@@ -72,8 +72,14 @@ fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
     send_udp(&client, "[2001:db8::2]:9", 20);
 
     // No service is configured: all IP traffic passes as not-for-a-VIP. The neighbour is
-    // resolved before any IP packet leaves, so ARP must have been seen too.
-    let ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    // resolved before any IP packet leaves, so ARP must have been seen too. The last
+    // datagrams may still be on the veth when the sender is done: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    while ip.packets < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        ip = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    }
     let not_ip = dataplane.reason_counter(Reason::PassNotIp).unwrap();
     assert!(ip.packets >= 40, "IP packets counted: {ip:?}");
     assert!(not_ip.packets >= 1, "ARP counted: {not_ip:?}");
@@ -81,9 +87,17 @@ fn attached_program_counts_real_ipv4_and_ipv6_traffic() {
 
     dataplane.detach_all().unwrap();
     // Packets already queued on the veth's NAPI may still meet the old program: let them
-    // drain before freezing the counter.
-    std::thread::sleep(Duration::from_millis(300));
-    let frozen = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    // drain (the counter holds still for 100 ms) before freezing it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut frozen = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = dataplane.reason_counter(Reason::PassNotVip).unwrap();
+        if now == frozen || Instant::now() > deadline {
+            break;
+        }
+        frozen = now;
+    }
     send_udp(&client, "198.18.0.2:9", 5);
     assert_eq!(
         dataplane.reason_counter(Reason::PassNotVip).unwrap(),
@@ -133,7 +147,7 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
         }
         false
     };
-    let attached = wait_for("XDP program attached", Duration::from_secs(10));
+    let attached = wait_for(READY, Duration::from_secs(10));
     assert!(attached, "no attach line: {:?}", lines.lock().unwrap());
 
     send_udp(&client, "198.18.0.2:9", 10);
@@ -148,13 +162,7 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
     let output = lines.lock().unwrap().join("\n");
     assert!(status.success(), "exit status {status}: {output}");
     assert!(output.contains("detached"), "{output}");
-    let attached_progs = server
-        .exec("ip", &["-d", "link", "show", "veth-s"])
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&attached_progs.stdout).contains("prog/xdp"),
-        "XDP program still attached after exit"
-    );
+    roots.assert_detached(&server, "veth-s");
 }
 
 /// `--keep-on-exit` leaves the data plane attached after SIGTERM; `detach` removes it.
@@ -183,9 +191,7 @@ fn keep_on_exit_then_detach_removes_everything() {
         .env("NO_COLOR", "1");
     let controller = LoggedChild::spawn(command, false).unwrap();
     // Start-up complete: a stop before would remove the data plane despite --keep-on-exit.
-    controller
-        .wait_for("serving Prometheus metrics", 1, Duration::from_secs(10))
-        .unwrap();
+    controller.wait_ready(Duration::from_secs(10)).unwrap();
     let child = controller.child;
     let pins = std::path::Path::new(&roots.pin_root).join("veth-s");
     assert!(pins.join("link_xdp").exists(), "pinned link");
@@ -207,6 +213,7 @@ fn keep_on_exit_then_detach_removes_everything() {
         .unwrap();
     assert!(!pins.exists(), "pins removed");
     assert!(!attached(&server), "detached once the pins are gone");
+    roots.assert_detached(&server, "veth-s");
 }
 
 /// A Service with one endpoint, so that start-up includes a first apply.
@@ -436,9 +443,7 @@ fn icmp_redirects_are_off_while_attached_and_put_back_after() {
         let controller =
             LoggedChild::spawn(attach_command(&server, &roots, config.path(), extra), false)
                 .unwrap();
-        controller
-            .wait_for("serving Prometheus metrics", 1, Duration::from_secs(20))
-            .unwrap();
+        controller.wait_ready(Duration::from_secs(20)).unwrap();
         controller
     };
 

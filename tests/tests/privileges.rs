@@ -107,11 +107,7 @@ fn attach_with_exactly_the_three_capabilities_serves_and_keeps_metrics_on_loopba
         "metrics reachable off loopback"
     );
 
-    let stopped = running
-        .controller
-        .child
-        .stop(Duration::from_secs(10))
-        .unwrap();
+    let stopped = running.stop();
     assert!(stopped.success(), "{stopped:?}");
 }
 
