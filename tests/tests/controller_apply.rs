@@ -64,7 +64,7 @@ fn apply_diffs_against_what_is_applied() {
             let frame = Spec::tcp(client, 10000 + port, IpAddr::from([198, 18, 100, 1]), 8080);
             let (verdict, output) = harness::run_xdp(program, &frame.build(), None);
             assert_eq!(verdict, harness::XDP_PASS);
-            let backend = harness::backend_of(&output);
+            let backend = harness::backend_on(&output, 8080);
             assert!((1..=3).contains(&backend), "flow {port} went to .{backend}");
             assert_eq!(
                 output,
@@ -417,7 +417,7 @@ fn explain_names_the_backend_the_data_plane_picks() {
             let program = controller.dataplane().xdp_program().unwrap();
             let (verdict, output) = harness::run_xdp(program, &frame.build(), None);
             assert_eq!(verdict, harness::XDP_PASS);
-            format!("198.18.1.{}:8080", harness::backend_of(&output))
+            format!("198.18.1.{}:8080", harness::backend_on(&output, 8080))
         };
         let ports = 30000..30200u16;
         let mut placed = BTreeMap::new();

@@ -294,6 +294,11 @@ pub fn in_fresh_netns<T: Send>(tag: &str, f: impl FnOnce(&Netns) -> T + Send) ->
 /// `backend4(i)` or `backend6(i)` and its destination port `TARGET_PORT`, else `None` (a frame
 /// left untouched, or rewritten to anything else).
 pub fn try_backend_of(output: &[u8]) -> Option<u8> {
+    try_backend_on(output, TARGET_PORT)
+}
+
+/// As [`try_backend_of`], for backends listening on `port`.
+pub fn try_backend_on(output: &[u8], port: u16) -> Option<u8> {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let sliced = SlicedPacket::from_ethernet(output).ok()?;
     let dst = match sliced.net? {
@@ -306,15 +311,20 @@ pub fn try_backend_of(output: &[u8]) -> Option<u8> {
         TransportSlice::Udp(udp) => udp.destination_port(),
         _ => return None,
     };
-    (1..=u8::MAX)
-        .find(|&i| dport == TARGET_PORT && (dst == backend4(i) || dst == backend6(u16::from(i))))
+    (1..=u8::MAX).find(|&i| dport == port && (dst == backend4(i) || dst == backend6(u16::from(i))))
 }
 
 /// Which backend a DNATed output frame went to; panics unless it was DNATed to one.
 pub fn backend_of(output: &[u8]) -> u8 {
-    try_backend_of(output)
-        .unwrap_or_else(|| panic!("not DNATed to a backend:TARGET_PORT: {output:02x?}"))
+    backend_on(output, TARGET_PORT)
 }
+
+/// As [`backend_of`], for backends listening on `port` (the controller tests' services).
+pub fn backend_on(output: &[u8], port: u16) -> u8 {
+    try_backend_on(output, port)
+        .unwrap_or_else(|| panic!("not DNATed to a backend:{port}: {output:02x?}"))
+}
+
 /// Reads an interface's index and MAC in `ns` (`ip netns exec` mounts the namespace's /sys).
 pub fn link(ns: &Netns, name: &str) -> (u32, [u8; 6]) {
     let read = |file: &str| {
