@@ -10,7 +10,7 @@
 //! replied), and Cilium's for an established TCP flow (6 hours without a packet) and for a
 //! connection attempt (60 s).
 
-use crate::maps::PROTO_TCP;
+use crate::{Backend, Event, FlowKey, FlowValue, ReverseValue, maps::PROTO_TCP};
 
 /// `FlowValue::state`: the backend has answered (a packet went backend -> client).
 pub const CT_REPLIED: u16 = 1;
@@ -185,6 +185,74 @@ pub const fn expired(expires_ns: u64, now_ns: u64) -> bool {
     expires_ns <= now_ns
 }
 
+/// What a packet does with the connection-table entry it finds: the one decision the kernel
+/// makes and `explain` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// The entry decides: the packet goes to its backend.
+    Follow,
+    /// A SYN without ACK: a new connection on a reused 5-tuple, placed afresh.
+    Syn,
+    /// The entry is another service's (its id was reused): placed afresh.
+    OtherService,
+    /// The entry expired: placed afresh by the current table.
+    Expired,
+    /// Its backend no longer serves the service (removed): placed afresh.
+    BackendGone,
+}
+
+impl Found {
+    /// The event the kernel counts for it.
+    #[must_use]
+    pub const fn event(self) -> Event {
+        match self {
+            Self::Follow => Event::ConntrackHit,
+            Self::Syn => Event::ConntrackSynReplaced,
+            Self::OtherService => Event::ConntrackForeign,
+            Self::Expired => Event::ConntrackExpired,
+            Self::BackendGone => Event::ConntrackRebalanced,
+        }
+    }
+}
+
+/// What a packet of service `service_id` (`ipv4`, a SYN without ACK when `syn`) does with the
+/// entry it found at `now_ns`, whose backend slot holds `backend`.
+#[must_use]
+pub fn judge(
+    entry: &FlowValue,
+    backend: Option<&Backend>,
+    service_id: u32,
+    ipv4: bool,
+    syn: bool,
+    now_ns: u64,
+) -> Found {
+    if syn {
+        Found::Syn
+    } else if entry.service_id != service_id {
+        Found::OtherService
+    } else if expired(entry.expires_ns, now_ns) {
+        Found::Expired
+    } else if !backend.is_some_and(|b| b.serves(service_id, ipv4)) {
+        Found::BackendGone
+    } else {
+        Found::Follow
+    }
+}
+
+/// The forward key (client -> VIP) of the flow whose replies have key `reply` (backend ->
+/// client) and are rewritten as `to`: how a reply, and the sweep, find a flow's entry.
+#[must_use]
+pub const fn forward_key_of_reply(reply: &FlowKey, to: &ReverseValue) -> FlowKey {
+    FlowKey {
+        src: reply.dst,
+        dst: to.vip,
+        sport: reply.dport,
+        dport: to.vip_port,
+        proto: reply.proto,
+        pad: [0; 3],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -324,6 +392,52 @@ mod tests {
         assert!(!is_syn(PROTO_TCP, SYN_ACK));
         assert!(!is_syn(PROTO_TCP, ACK));
         assert!(!is_syn(PROTO_UDP, SYN));
+    }
+
+    #[test]
+    fn an_entry_is_followed_only_by_a_non_syn_of_its_service_while_it_lives_and_its_backend_serves()
+    {
+        use crate::maps::{BACKEND_F_VALID, ipv4_mapped};
+        let entry = FlowValue {
+            backend_id: 7,
+            service_id: 3,
+            expires_ns: 100,
+            ..FlowValue::default()
+        };
+        let backend = Backend {
+            addr: ipv4_mapped([198, 18, 1, 1]),
+            port: 8080,
+            flags: BACKEND_F_VALID,
+            service_id: 3,
+        };
+        let judge = |backend: Option<&Backend>, service, ipv4, syn, now| {
+            judge(&entry, backend, service, ipv4, syn, now)
+        };
+        assert_eq!(judge(Some(&backend), 3, true, false, 50), Found::Follow);
+        assert_eq!(judge(Some(&backend), 3, true, true, 50), Found::Syn);
+        assert_eq!(
+            judge(Some(&backend), 4, true, false, 50),
+            Found::OtherService
+        );
+        assert_eq!(judge(Some(&backend), 3, true, false, 100), Found::Expired);
+        assert_eq!(judge(None, 3, true, false, 50), Found::BackendGone);
+        assert_eq!(
+            judge(Some(&backend), 3, false, false, 50),
+            Found::BackendGone
+        );
+        let emptied = Backend {
+            flags: 0,
+            ..backend
+        };
+        assert_eq!(
+            judge(Some(&emptied), 3, true, false, 50),
+            Found::BackendGone
+        );
+        let reused = Backend {
+            service_id: 9,
+            ..backend
+        };
+        assert_eq!(judge(Some(&reused), 3, true, false, 50), Found::BackendGone);
     }
 
     #[test]

@@ -143,6 +143,17 @@ pub struct Backend {
     pub service_id: u32,
 }
 
+impl Backend {
+    /// Whether this slot holds a live backend of service `service_id` in the address family of
+    /// the packet (`ipv4`): the one test before a packet is sent to it, a tracked or a new one.
+    #[must_use]
+    pub fn serves(&self, service_id: u32, ipv4: bool) -> bool {
+        self.flags & BACKEND_F_VALID != 0
+            && self.service_id == service_id
+            && is_ipv4_mapped(&self.addr) == ipv4
+    }
+}
+
 /// A 5-tuple, as seen on the wire (source first).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

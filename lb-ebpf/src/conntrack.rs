@@ -6,8 +6,8 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, Event, FlowKey, FlowValue, ReverseValue,
     conntrack::{
-        self, CT_FIN_BACKEND, CT_FIN_CLIENT, Direction, LIFETIME_GRANULARITY_NS, TCP_FIN, TCP_RST,
-        TCP_SYN,
+        self, CT_FIN_BACKEND, CT_FIN_CLIENT, Direction, Found, LIFETIME_GRANULARITY_NS, TCP_FIN,
+        TCP_RST, TCP_SYN,
     },
     maps::{BACKEND_F_VALID, PROTO_TCP},
 };
@@ -47,20 +47,6 @@ fn reply_key(packet: &Packet, backend: &Backend) -> FlowKey {
         dst: packet.src,
         sport: backend.port,
         dport: packet.sport,
-        proto: packet.proto,
-        pad: [0; 3],
-    }
-}
-
-/// The forward key (client -> VIP) of a reply `packet` (backend -> client) whose reverse entry
-/// is `to`.
-#[inline(always)]
-fn forward_key_of_reply(packet: &Packet, to: &ReverseValue) -> FlowKey {
-    FlowKey {
-        src: packet.dst,
-        dst: to.vip,
-        sport: packet.dport,
-        dport: to.vip_port,
         proto: packet.proto,
         pad: [0; 3],
     }
@@ -108,32 +94,20 @@ pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32) -> Option<Tracke
     // SAFETY: a value of the map; other CPUs may write the same entry, at worst losing one
     // state or lifetime update that the next packet makes again.
     let entry = unsafe { &mut *entry };
-    let backend = BACKENDS
-        .get(entry.backend_id)
-        .copied()
-        .filter(|b| b.flags & BACKEND_F_VALID != 0 && b.service_id == entry.service_id);
-    let followed = if syn {
-        Event::ConntrackSynReplaced
-    } else if entry.service_id != service_id {
-        Event::ConntrackForeign
-    } else if conntrack::expired(entry.expires_ns, now) {
-        Event::ConntrackExpired
-    } else if backend.is_none_or(|b| !crate::select::family_matches(&b, packet.ipv4)) {
-        // Its backend was removed: the flow is placed again.
-        Event::ConntrackRebalanced
-    } else {
-        Event::ConntrackHit
-    };
-    let Some(backend) = backend.filter(|_| followed == Event::ConntrackHit) else {
-        stats::event(followed);
-        // The flow is placed afresh and its entry replaced: the old reverse entry goes now,
-        // so no late reply of the old placement is rewritten into the new one.
-        if let Some(old) = backend {
+    let backend = BACKENDS.get(entry.backend_id).copied();
+    let found = conntrack::judge(entry, backend.as_ref(), service_id, packet.ipv4, syn, now);
+    stats::event(found.event());
+    let Some(backend) = backend.filter(|_| found == Found::Follow) else {
+        // The flow is placed afresh and its entry replaced: the old reverse entry (its
+        // backend's, if that slot still holds it) goes now, so no late reply of the old
+        // placement is rewritten into the new one.
+        if let Some(old) = backend.filter(|b| b.flags & BACKEND_F_VALID != 0)
+            && old.service_id == entry.service_id
+        {
             let _ = REVERSE_NAT.remove(&reply_key(packet, &old));
         }
         return None;
     };
-    stats::event(Event::ConntrackHit);
     let backend_id = entry.backend_id;
     if advance(entry, packet, Direction::Forward, now) {
         // The last packet of the flow: it is still sent on, the entries go now.
@@ -215,7 +189,7 @@ pub fn reply(packet: &mut Packet, to: &mut ReverseValue) -> bool {
     {
         return true;
     }
-    let forward = forward_key_of_reply(packet, to);
+    let forward = conntrack::forward_key_of_reply(&key, to);
     let closed = match CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: a value of the map (see `forward`).
         Some(entry) => {

@@ -3,7 +3,7 @@
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Event, ServiceValue,
     hash::{client_hash, flow_hash},
-    maps::{BACKEND_F_TERMINATING, BACKEND_F_VALID, SERVICE_F_AFFINITY, is_ipv4_mapped},
+    maps::{BACKEND_F_TERMINATING, SERVICE_F_AFFINITY},
 };
 
 use crate::{
@@ -22,22 +22,14 @@ pub struct Selected {
     pub new_flow: bool,
 }
 
-/// Whether `backend` is of the packet's address family.
-#[inline(always)]
-pub fn family_matches(backend: &Backend, ipv4: bool) -> bool {
-    is_ipv4_mapped(&backend.addr) == ipv4
-}
-
 /// The backend with `id`, if it may take a new flow of `service_id`: live, of the packet's
 /// address family, not terminating, and the service's own (a stale affinity entry of a
 /// recycled service id can never reach another service's backend).
 #[inline(always)]
 fn accepting_backend(id: u32, service_id: u32, ipv4: bool) -> Option<Backend> {
     let backend = *BACKENDS.get(id)?;
-    (backend.flags & (BACKEND_F_VALID | BACKEND_F_TERMINATING) == BACKEND_F_VALID
-        && backend.service_id == service_id
-        && family_matches(&backend, ipv4))
-    .then_some(backend)
+    (backend.serves(service_id, ipv4) && backend.flags & BACKEND_F_TERMINATING == 0)
+        .then_some(backend)
 }
 
 /// The backend id in the Maglev slot `hash` falls on.

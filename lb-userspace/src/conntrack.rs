@@ -14,7 +14,10 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
 };
 
-use lb_common::{FlowKey, FlowValue, ReverseValue, conntrack::expired};
+use lb_common::{
+    FlowKey, FlowValue, ReverseValue,
+    conntrack::{expired, forward_key_of_reply},
+};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -112,7 +115,7 @@ impl FlowTables {
         }
         let reverse: Vec<(FlowKey, ReverseValue)> = read_all(rev_fd).map_err(error(REVERSE_NAT))?;
         for (key, to) in reverse {
-            let forward = forward_key(&key, &to);
+            let forward = forward_key_of_reply(&key, &to);
             if live.get(&forward) == Some(&to.backend_id) {
                 continue;
             }
@@ -150,19 +153,6 @@ pub fn spawn_sweeper(tables: FlowTables) -> std::thread::JoinHandle<()> {
             }
         }
     })
-}
-
-/// The forward key (client -> VIP) of the flow whose replies have key `reply` and go back as
-/// `to`; the kernel's `forward_key_of_reply`.
-fn forward_key(reply: &FlowKey, to: &ReverseValue) -> FlowKey {
-    FlowKey {
-        src: reply.dst,
-        dst: to.vip,
-        sport: reply.dport,
-        dport: to.vip_port,
-        proto: reply.proto,
-        pad: [0; 3],
-    }
 }
 
 /// Keeps the descriptors' types honest: both are maps of the data plane.

@@ -587,7 +587,8 @@ fn table_inputs(service: &AppliedService) -> Vec<(u32, bool, u32)> {
         .collect()
 }
 
-fn data_plane_backend(service: &AppliedService, backend: &AppliedBackend) -> Backend {
+/// The data plane's slot value of `backend` of `service`.
+pub fn data_plane_backend(service: &AppliedService, backend: &AppliedBackend) -> Backend {
     let mut flags = BACKEND_F_VALID;
     if backend.terminating {
         flags |= BACKEND_F_TERMINATING;

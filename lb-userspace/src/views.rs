@@ -6,14 +6,15 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue, conntrack,
+    AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue,
+    conntrack::{self, Found},
     hash::{client_hash, flow_hash},
     maps::names,
 };
 use serde::Serialize;
 
 use crate::{
-    controller::{AppliedService, AppliedState, addr16},
+    controller::{AppliedService, AppliedState, addr16, data_plane_backend},
     model::{Protocol, ServiceModel},
 };
 
@@ -538,8 +539,8 @@ fn explain_flow(
         proto: protocol.number(),
         pad: [0; 3],
     };
-    // The kernel follows an entry only while it lives, is this service's and its backend is
-    // (`lb-ebpf` conntrack.rs `forward`); a SYN never follows one.
+    // The same judgement the kernel makes of the entry (`lb_common::conntrack::judge`), for the
+    // flow's next packet that is not a SYN (a SYN is always placed afresh).
     let now = crate::conntrack::now_ns();
     let tracked = attached
         .conntrack
@@ -548,29 +549,38 @@ fn explain_flow(
     let mut stale = None;
     if let Some(flow) = tracked {
         let state = conntrack::state_name(key.proto, flow.state);
-        match endpoint_of(flow.backend_id) {
-            Some(endpoint)
-                if flow.service_id == service.id && !conntrack::expired(flow.expires_ns, now) =>
-            {
-                return Explanation {
-                    service: label,
-                    endpoint: Some(endpoint),
-                    decided_by: "conntrack".into(),
-                    detail: format!(
-                        "a tracked flow ({state}, expires in {}s), kept on backend {}; a new \
-                         connection (SYN) from this port is placed afresh",
-                        flow.expires_ns.saturating_sub(now) / 1_000_000_000,
-                        flow.backend_id
-                    ),
-                };
-            }
-            _ => {
-                stale = Some(format!(
-                    "its tracked entry ({state}) is expired or names a backend no longer \
-                     serving, so "
-                ));
-            }
+        let backend = service
+            .backends
+            .iter()
+            .find(|b| b.id == flow.backend_id)
+            .map(|b| data_plane_backend(service, b));
+        let found = conntrack::judge(
+            &flow,
+            backend.as_ref(),
+            service.id,
+            source.is_ipv4(),
+            false,
+            now,
+        );
+        if let (Found::Follow, Some(endpoint)) = (found, endpoint_of(flow.backend_id)) {
+            return Explanation {
+                service: label,
+                endpoint: Some(endpoint),
+                decided_by: "conntrack".into(),
+                detail: format!(
+                    "a tracked flow ({state}, expires in {}s), kept on backend {}; a new \
+                     connection (SYN) from this port is placed afresh",
+                    flow.expires_ns.saturating_sub(now) / 1_000_000_000,
+                    flow.backend_id
+                ),
+            };
         }
+        let why = match found {
+            Found::OtherService => "is another service's",
+            Found::Expired => "expired",
+            _ => "names a backend no longer serving",
+        };
+        stale = Some(format!("its tracked entry ({state}) {why}, so "));
     }
     let stale = stale.unwrap_or_default();
     if service.affinity_timeout_secs.is_some() {
