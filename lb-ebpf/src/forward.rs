@@ -202,7 +202,8 @@ fn hop_limit_expiring(ctx: &XdpContext, packet: &Packet) -> bool {
 }
 
 /// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit, as a router
-/// must; fails when it would reach zero.
+/// must. The caller has checked with [`hop_limit_expiring`] that it stays above zero; this only
+/// fails when the header cannot be reached.
 #[inline(always)]
 fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
     if packet.ipv4 {
@@ -210,12 +211,9 @@ fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let ttl = (*ip).ttl;
-            if ttl <= 1 {
-                return Err(());
-            }
             let old = u16::from_be_bytes([ttl, (*ip).proto]);
-            let new = u16::from_be_bytes([ttl - 1, (*ip).proto]);
-            (*ip).ttl = ttl - 1;
+            let new = u16::from_be_bytes([ttl.wrapping_sub(1), (*ip).proto]);
+            (*ip).ttl = ttl.wrapping_sub(1);
             (*ip).check = replace16(u16::from_be_bytes((*ip).check), old, new).to_be_bytes();
         }
     } else {
@@ -225,10 +223,7 @@ fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let head = &mut *head;
-            if head[IPV6_HOP_LIMIT_OFF] <= 1 {
-                return Err(());
-            }
-            head[IPV6_HOP_LIMIT_OFF] -= 1;
+            head[IPV6_HOP_LIMIT_OFF] = head[IPV6_HOP_LIMIT_OFF].wrapping_sub(1);
         }
     }
     Ok(())
