@@ -71,46 +71,59 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
     }
 }
 
+/// One `BPF_MAP_LOOKUP_BATCH` of up to `count` entries into the arrays at `keys` and `values`,
+/// from the start (`cursor` `None`) or after `cursor`: how many entries it read, the cursor to
+/// go on from, and whether it reached the end of the map.
+fn lookup_batch(
+    fd: i32,
+    cursor: Option<u32>,
+    keys: u64,
+    values: u64,
+    count: usize,
+) -> io::Result<(usize, u32, bool)> {
+    // Hash maps and arrays take a 4-byte cursor (a bucket, an index).
+    let mut next = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        keys,
+        values,
+        count: count as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(()) => Ok((attr.count as usize, next, false)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr.count as usize, next, true)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Every entry of the hash map `fd`, read in batches.
 pub fn read_all<K: aya::Pod, V: aya::Pod>(fd: i32) -> io::Result<Vec<(K, V)>> {
     let mut entries = Vec::new();
     let mut keys = vec![zeroed::<K>(); BATCH];
     let mut values = vec![zeroed::<V>(); BATCH];
-    // Hash maps take a 4-byte bucket cursor.
-    let mut cursor = 0u32;
-    let mut first = true;
+    let mut cursor = None;
     loop {
-        let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::from_ref(&cursor) as u64
-            },
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let read = attr.count as usize;
+        let (read, next, ended) = lookup_batch(
+            fd,
+            cursor,
+            keys.as_mut_ptr() as u64,
+            values.as_mut_ptr() as u64,
+            BATCH,
+        )?;
         entries.extend(
             keys[..read]
                 .iter()
                 .copied()
                 .zip(values[..read].iter().copied()),
         );
-        match result {
-            Ok(()) => {}
-            // The end of the table.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-            Err(e) => return Err(e),
+        if ended {
+            return Ok(entries);
         }
-        cursor = next;
-        first = false;
+        cursor = Some(next);
     }
 }
 
@@ -125,23 +138,14 @@ pub fn read_per_cpu_array(
 ) -> io::Result<Vec<u64>> {
     let mut keys = vec![0u32; slots];
     let mut values = vec![0u64; slots * cpus * words];
-    let mut next = 0u32;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: std::ptr::from_mut(&mut next) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: slots as u32,
-        map_fd: fd as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-        // ENOENT: the batch reached the end of the array.
-        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
-        _ => {}
-    }
-    if attr.count as usize != slots || keys.iter().enumerate().any(|(i, k)| *k as usize != i) {
+    let (read, _, _) = lookup_batch(
+        fd,
+        None,
+        keys.as_mut_ptr() as u64,
+        values.as_mut_ptr() as u64,
+        slots,
+    )?;
+    if read != slots || keys.iter().enumerate().any(|(i, k)| *k as usize != i) {
         return Err(io::Error::other("partial batch read"));
     }
     Ok(values)
