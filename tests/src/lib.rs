@@ -43,6 +43,40 @@ pub struct Roots {
 }
 
 impl Roots {
+    /// The arguments of `lb-userspace attach IFACE` serving `config` with these roots, the
+    /// periodic counter log off (tests read counters themselves).
+    pub fn attach_args(&self, iface: &str, config: &std::path::Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            ["attach", iface, "--stats-interval", "0", "--config"]
+                .map(Into::into)
+                .to_vec();
+        args.push(config.into());
+        for arg in [
+            "--pin-root",
+            &self.pin_root,
+            "--state-root",
+            &self.state_root,
+        ] {
+            args.push(arg.into());
+        }
+        args
+    }
+
+    /// `controller attach IFACE` run in `ns` (see [`Roots::attach_args`]), its log uncoloured.
+    pub fn attach_command(
+        &self,
+        ns: &netns::Netns,
+        controller: &std::path::Path,
+        iface: &str,
+        config: &std::path::Path,
+    ) -> std::process::Command {
+        let mut command = ns.command(controller);
+        command
+            .args(self.attach_args(iface, config))
+            .env("NO_COLOR", "1");
+        command
+    }
+
     /// Roots named `lbt-<tag>-<pid>`. Mounts the bpffs at `/run/lb/bpf` from this process
     /// when it is not there: a controller run by `ip netns exec` gets a mount namespace of its
     /// own, and a bpffs it mounted there would vanish with it, pins and all.
@@ -119,20 +153,18 @@ pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsContr
     let roots = Roots::new(tag);
     let config = tempfile::tempdir()?;
     std::fs::write(config.path().join("web.yaml"), WEB_SERVICE)?;
-    let mut command = match wrapper.split_first() {
+    let command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut command = ns.command(program);
-            command.args(args).arg(lb_userspace_bin());
+            command
+                .args(args)
+                .arg(lb_userspace_bin())
+                .args(roots.attach_args("veth-lb", config.path()))
+                .env("NO_COLOR", "1");
             command
         }
-        None => ns.command(lb_userspace_bin()),
+        None => roots.attach_command(&ns, &lb_userspace_bin(), "veth-lb", config.path()),
     };
-    command
-        .args(["attach", "veth-lb", "--stats-interval", "0", "--config"])
-        .arg(config.path())
-        .args(["--pin-root", &roots.pin_root])
-        .args(["--state-root", &roots.state_root])
-        .env("NO_COLOR", "1");
     let controller = sandbox::LoggedChild::spawn(command, false)?;
     controller.wait_ready(std::time::Duration::from_secs(10))?;
     Ok(NetnsController {

@@ -458,14 +458,13 @@ ports:
     /// Starts (or restarts) the controller on the node and waits until it is ready (first
     /// apply done, metrics served, stop handlers installed).
     pub fn start_controller(&mut self, echo: bool) -> anyhow::Result<()> {
-        let mut command = self.node.command(&self.binaries.controller);
-        command
-            .args(["attach", NODE_IFACE, "--stats-interval", "0", "--config"])
-            .arg(self.config.path())
-            .args(["--pin-root", &self.roots.pin_root])
-            .args(["--state-root", &self.roots.state_root])
-            .args(&self.controller_args)
-            .env("NO_COLOR", "1");
+        let mut command = self.roots.attach_command(
+            &self.node,
+            &self.binaries.controller,
+            NODE_IFACE,
+            self.config.path(),
+        );
+        command.args(&self.controller_args);
         let controller = LoggedChild::spawn(command, echo)?;
         // Kept before the wait: a controller that never gets ready is still stopped on drop.
         self.controller = Some(controller);

@@ -234,18 +234,8 @@ fn attach_command(
     config: &Path,
     extra: &[&str],
 ) -> std::process::Command {
-    let mut command = server.command(lb_tests::lb_userspace_bin());
-    command
-        .args(["attach", "veth-s", "--stats-interval", "0", "--config"])
-        .arg(config)
-        .args([
-            "--pin-root",
-            &roots.pin_root,
-            "--state-root",
-            &roots.state_root,
-        ])
-        .args(extra)
-        .env("NO_COLOR", "1");
+    let mut command = roots.attach_command(server, &lb_tests::lb_userspace_bin(), "veth-s", config);
+    command.args(extra);
     command
 }
 

@@ -119,17 +119,7 @@ fn new_connections(client: &Netns, count: usize) -> Vec<String> {
 /// Starts `lb-userspace attach` on the node and waits until it is ready (first apply done,
 /// metrics served).
 fn start_controller(node: &Netns, config: &Path, roots: &Roots) -> LoggedChild {
-    let mut command = node.command(lb_tests::lb_userspace_bin());
-    command
-        .args(["attach", "veth-n", "--stats-interval", "0", "--config"])
-        .arg(config)
-        .args([
-            "--pin-root",
-            &roots.pin_root,
-            "--state-root",
-            &roots.state_root,
-        ])
-        .env("NO_COLOR", "1");
+    let command = roots.attach_command(node, &lb_tests::lb_userspace_bin(), "veth-n", config);
     let controller = LoggedChild::spawn(command, false).unwrap();
     controller.wait_ready(WAIT).unwrap();
     controller
