@@ -30,6 +30,16 @@ fn cluster(pods: &[&str], extra: &str) -> Cluster {
     model::build(&manifests, &Options::default()).unwrap()
 }
 
+/// A controller over a freshly loaded data plane with nothing applied and no state file.
+fn fresh_controller(options: Options) -> Controller {
+    Controller::new(
+        Dataplane::load().unwrap(),
+        AppliedState::default(),
+        None,
+        options,
+    )
+}
+
 #[test]
 fn apply_diffs_against_what_is_applied() {
     let ns = Netns::create("apply").unwrap();
@@ -144,7 +154,7 @@ fn node_ports_are_served_on_the_node_addresses() {
         let mut manifests = Manifests::default();
         manifest::read_text(&PathBuf::from("nodeport.yaml"), yaml, &mut manifests).unwrap();
         let cluster = model::build(&manifests, &options).unwrap();
-        let mut controller = Controller::new(Dataplane::load().unwrap(), AppliedState::default(), None, options);
+        let mut controller = fresh_controller(options);
         controller.apply(&cluster).unwrap();
         let frontends: Vec<String> = controller.state().services.iter().map(|s| s.key.to_string()).collect();
         assert_eq!(frontends, ["198.18.0.2:30854/TCP", "198.18.100.1:8080/TCP"]);
@@ -224,12 +234,7 @@ fn new_flows(dataplane: &Dataplane, next_port: &mut u16, count: u16) -> u64 {
 fn no_step_of_an_apply_drops_new_flows_when_a_backend_turns_terminating() {
     let ns = Netns::create("drain").unwrap();
     ns.enter(|| {
-        let mut controller = Controller::new(
-            Dataplane::load().unwrap(),
-            AppliedState::default(),
-            None,
-            Options::default(),
-        );
+        let mut controller = fresh_controller(Options::default());
         let pods = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
         controller
             .apply(&sliced(&pods.map(|p| (p, false))))
@@ -297,12 +302,7 @@ fn no_step_of_an_apply_drops_new_flows_when_a_backend_turns_terminating() {
 fn recycled_ids_start_with_zero_counters() {
     let ns = Netns::create("recycle").unwrap();
     ns.enter(|| {
-        let mut controller = Controller::new(
-            Dataplane::load().unwrap(),
-            AppliedState::default(),
-            None,
-            Options::default(),
-        );
+        let mut controller = fresh_controller(Options::default());
         controller
             .apply(&sliced(&[("198.18.1.1", false), ("198.18.1.2", false)]))
             .unwrap();

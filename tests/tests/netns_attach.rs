@@ -227,6 +227,13 @@ fn write_manifests(dir: &Path) {
     .unwrap();
 }
 
+/// A [`pair`] with private roots and the manifests folder a controller on it serves.
+fn pair_with_config(tag: &str) -> (Pair, Roots, tempfile::TempDir) {
+    let config = tempfile::tempdir().unwrap();
+    write_manifests(config.path());
+    (pair(tag), Roots::new(tag), config)
+}
+
 /// `lb-userspace attach veth-s` in `server`, with `roots` and `config`.
 fn attach_command(
     server: &Netns,
@@ -342,13 +349,14 @@ fn landing(log: &[String], status: std::process::ExitStatus) -> &'static str {
 /// apply, or after start-up): nothing asserted depends on where it did.
 #[test]
 fn a_stop_signal_at_any_moment_of_start_up_leaves_nothing_behind() {
-    let Pair {
-        client: _client,
-        server,
-    } = pair("sig");
-    let roots = Roots::new("sig");
-    let config = tempfile::tempdir().unwrap();
-    write_manifests(config.path());
+    let (
+        Pair {
+            client: _client,
+            server,
+        },
+        roots,
+        config,
+    ) = pair_with_config("sig");
     set_send_redirects(&server, "1", "1");
     let delays_ms = [0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 700, 1000];
     let mut landed: BTreeMap<(&str, &str), usize> = BTreeMap::new();
@@ -420,13 +428,14 @@ fn a_stop_signal_at_any_moment_of_start_up_leaves_nothing_behind() {
 /// originals recorded by the first, and `detach` run from the host puts them back too.
 #[test]
 fn icmp_redirects_are_off_while_attached_and_put_back_after() {
-    let Pair {
-        client: _client,
-        server,
-    } = pair("redir");
-    let roots = Roots::new("redir");
-    let config = tempfile::tempdir().unwrap();
-    write_manifests(config.path());
+    let (
+        Pair {
+            client: _client,
+            server,
+        },
+        roots,
+        config,
+    ) = pair_with_config("redir");
     let record = Path::new(&roots.state_root).join("veth-s.sysctl");
     let off = ("0".to_owned(), "0".to_owned());
     let start = |extra: &[&str]| {
