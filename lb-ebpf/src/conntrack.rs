@@ -9,7 +9,7 @@ use lb_common::{
         self, CT_FIN_BACKEND, CT_FIN_CLIENT, Direction, Found, LIFETIME_GRANULARITY_NS, TCP_FIN,
         TCP_RST, TCP_SYN,
     },
-    maps::{BACKEND_F_VALID, PROTO_TCP},
+    maps::{PROTO_TCP, is_ipv4_mapped},
 };
 
 use crate::{
@@ -101,9 +101,7 @@ pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32) -> Option<Tracke
         // The flow is placed afresh and its entry replaced: the old reverse entry (its
         // backend's, if that slot still holds it) goes now, so no late reply of the old
         // placement is rewritten into the new one.
-        if let Some(old) = backend.filter(|b| b.flags & BACKEND_F_VALID != 0)
-            && old.service_id == entry.service_id
-        {
+        if let Some(old) = backend.filter(|b| b.serves(entry.service_id, packet.ipv4)) {
             let _ = REVERSE_NAT.remove(&reply_key(packet, &old));
         }
         return None;
@@ -238,7 +236,8 @@ pub fn backend_of(key: &FlowKey) -> Option<(u32, Backend)> {
     // SAFETY: the value is copied out at once.
     let flow = unsafe { CONNTRACK.get(key) }.copied()?;
     let backend = *BACKENDS.get(flow.backend_id)?;
-    (backend.flags & BACKEND_F_VALID != 0 && backend.service_id == flow.service_id)
+    backend
+        .serves(flow.service_id, is_ipv4_mapped(&key.src))
         .then_some((flow.backend_id, backend))
 }
 

@@ -152,8 +152,14 @@ mod programs {
     /// ours, everything else the host's own.
     #[inline(always)]
     fn owned_vip(addr: &[u8; 16]) -> bool {
+        vip_flags(addr).is_some_and(|flags| flags & VIP_ADDR_F_HOST == 0)
+    }
+
+    /// `VIP_ADDRS`' value for `addr`: `None` when no service uses the address.
+    #[inline(always)]
+    fn vip_flags(addr: &[u8; 16]) -> Option<u32> {
         // SAFETY: the value is copied out at once.
-        unsafe { VIP_ADDRS.get(addr) }.is_some_and(|flags| flags & VIP_ADDR_F_HOST == 0)
+        unsafe { VIP_ADDRS.get(addr) }.copied()
     }
 
     #[inline(always)]
@@ -162,8 +168,7 @@ mod programs {
             Kind::NotIp => Reason::PassNotIp,
             Kind::Truncated => Reason::PassUnparsed,
             Kind::Icmp => {
-                // SAFETY: the value is copied out at once.
-                match unsafe { VIP_ADDRS.get(&packet.dst) }.copied() {
+                match vip_flags(&packet.dst) {
                     Some(flags) => {
                         packet.now_ns = conntrack::now_ns();
                         icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0)
