@@ -167,15 +167,13 @@ mod programs {
         match kind {
             Kind::NotIp => Reason::PassNotIp,
             Kind::Truncated => Reason::PassUnparsed,
-            Kind::Icmp => {
-                match vip_flags(&packet.dst) {
-                    Some(flags) => {
-                        packet.now_ns = conntrack::now_ns();
-                        icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0)
-                    }
-                    None => Reason::PassNotVip,
+            Kind::Icmp => match vip_flags(&packet.dst) {
+                Some(flags) => {
+                    packet.now_ns = conntrack::now_ns();
+                    icmp::ingress(ctx, packet, flags & VIP_ADDR_F_HOST != 0)
                 }
-            }
+                None => Reason::PassNotVip,
+            },
             Kind::Parsed | Kind::OtherProtocol => Reason::PassNotVip,
             Kind::Fragment if owned_vip(&packet.dst) => Reason::DropFragment,
             Kind::Fragment => Reason::PassNotVip,
