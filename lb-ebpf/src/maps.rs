@@ -8,7 +8,7 @@ use lb_common::{
     FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
     maps::{
         AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, FRAGMENTS_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
-        MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+        MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, VIP_FILTER_WORDS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -21,6 +21,12 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }
 /// addresses): decides whether an unparseable packet is ours.
 #[btf_map]
 pub static VIP_ADDRS: HashMap<[u8; 16], u32, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// A bit per hash of every service address (`lb_common::maps::vip_filter_bit`), set by
+/// userspace before the address's services are written: a clear bit sends a packet on without
+/// a service lookup.
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// A service's Maglev table: slot 0 holds the table size M, slots 1..=M the backend ids.
 /// `BPF_F_INNER_MAP` lets each service's table have its own size; `BPF_F_MMAPABLE` lets userspace

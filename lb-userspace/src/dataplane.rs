@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
     ReverseValue, ServiceKey, ServiceValue,
-    maps::{DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, lru_entries_for, names},
+    maps::{
+        DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, VIP_FILTER_WORDS,
+        lru_entries_for, names, vip_filter_bit,
+    },
 };
 use tracing::{info, warn};
 
@@ -138,6 +141,7 @@ impl Default for LoadOptions {
 pub const PINNED_MAPS: &[&str] = &[
     names::SERVICES,
     names::VIP_ADDRS,
+    names::VIP_FILTER,
     names::MAGLEV,
     names::BACKENDS,
     names::CONNTRACK,
@@ -164,6 +168,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     attached: Vec<(String, Link)>,
     pin_dir: Option<PathBuf>,
+    /// The VIP filter's words as last written or read (read on first use: a pinned filter
+    /// holds what an earlier controller wrote).
+    vip_filter: Option<Vec<u64>>,
 }
 
 impl Dataplane {
@@ -208,6 +215,7 @@ impl Dataplane {
             ebpf,
             attached: Vec::new(),
             pin_dir: options.pin_dir,
+            vip_filter: None,
         })
     }
 
@@ -493,8 +501,13 @@ impl Dataplane {
     }
 
     /// Records that `count` services use VIP address `addr` (0 removes it), with
-    /// `lb_common::maps::VIP_ADDR_F_HOST` set in it for an address of the host itself.
+    /// `lb_common::maps::VIP_ADDR_F_HOST` set in it for an address of the host itself. A used
+    /// address is added to the VIP filter; a removed one stays there until the next
+    /// [`Self::set_vip_filter`] (a stale bit costs a lookup, never a packet).
     pub fn set_vip_addr(&mut self, addr: [u8; 16], count: u32) -> Result<(), DataplaneError> {
+        if count != 0 {
+            self.allow_in_vip_filter(addr)?;
+        }
         let name = names::VIP_ADDRS;
         let mut map: HashMap<_, [u8; 16], u32> =
             self.map_mut(name)?.try_into().map_err(map_error(name))?;
@@ -503,6 +516,57 @@ impl Dataplane {
         } else {
             map.insert(addr, count, 0).map_err(map_error(name))
         }
+    }
+
+    /// Sets the VIP filter bits of `addrs` and clears every other: afterwards exactly these
+    /// addresses (and any sharing their bits) reach the service lookup. Only changed words are
+    /// written. To add addresses without a gap, write the filter with old and new addresses
+    /// before their services, and with the new ones alone once the old services are removed.
+    pub fn set_vip_filter(
+        &mut self,
+        addrs: impl IntoIterator<Item = [u8; 16]>,
+    ) -> Result<(), DataplaneError> {
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        for addr in addrs {
+            let bit = vip_filter_bit(&addr);
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.write_vip_filter(words)
+    }
+
+    /// Adds `addr` to the VIP filter, keeping every bit already set.
+    fn allow_in_vip_filter(&mut self, addr: [u8; 16]) -> Result<(), DataplaneError> {
+        let mut words = self.vip_filter_words()?;
+        let bit = vip_filter_bit(&addr);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+        self.write_vip_filter(words)
+    }
+
+    fn vip_filter_words(&mut self) -> Result<Vec<u64>, DataplaneError> {
+        if let Some(words) = &self.vip_filter {
+            return Ok(words.clone());
+        }
+        let name = names::VIP_FILTER;
+        let map: Array<_, u64> = self.map(name)?.try_into().map_err(map_error(name))?;
+        let words = (0..VIP_FILTER_WORDS)
+            .map(|i| map.get(&i, 0))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_error(name))?;
+        self.vip_filter = Some(words.clone());
+        Ok(words)
+    }
+
+    fn write_vip_filter(&mut self, words: Vec<u64>) -> Result<(), DataplaneError> {
+        let old = self.vip_filter_words()?;
+        let name = names::VIP_FILTER;
+        let mut map: Array<_, u64> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        for (i, (new, old)) in words.iter().zip(&old).enumerate() {
+            if new != old {
+                map.set(i as u32, new, 0).map_err(map_error(name))?;
+            }
+        }
+        self.vip_filter = Some(words);
+        Ok(())
     }
 
     /// Writes backend slot `id` (a zero `flags` empties it).

@@ -1154,3 +1154,31 @@ fn a_full_connection_table_degrades_to_maglev_placement_not_to_drops() {
         assert_eq!(lb.reason(Reason::DropNoBackend), 0);
     });
 }
+
+/// Only addresses in the VIP filter reach the service lookup: with the filter emptied, a
+/// service's own packets pass as not ours (counted `pass_not_vip`, no lookup, no flow); with
+/// its address written back, they are DNATed again.
+#[test]
+fn the_vip_filter_decides_which_packets_reach_the_service_lookup() {
+    in_fresh_netns("fx-filter", |_| {
+        let mut lb = single_backend_lb();
+        let syn = Spec::tcp(CLIENT4, 40000, VIP4, PORT).build();
+        lb.dataplane.set_vip_filter([]).unwrap();
+        let (verdict, output) = lb.run(&syn);
+        assert_eq!((verdict, lb.last_reason()), (XDP_PASS, Reason::PassNotVip));
+        assert_eq!(output, syn, "passed unchanged");
+        assert!(
+            lb.dataplane.flows().unwrap().is_empty(),
+            "no flow was tracked"
+        );
+        lb.dataplane
+            .set_vip_filter([addr16(VIP4), addr16(VIP6)])
+            .unwrap();
+        let (verdict, output) = lb.run(&syn);
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (XDP_PASS, Reason::DnatFibFallback)
+        );
+        assert_eq!(backend_of(&output), 1);
+    });
+}
