@@ -211,12 +211,14 @@ impl Dataplane {
         tc_mut(&mut ebpf)?
             .load()
             .map_err(load_error(TC_EGRESS_PROGRAM))?;
-        Ok(Self {
+        let mut dataplane = Self {
             ebpf,
             attached: Vec::new(),
             pin_dir: options.pin_dir,
             vip_filter: None,
-        })
+        };
+        dataplane.allow_adopted_vips()?;
+        Ok(dataplane)
     }
 
     /// The DNAT XDP program, for running packets through it with [`aya::programs::TestRun`].
@@ -506,7 +508,7 @@ impl Dataplane {
     /// [`Self::set_vip_filter`] (a stale bit costs a lookup, never a packet).
     pub fn set_vip_addr(&mut self, addr: [u8; 16], count: u32) -> Result<(), DataplaneError> {
         if count != 0 {
-            self.allow_in_vip_filter(addr)?;
+            self.allow_in_vip_filter([addr])?;
         }
         let name = names::VIP_ADDRS;
         let mut map: HashMap<_, [u8; 16], u32> =
@@ -534,38 +536,74 @@ impl Dataplane {
         self.write_vip_filter(words)
     }
 
-    /// Adds `addr` to the VIP filter, keeping every bit already set.
-    fn allow_in_vip_filter(&mut self, addr: [u8; 16]) -> Result<(), DataplaneError> {
-        let mut words = self.vip_filter_words()?;
-        let bit = vip_filter_bit(&addr);
-        words[(bit / 64) as usize] |= 1 << (bit % 64);
-        self.write_vip_filter(words)
+    /// Lets every address of adopted services (pinned `VIP_ADDRS`) through the VIP filter, so
+    /// that programs attached before the first apply serve them even when the filter is new
+    /// (pinned by a version without it).
+    fn allow_adopted_vips(&mut self) -> Result<(), DataplaneError> {
+        let name = names::VIP_ADDRS;
+        let map: HashMap<_, [u8; 16], u32> = self.map(name)?.try_into().map_err(map_error(name))?;
+        let adopted: Vec<[u8; 16]> = map.keys().filter_map(Result::ok).collect();
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        self.allow_in_vip_filter(adopted)
     }
 
+    /// Adds `addrs` to the VIP filter, keeping every bit already set.
+    fn allow_in_vip_filter(
+        &mut self,
+        addrs: impl IntoIterator<Item = [u8; 16]>,
+    ) -> Result<(), DataplaneError> {
+        let mut words = self.vip_filter_words()?;
+        let mut changed = Vec::new();
+        for addr in addrs {
+            let bit = vip_filter_bit(&addr);
+            let (index, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            if words[index] & mask == 0 {
+                words[index] |= mask;
+                changed.push((index as u32, words[index]));
+            }
+        }
+        self.write_vip_filter_words(&changed)?;
+        self.vip_filter = Some(words);
+        Ok(())
+    }
+
+    /// The VIP filter's words as last written (read from the kernel the first time).
     fn vip_filter_words(&mut self) -> Result<Vec<u64>, DataplaneError> {
-        if let Some(words) = &self.vip_filter {
-            return Ok(words.clone());
+        if let Some(words) = self.vip_filter.take() {
+            return Ok(words);
         }
         let name = names::VIP_FILTER;
         let map: Array<_, u64> = self.map(name)?.try_into().map_err(map_error(name))?;
-        let words = (0..VIP_FILTER_WORDS)
+        (0..VIP_FILTER_WORDS)
             .map(|i| map.get(&i, 0))
             .collect::<Result<Vec<u64>, _>>()
-            .map_err(map_error(name))?;
-        self.vip_filter = Some(words.clone());
-        Ok(words)
+            .map_err(map_error(name))
     }
 
+    /// Writes the filter `words` where they differ from what was last written.
     fn write_vip_filter(&mut self, words: Vec<u64>) -> Result<(), DataplaneError> {
         let old = self.vip_filter_words()?;
+        let changed: Vec<(u32, u64)> = words
+            .iter()
+            .zip(&old)
+            .enumerate()
+            .filter(|(_, (new, old))| new != old)
+            .map(|(i, (new, _))| (i as u32, *new))
+            .collect();
+        // On failure the cache is dropped: the next write reads the kernel's words again.
+        self.write_vip_filter_words(&changed)?;
+        self.vip_filter = Some(words);
+        Ok(())
+    }
+
+    fn write_vip_filter_words(&mut self, changed: &[(u32, u64)]) -> Result<(), DataplaneError> {
         let name = names::VIP_FILTER;
         let mut map: Array<_, u64> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        for (i, (new, old)) in words.iter().zip(&old).enumerate() {
-            if new != old {
-                map.set(i as u32, new, 0).map_err(map_error(name))?;
-            }
+        for (index, word) in changed {
+            map.set(*index, word, 0).map_err(map_error(name))?;
         }
-        self.vip_filter = Some(words);
         Ok(())
     }
 
