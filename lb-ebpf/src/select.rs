@@ -91,24 +91,24 @@ fn place_new_flow(packet: &Packet, service: &ServiceValue) -> Option<(u32, Backe
         service_id: service.id,
     };
     let timeout_ns = u64::from(service.affinity_timeout_secs) * 1_000_000_000;
-    // SAFETY: the value is copied out at once.
-    let remembered = unsafe { AFFINITY.get(&key) }
-        .copied()
-        .filter(|seen| now.saturating_sub(seen.last_used_ns) < timeout_ns)
-        .and_then(|seen| {
-            accepting_backend(seen.backend_id, service.id, packet.ipv4)
-                .map(|b| (seen.backend_id, b))
-        });
-    let (id, backend) = match remembered {
-        Some(found) => {
+    if let Some(seen) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a value of the map; another CPU may write the same entry, at worst moving
+        // its last use by one packet's worth.
+        let seen = unsafe { &mut *seen };
+        // Read once: another CPU may place this client anew meanwhile.
+        let backend_id = seen.backend_id;
+        let remembered = (now.saturating_sub(seen.last_used_ns) < timeout_ns)
+            .then(|| accepting_backend(backend_id, service.id, packet.ipv4))
+            .flatten();
+        if let Some(backend) = remembered {
             stats::event(Event::AffinityHit);
-            found
+            // Updated in place: a client's next connection costs no table insert.
+            seen.last_used_ns = now;
+            return Some((backend_id, backend));
         }
-        None => {
-            let id = maglev_pick(service.id, client_hash(&packet.src, &packet.dst))?;
-            (id, accepting_backend(id, service.id, packet.ipv4)?)
-        }
-    };
+    }
+    let id = maglev_pick(service.id, client_hash(&packet.src, &packet.dst))?;
+    let backend = accepting_backend(id, service.id, packet.ipv4)?;
     let value = AffinityValue {
         backend_id: id,
         pad: 0,

@@ -691,6 +691,39 @@ fn client_ip_affinity_expires_after_its_timeout() {
     });
 }
 
+/// Every connection of a remembered client renews its affinity: connections 1.2 s apart keep
+/// their backend under a 2 s timeout, though the first is 2.4 s old by the last.
+#[test]
+fn client_ip_affinity_is_renewed_by_each_connection() {
+    in_fresh_netns("affnew", |_| {
+        let mut lb = Lb::new();
+        let four = valid_backends4(4);
+        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
+        let key = ServiceKey {
+            addr: addr16(VIP4),
+            port: PORT,
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let value = ServiceValue {
+            id: 1,
+            flags: SERVICE_F_AFFINITY,
+            affinity_timeout_secs: 2,
+        };
+        lb.dataplane.set_service(&key, &value).unwrap();
+        lb.run(&Spec::tcp(CLIENT4, 20000, VIP4, PORT).build());
+        for port in [20001, 20002] {
+            std::thread::sleep(std::time::Duration::from_millis(1200));
+            lb.run(&Spec::tcp(CLIENT4, port, VIP4, PORT).build());
+        }
+        assert_eq!(
+            lb.event(Event::AffinityHit),
+            2,
+            "both later connections were remembered"
+        );
+    });
+}
+
 #[test]
 fn replies_are_reverse_nated_on_egress() {
     in_fresh_netns("rnat", |_| {

@@ -17,7 +17,7 @@ use aya::{
 };
 use lb_common::{
     Backend, Event, Reason, ServiceKey, ServiceValue,
-    maps::{BACKEND_F_VALID, PROTO_TCP, ipv4_mapped},
+    maps::{BACKEND_F_VALID, PROTO_TCP, SERVICE_F_AFFINITY, ipv4_mapped},
 };
 use lb_tests::{frames::Spec, netns::Netns};
 use lb_userspace::{
@@ -106,14 +106,22 @@ fn tc_ns(program: &SchedClassifier, frame: &[u8]) -> f64 {
     }))
 }
 
-/// Programs `services` IPv4 services of [`BACKENDS`] backends each, and one IPv6 service (id
-/// `services`) of as many.
+/// The ClientIP-affinity service's VIP.
+fn affinity_vip() -> Ipv4Addr {
+    Ipv4Addr::new(198, 20, 0, 1)
+}
+
+/// Programs `services` IPv4 services of [`BACKENDS`] backends each, one IPv6 service (id
+/// `services`) and one IPv4 service with ClientIP affinity (id `services + 1`) of as many.
 fn program_services(dataplane: &mut Dataplane, services: u32) -> anyhow::Result<()> {
     let mut tables = Vec::new();
-    for s in 0..=services {
+    for s in 0..=services + 1 {
         let v6 = s == services;
+        let affinity = s == services + 1;
         let addr = if v6 {
             vip6().octets()
+        } else if affinity {
+            ipv4_mapped(affinity_vip().octets())
         } else {
             ipv4_mapped(vip4(s).octets())
         };
@@ -125,8 +133,8 @@ fn program_services(dataplane: &mut Dataplane, services: u32) -> anyhow::Result<
         };
         let value = ServiceValue {
             id: s,
-            flags: 0,
-            affinity_timeout_secs: 0,
+            flags: if affinity { SERVICE_F_AFFINITY } else { 0 },
+            affinity_timeout_secs: 10_800,
         };
         dataplane.set_service(&key, &value)?;
         dataplane.set_vip_addr(addr, 1)?;
@@ -268,7 +276,7 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         // Room for the live flows and every new flow of every round, so no live flow is
         // evicted while hits are measured.
         let mut dataplane = Dataplane::load_with(LoadOptions {
-            conntrack_size: 2 * live_flows + 3 * rounds * runs + 1024,
+            conntrack_size: 2 * live_flows + 4 * rounds * runs + 1024,
             ..LoadOptions::default()
         })?;
         program_services(&mut dataplane, services)?;
@@ -369,6 +377,12 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                 once: true,
             },
             Path {
+                name: "new flow, ClientIP affinity, client known (SYN, XDP_TX)",
+                program: Program::Lb,
+                frames: frames(fresh, 3, false, |_| IpAddr::V4(affinity_vip()), true),
+                once: true,
+            },
+            Path {
                 name: "IPv6 non-VIP pass",
                 program: Program::Lb,
                 frames: frames(live_flows, 9, true, not_vip6, false),
@@ -430,7 +444,7 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         // Every measured hit was a hit, and every VIP frame left by XDP_TX.
         let hits = dataplane.event_counter(Event::ConntrackHit)? - hits_before;
         let tx = dataplane.reason_counter(Reason::DnatTx)?.packets - tx_before;
-        let lb_vip_runs = u64::from(rounds * runs) * 6;
+        let lb_vip_runs = u64::from(rounds * runs) * 7;
         anyhow::ensure!(
             hits == u64::from(rounds * runs) * 3,
             "{hits} conntrack hits for {} established runs: live flows were lost",
@@ -478,7 +492,7 @@ fn measure(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             );
         }
         // IPv6 against IPv4, per round.
-        for (v6, v4, what) in [(8, 3, "established"), (9, 6, "new flow")] {
+        for (v6, v4, what) in [(9, 3, "established"), (10, 6, "new flow")] {
             let over = |p: usize| -> Vec<f64> {
                 per_round[p]
                     .iter()
