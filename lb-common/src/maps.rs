@@ -16,8 +16,14 @@ pub const MAGLEV_MAX_SIZE: u32 = 131_071;
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
 /// Capacity of the services map, and so the largest service id plus one.
 pub const MAX_SERVICES: u32 = 16_384;
-/// Capacity of the backends array, and so the largest backend id plus one.
-pub const MAX_BACKENDS: u32 = 131_072;
+/// Default capacity of the backends array (`--max-backends`), and so the largest backend id
+/// plus one. It also sizes the per-CPU backend counters, so it costs memory on every CPU:
+/// 24 bytes per backend per possible CPU (1.5 MiB per CPU at the default).
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Slots of the per-CPU next-hop cache, a power of two: backend `id` uses slot
+/// `id % NEXT_HOP_SLOTS` and checks the address it holds, so a shared slot costs a route
+/// lookup, never a wrong next hop.
+pub const NEXT_HOP_SLOTS: u32 = 4096;
 /// Default capacity of the connection table and of the reverse-NAT table.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 /// Entries the kernel's LRU may hold free per CPU (`LOCAL_FREE_TARGET`): it starts evicting

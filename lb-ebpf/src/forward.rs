@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{Event, Reason, checksum::replace16};
+use lb_common::{Event, Reason, checksum::replace16, maps::NEXT_HOP_SLOTS};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -46,7 +46,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     }
     // SAFETY: ctx.ctx is the program's xdp_md.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id) else {
+    let Some(hop) = NEXT_HOPS.get_ptr_mut(backend_id % NEXT_HOP_SLOTS) else {
         return FALLBACK;
     };
     // SAFETY: this CPU's slot.

@@ -7,8 +7,9 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, FragmentKey,
     FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
     maps::{
-        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, FRAGMENTS_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
-        MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, VIP_FILTER_WORDS,
+        AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, FRAGMENTS_SIZE,
+        MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_SERVICES, MAX_TX_PORTS, NEXT_HOP_SLOTS,
+        VIP_FILTER_WORDS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -38,9 +39,9 @@ pub type MaglevTable =
 #[btf_map]
 pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_SERVICES as usize }> = HashOfMaps::new();
 
-/// Backend id -> backend.
+/// Backend id -> backend. Userspace sizes it (`--max-backends`) at load time.
 #[btf_map]
-pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+pub static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
 
 /// Forward 5-tuple (client -> VIP) -> backend. Userspace may resize it at load time.
 #[btf_map]
@@ -106,10 +107,13 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
-/// Next hops per backend id and CPU: the route lookup (the most expensive step of forwarding)
-/// is done once per backend every [`crate::forward::NEXT_HOP_TTL_NS`], not per packet.
+/// Next hops per CPU, a cache of route lookups: backend `id` uses slot `id % NEXT_HOP_SLOTS`
+/// (checking the address and ingress it was looked up for), so the route lookup, the most
+/// expensive step of forwarding, is done once per backend every
+/// [`crate::forward::NEXT_HOP_TTL_NS`], not per packet. Its size does not follow the backend
+/// capacity: it is per CPU, and a few thousand backends in use at once cover most nodes.
 #[btf_map]
-pub static NEXT_HOPS: PerCpuArray<NextHop, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub static NEXT_HOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
 
 /// One [`Counter`] per [`lb_common::Reason`].
 #[btf_map]
@@ -123,6 +127,7 @@ pub static EVENTS: PerCpuArray<u64, { EVENT_COUNT as usize }> = PerCpuArray::new
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<FlowCounter, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
-/// Traffic per backend id.
+/// Traffic per backend id, sized with `BACKENDS`.
 #[btf_map]
-pub static BACKEND_STATS: PerCpuArray<FlowCounter, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub static BACKEND_STATS: PerCpuArray<FlowCounter, { DEFAULT_MAX_BACKENDS as usize }> =
+    PerCpuArray::new();

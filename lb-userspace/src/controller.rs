@@ -17,8 +17,8 @@ use std::{
 use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{
-        BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY,
-        VIP_ADDR_F_HOST, ipv4_mapped,
+        BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY, VIP_ADDR_F_HOST,
+        ipv4_mapped,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -358,7 +358,7 @@ impl Controller {
             old.values()
                 .flat_map(|s| s.backends.iter().map(|b| b.id))
                 .collect(),
-            MAX_BACKENDS,
+            self.dataplane.max_backends(),
             "backend",
         );
         let mut new_service_ids = Vec::new();

@@ -22,8 +22,8 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
     ReverseValue, ServiceKey, ServiceValue,
     maps::{
-        DEFAULT_CONNTRACK_SIZE, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, VIP_FILTER_WORDS,
-        lru_entries_for, names, vip_filter_bit,
+        DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
+        VIP_FILTER_WORDS, lru_entries_for, names, vip_filter_bit,
     },
 };
 use tracing::{info, warn};
@@ -122,6 +122,9 @@ pub struct LoadOptions {
     /// Live flows the connection table and the reverse-NAT table keep, however many come and
     /// go (the maps get room for the kernel LRU's per-CPU free lists on top).
     pub conntrack_size: u32,
+    /// Backend ids the data plane has room for (the backends array and the per-CPU backend
+    /// counters). A pinned data plane keeps the capacity it was created with.
+    pub max_backends: u32,
     /// A bpffs folder where the maps (and, once attached, the links) are pinned. Maps already
     /// pinned there are reused: a restarted controller adopts the running data plane and its
     /// flows.
@@ -132,6 +135,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            max_backends: DEFAULT_MAX_BACKENDS,
             pin_dir: None,
         }
     }
@@ -171,6 +175,8 @@ pub struct Dataplane {
     /// The VIP filter's words as last written or read (read on first use: a pinned filter
     /// holds what an earlier controller wrote).
     vip_filter: Option<Vec<u64>>,
+    /// Room in the backends array, as created (a pinned one keeps its own).
+    max_backends: u32,
 }
 
 impl Dataplane {
@@ -190,7 +196,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::CONNTRACK, entries)
-            .map_max_entries(names::REVERSE_NAT, entries);
+            .map_max_entries(names::REVERSE_NAT, entries)
+            .map_max_entries(names::BACKENDS, options.max_backends)
+            .map_max_entries(names::BACKEND_STATS, options.max_backends);
         if let Some(dir) = &options.pin_dir {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
@@ -211,14 +219,37 @@ impl Dataplane {
         tc_mut(&mut ebpf)?
             .load()
             .map_err(load_error(TC_EGRESS_PROGRAM))?;
+        let name = names::BACKENDS;
+        let max_backends = match ebpf.map(name) {
+            Some(Map::Array(data)) => data.info().map_err(map_error(name))?.max_entries(),
+            _ => {
+                return Err(DataplaneError::Missing {
+                    kind: "array",
+                    name,
+                });
+            }
+        };
+        if max_backends != options.max_backends {
+            warn!(
+                requested = options.max_backends,
+                pinned = max_backends,
+                "the pinned data plane keeps its backend capacity; detach to change it"
+            );
+        }
         let mut dataplane = Self {
             ebpf,
             attached: Vec::new(),
             pin_dir: options.pin_dir,
             vip_filter: None,
+            max_backends,
         };
         dataplane.allow_adopted_vips()?;
         Ok(dataplane)
+    }
+
+    /// Backend ids this data plane has room for: `0..max_backends()`.
+    pub fn max_backends(&self) -> u32 {
+        self.max_backends
     }
 
     /// The DNAT XDP program, for running packets through it with [`aya::programs::TestRun`].

@@ -89,6 +89,10 @@ enum Command {
         /// Capacity of the connection table.
         #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONNTRACK_SIZE)]
         conntrack_size: u32,
+        /// Backends (service endpoints, counted per service) the data plane has room for. Each
+        /// costs 24 bytes of counters per possible CPU, plus 36 bytes once.
+        #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_backends: u32,
         /// Serve VIPs that are addresses of this host (refused by default: they would capture
         /// the host's own traffic).
         #[arg(long)]
@@ -160,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
             stats_interval,
             keep_on_exit,
             conntrack_size,
+            max_backends,
             allow_host_addresses,
             roots,
         } => {
@@ -177,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
                 stats_interval,
                 keep_on_exit,
                 conntrack_size,
+                max_backends,
             };
             attach(settings, &roots).await
         }
@@ -242,6 +248,7 @@ struct AttachSettings {
     stats_interval: u64,
     keep_on_exit: bool,
     conntrack_size: u32,
+    max_backends: u32,
 }
 
 /// A request of the metrics endpoint, answered by the controller loop that owns the maps.
@@ -447,6 +454,7 @@ async fn start(
         stats_interval,
         keep_on_exit: _,
         conntrack_size,
+        max_backends,
     } = settings;
     // Watch before the first read, so a change written while we start is not missed: it
     // triggers a reload that finds either a new state or nothing to do.
@@ -487,6 +495,7 @@ async fn start(
         .step(stop, "loading the data plane", move || {
             Dataplane::load_with(LoadOptions {
                 conntrack_size,
+                max_backends,
                 pin_dir: Some(pin_dir),
             })
         })

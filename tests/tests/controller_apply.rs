@@ -469,3 +469,34 @@ fn explain_names_the_backend_the_data_plane_picks() {
     })
     .unwrap();
 }
+
+/// The backend capacity a data plane is loaded with (`--max-backends`) sizes its backend maps
+/// and bounds the controller's ids: endpoints up to it apply, one more is refused with the
+/// capacity named, and what was serving keeps serving.
+#[test]
+fn the_backend_capacity_is_what_the_data_plane_was_loaded_with() {
+    let ns = Netns::create("capacity").unwrap();
+    ns.enter(|| {
+        let dataplane = Dataplane::load_with(lb_userspace::dataplane::LoadOptions {
+            max_backends: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(dataplane.max_backends(), 3);
+        let mut controller =
+            Controller::new(dataplane, AppliedState::default(), None, Options::default());
+        let three = cluster(&["198.18.1.1", "198.18.1.2", "198.18.1.3"], "");
+        controller.apply(&three).unwrap();
+        let four = cluster(
+            &["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"],
+            "",
+        );
+        let refused = controller.apply(&four).unwrap_err().to_string();
+        assert!(
+            refused.contains("backend") && refused.contains('3'),
+            "{refused}"
+        );
+        assert_eq!(controller.state().services[0].backends.len(), 3);
+    })
+    .unwrap();
+}

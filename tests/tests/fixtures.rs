@@ -865,6 +865,53 @@ fn sent_directly(tag: &str, client: IpAddr, vip: IpAddr, backend: IpAddr) {
 
 /// `request` as forwarded to `backend` by the fast path: DNATed, one hop older, from the
 /// egress port's MAC (`egress_mac`) to the neighbour's (`routed_netns`'s 02:00:00:00:01:01).
+/// Backends whose ids share a next-hop cache slot (`id % NEXT_HOP_SLOTS`) each leave with
+/// their own neighbour's MAC, however their packets interleave.
+#[test]
+fn backends_sharing_a_next_hop_slot_keep_their_own_next_hops() {
+    let (ns, fwd0, fwd0_mac, _) = routed_netns("fwd-slot");
+    ns.enter(|| {
+        let other_mac = [2, 0, 0, 0, 1, 2];
+        ns.ip(&[
+            "neigh",
+            "add",
+            "198.18.1.2",
+            "lladdr",
+            "02:00:00:00:01:02",
+            "dev",
+            "fwd0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+        let mut lb = Lb::new();
+        let shared = lb_common::maps::NEXT_HOP_SLOTS + 1;
+        let vip2 = IpAddr::V4(Ipv4Addr::new(198, 18, 100, 2));
+        lb.service(1, VIP4, PROTO_TCP, 0, &[(1, backend4(1), BACKEND_F_VALID)]);
+        lb.service(
+            2,
+            vip2,
+            PROTO_TCP,
+            0,
+            &[(shared, backend4(2), BACKEND_F_VALID)],
+        );
+        for port in 43000..43004 {
+            for (vip, backend, mac) in [
+                (VIP4, backend4(1), [2, 0, 0, 0, 1, 1]),
+                (vip2, backend4(2), other_mac),
+            ] {
+                let request = Spec::tcp(CLIENT4, port, vip, PORT);
+                let (verdict, output) = lb.run_on(&request.build(), Some(fwd0));
+                assert_eq!((verdict, lb.last_reason()), (XDP_TX, Reason::DnatTx));
+                let mut expected = forwarded(&request, backend, fwd0_mac);
+                expected.dst_mac = mac;
+                assert_eq!(output, expected.build(), "to {backend}");
+            }
+        }
+    })
+    .unwrap();
+}
+
 fn forwarded(request: &Spec, backend: IpAddr, egress_mac: [u8; 6]) -> Spec {
     let mut expected = request.to(backend, TARGET_PORT);
     expected.ttl -= 1;

@@ -2,10 +2,12 @@
 //! cold apply of many services, and the latency from a manifest write to the data plane.
 
 use std::{
+    collections::HashSet,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
+use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS};
 use lb_tests::{
     netns::Netns,
     sandbox::{Binaries, EndpointState::Ready, Sandbox},
@@ -13,6 +15,7 @@ use lb_tests::{
 use lb_userspace::{
     Dataplane,
     controller::{AppliedState, Controller},
+    dataplane::LoadOptions,
     maglev::{self, MaglevBackend},
     manifest::{self, Manifests},
     model::{self, Options},
@@ -21,6 +24,69 @@ use lb_userspace::{
 use crate::report::{Report, median};
 
 const SECTION: &str = "Maglev and control plane";
+const MEMORY: &str = "Kernel memory of the data plane";
+
+/// Ids of the BPF maps alive now.
+fn map_ids() -> anyhow::Result<HashSet<u32>> {
+    aya::maps::loaded_maps()
+        .map(|info| Ok(info?.id()))
+        .collect()
+}
+
+/// Kernel memory of the BPF maps named like the data plane's (Maglev tables included) that are
+/// not in `before`, in MiB: the kernel's own accounting (`memlock` in each map's fdinfo,
+/// per-CPU copies included).
+fn map_memory_mib(before: &HashSet<u32>) -> anyhow::Result<f64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const NAMES: &[&str] = &[
+        "SERVICES",
+        "VIP_ADDRS",
+        "VIP_FILTER",
+        "MAGLEV",
+        "BACKENDS",
+        "CONNTRACK",
+        "REVERSE_NAT",
+        "AFFINITY",
+        "FRAGMENTS",
+        "TX_PORTS",
+        "SCRATCH",
+        "FIB_PARAMS",
+        "NEXT_HOPS",
+        "STATS",
+        "EVENTS",
+        "SERVICE_STATS",
+        "BACKEND_STATS",
+        "maglev_table",
+    ];
+    let mut bytes = 0u64;
+    for info in aya::maps::loaded_maps() {
+        let info = info?;
+        if before.contains(&info.id())
+            || !info.name_as_str().is_some_and(|name| NAMES.contains(&name))
+        {
+            continue;
+        }
+        // A map freed since it was listed has no fd to open.
+        let Ok(fd) = info.fd() else { continue };
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+        bytes += fdinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("memlock:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The kernel memory of the data plane `options` load, empty, in MiB.
+fn empty_data_plane_mib(options: LoadOptions) -> anyhow::Result<f64> {
+    let before = map_ids()?;
+    let dataplane = Dataplane::load_with(options)?;
+    let mib = map_memory_mib(&before)?;
+    drop(dataplane);
+    Ok(mib)
+}
 
 fn backends(n: u32) -> Vec<MaglevBackend> {
     (0..n)
@@ -120,6 +186,33 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             "1.0 is a perfect balance",
         );
     }
+    // Kernel memory: an empty data plane at the defaults, and what the connection tables cost
+    // per million flows.
+    let cpus = aya::util::nr_cpus().map_or(0, |n| n);
+    let default_mib = empty_data_plane_mib(LoadOptions::default())?;
+    let million_mib = empty_data_plane_mib(LoadOptions {
+        conntrack_size: 1_000_000,
+        ..LoadOptions::default()
+    })?;
+    let note = format!("{cpus} possible CPUs; per-CPU maps grow with them");
+    report.add(
+        MEMORY,
+        &format!(
+            "empty data plane at the defaults ({DEFAULT_CONNTRACK_SIZE} flows, {DEFAULT_MAX_BACKENDS} backends)"
+        ),
+        "MiB",
+        vec![default_mib],
+        None,
+        &note,
+    );
+    report.add(
+        MEMORY,
+        "connection and reverse-NAT tables, per 1M flows",
+        "MiB",
+        vec![(million_mib - default_mib) * 1e6 / f64::from(1_000_000 - DEFAULT_CONNTRACK_SIZE)],
+        None,
+        "from the difference between a 1M-flow and a default table",
+    );
     // Cold apply of many services, each with 10 endpoints, default table size.
     let counts: &[usize] = if quick { &[100, 1000] } else { &[1000, 10_000] };
     for &services in counts {
@@ -142,21 +235,36 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         manifest::read_text(&PathBuf::from("cold.yaml"), &yaml, &mut manifests)?;
         let cluster = model::build(&manifests, &Options::default())?;
         let ns = Netns::create("bench-cold")?;
+        let mut memory = 0.0;
         let times: Vec<f64> = (0..if quick { 1 } else { rounds })
             .map(|_| {
                 ns.enter(|| -> anyhow::Result<f64> {
+                    let before = map_ids()?;
                     let mut controller = Controller::new(
-                        Dataplane::load()?,
+                        Dataplane::load_with(LoadOptions {
+                            max_backends: 2 * DEFAULT_MAX_BACKENDS,
+                            ..LoadOptions::default()
+                        })?,
                         AppliedState::default(),
                         None,
                         Options::default(),
                     );
                     let start = Instant::now();
                     controller.apply(&cluster)?;
-                    Ok(start.elapsed().as_secs_f64() * 1e3)
+                    let elapsed = start.elapsed().as_secs_f64() * 1e3;
+                    memory = map_memory_mib(&before)?;
+                    Ok(elapsed)
                 })?
             })
             .collect::<anyhow::Result<_>>()?;
+        report.add(
+            MEMORY,
+            &format!("{services} services x 10 endpoints applied (room for {} backends, default connection table)", 2 * DEFAULT_MAX_BACKENDS),
+            "MiB",
+            vec![memory],
+            None,
+            "every map, per-CPU copies on this machine's CPUs included",
+        );
         report.add(
             SECTION,
             &format!("cold apply, {services} services x 10 endpoints (M=16381)"),
