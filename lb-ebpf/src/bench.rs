@@ -26,7 +26,9 @@ mod programs {
         /// Source ports cycle through `base_sport .. base_sport + flows`.
         pub flows: u32,
         pub base_sport: u16,
-        pub pad2: u16,
+        /// Non-zero: every frame is a new flow (source port and the low 16 bits of the source
+        /// address count frames, the second byte says which CPU sent it); `flows` is ignored.
+        pub new_flows: u16,
     }
 
     #[btf_map]
@@ -77,9 +79,21 @@ mod programs {
             *frame = config.template;
             let n = *seq;
             *seq = n.wrapping_add(1);
-            let flows = if config.flows == 0 { 1 } else { config.flows };
-            let sport = config.base_sport.wrapping_add((n % flows) as u16);
-            frame[34..36].copy_from_slice(&sport.to_be_bytes());
+            if config.new_flows != 0 {
+                // 198.18.0.0/15: the second byte is 18 or 19 by CPU, the last two count.
+                let cpu = aya_ebpf::helpers::generated::bpf_get_smp_processor_id();
+                let src = [198, 18 + (cpu & 1) as u8, (n >> 24) as u8, (n >> 16) as u8];
+                let old = u32::from_be_bytes([frame[26], frame[27], frame[28], frame[29]]);
+                let check = u16::from_be_bytes([frame[24], frame[25]]);
+                let check = lb_common::checksum::replace32(check, old, u32::from_be_bytes(src));
+                frame[24..26].copy_from_slice(&check.to_be_bytes());
+                frame[26..30].copy_from_slice(&src);
+                frame[34..36].copy_from_slice(&(n as u16).to_be_bytes());
+            } else {
+                let flows = if config.flows == 0 { 1 } else { config.flows };
+                let sport = config.base_sport.wrapping_add((n % flows) as u16);
+                frame[34..36].copy_from_slice(&sport.to_be_bytes());
+            }
         }
         xdp_action::XDP_TX
     }

@@ -119,16 +119,35 @@ impl Drop for Netns {
 
 /// Creates a veth pair with one end in each namespace, both up.
 pub fn veth_pair(a: (&Netns, &str), b: (&Netns, &str)) -> anyhow::Result<()> {
+    veth_pair_with_queues(a, b, 1)
+}
+
+/// A veth pair whose ends have `queues` receive and transmit queues each: frames sent on one
+/// CPU are received on the peer's queue of that CPU, so CPUs forward in parallel.
+pub fn veth_pair_with_queues(
+    a: (&Netns, &str),
+    b: (&Netns, &str),
+    queues: u32,
+) -> anyhow::Result<()> {
     let ((ns_a, name_a), (ns_b, name_b)) = (a, b);
+    let queues = queues.to_string();
     ns_a.ip(&[
         "link",
         "add",
         name_a,
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
         "type",
         "veth",
         "peer",
         "name",
         name_b,
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
         "netns",
         ns_b.name(),
     ])?;

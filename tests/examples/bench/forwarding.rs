@@ -25,7 +25,7 @@ use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{BACKEND_F_VALID, PROTO_UDP, ipv4_mapped},
 };
-use lb_tests::netns::{Netns, veth_pair};
+use lb_tests::netns::{Netns, veth_pair_with_queues};
 use lb_userspace::{AttachMode, Dataplane, dataplane::BENCH_OBJECT};
 
 use crate::report::Report;
@@ -35,6 +35,8 @@ pub const SECTION: &str =
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const PODS: u8 = 4;
 const MANY_FLOWS: u32 = 100_000;
+/// Queues of every veth of the rig: one per CPU of the scaling runs.
+const QUEUES: u32 = 2;
 
 /// The generator's configuration (`GenConfig` in lb-ebpf/src/bench.rs).
 #[repr(C)]
@@ -44,7 +46,7 @@ struct GenConfig {
     pad: [u8; 2],
     flows: u32,
     base_sport: u16,
-    pad2: u16,
+    new_flows: u16,
 }
 // SAFETY: repr(C), explicit padding, any bit pattern valid.
 unsafe impl aya::Pod for GenConfig {}
@@ -128,7 +130,7 @@ impl Rig {
     fn build() -> anyhow::Result<Self> {
         let gen_ns = Netns::create("bfg")?;
         let node = Netns::create("bfn")?;
-        veth_pair((&gen_ns, "g0"), (&node, "n0"))?;
+        veth_pair_with_queues((&gen_ns, "g0"), (&node, "n0"), QUEUES)?;
         gen_ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "g0"])?;
         node.ip(&["addr", "add", "198.18.0.2/24", "dev", "n0"])?;
         node.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
@@ -161,7 +163,7 @@ impl Rig {
         for i in 1..=PODS {
             let pod = Netns::create(&format!("bfp{i}"))?;
             let node_end = format!("p{i}");
-            veth_pair((&node, &node_end), (&pod, "eth0"))?;
+            veth_pair_with_queues((&node, &node_end), (&pod, "eth0"), QUEUES)?;
             node.ip(&[
                 "addr",
                 "add",
@@ -306,8 +308,16 @@ impl Rig {
         Ok(count.get(&0, 0)?.iter().sum())
     }
 
-    /// Sends `frames` frames with `flows` source ports; returns the rate that reached the sinks.
-    fn send(&mut self, dst: Ipv4Addr, flows: u32, frames: u32) -> anyhow::Result<f64> {
+    /// Sends `frames` frames with `flows` source ports (or each a new flow) from one generator
+    /// on CPU 0, or one on each of CPUs 0..`cpus` at once; returns the rate that reached the
+    /// sinks, in Mpps.
+    fn send(
+        &mut self,
+        dst: Ipv4Addr,
+        traffic: Traffic,
+        frames: u32,
+        cpus: usize,
+    ) -> anyhow::Result<f64> {
         let mut frame = Vec::new();
         PacketBuilder::ethernet2(self.gen_mac, self.node_mac)
             .ipv4([198, 18, 0, 1], dst.octets(), 64)
@@ -316,6 +326,10 @@ impl Rig {
         frame[40..42].copy_from_slice(&[0, 0]);
         let mut template = [0u8; 42];
         template.copy_from_slice(&frame[..42]);
+        let (flows, new_flows) = match traffic {
+            Traffic::Flows(flows) => (flows, 0),
+            Traffic::NewFlows => (0, 1),
+        };
         let mut config: Array<_, GenConfig> =
             self.bench.map_mut("GEN_CONFIG").expect("map").try_into()?;
         config.set(
@@ -325,7 +339,7 @@ impl Rig {
                 pad: [0; 2],
                 flows,
                 base_sport: 10000,
-                pad2: 0,
+                new_flows,
             },
             0,
         )?;
@@ -339,24 +353,108 @@ impl Rig {
             .program("bench_gen")
             .expect("program")
             .try_into()?;
-        let elapsed = self.gen_ns.enter(|| -> anyhow::Result<Duration> {
-            // One CPU for generator, node and sinks: a closed loop without drops.
-            let mut cpus = nix::sched::CpuSet::new();
-            cpus.set(0)?;
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
-            let start = Instant::now();
-            generator.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                ctx_in: Some(&ctx),
-                repeat: frames,
-                attrs: TestRunAttrs::new().xdp_live_frames(64),
-                ..TestRunOptions::new()
-            })?;
-            Ok(start.elapsed())
-        })??;
+        let gen_ns = &self.gen_ns;
+        // One generator per CPU, each pinned: generator, node and sinks of a frame all run on
+        // the CPU that sent it (veth queue = CPU), a closed loop without drops.
+        let elapsed = std::thread::scope(|scope| -> anyhow::Result<Duration> {
+            let runs: Vec<_> = (0..cpus)
+                .map(|cpu| {
+                    let (frame, ctx) = (&frame, &ctx);
+                    scope.spawn(move || {
+                        gen_ns.enter(|| -> anyhow::Result<Duration> {
+                            let mut set = nix::sched::CpuSet::new();
+                            set.set(cpu)?;
+                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+                            let start = Instant::now();
+                            generator.test_run(TestRunOptions {
+                                data_in: Some(frame),
+                                ctx_in: Some(ctx),
+                                repeat: frames,
+                                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                                ..TestRunOptions::new()
+                            })?;
+                            Ok(start.elapsed())
+                        })?
+                    })
+                })
+                .collect();
+            let mut longest = Duration::ZERO;
+            for run in runs {
+                let took = run
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("generator panicked"))??;
+                longest = longest.max(took);
+            }
+            Ok(longest)
+        })?;
         let delivered = self.sunk()? - before;
         Ok(delivered as f64 / elapsed.as_secs_f64() / 1e6)
     }
+}
+
+const SCALING: &str = "Forwarding with 2 CPUs at once (a veth queue per CPU), against one";
+
+/// Ours on one CPU and on two at once, for hits (1 flow, 100k flows) and for a new flow in
+/// every frame: a lock or a counter line shared between CPUs would keep the ratio under 2.
+fn scaling(
+    rig: &mut Rig,
+    report: &mut Report,
+    rounds: usize,
+    target: Duration,
+) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        report.notes.push("Scaling: skipped, one CPU.".into());
+        return Ok(());
+    }
+    rig.configure(Config::Ours)?;
+    let traffics = [
+        ("1 flow (hits)", Traffic::Flows(1)),
+        ("100000 flows (hits)", Traffic::Flows(MANY_FLOWS)),
+        ("a new flow in every frame", Traffic::NewFlows),
+    ];
+    let mut rates = vec![[Vec::new(), Vec::new()]; traffics.len()];
+    for round in 0..rounds {
+        for (t, (name, traffic)) in traffics.iter().enumerate() {
+            for cpus in [1, 2] {
+                let probe = rig.send(VIP, *traffic, 50_000, cpus)?;
+                let frames = ((probe * 1e6 * target.as_secs_f64() / cpus as f64) as u32)
+                    .clamp(50_000, 20_000_000);
+                let rate = rig.send(VIP, *traffic, frames, cpus)?;
+                eprintln!("   round {round}: ours, {name}, {cpus} CPU(s): {rate:.3} Mpps");
+                rates[t][cpus - 1].push(rate);
+            }
+        }
+    }
+    let higher_is_better = |v: f64, b: f64| v / b;
+    for ((name, _), [one, two]) in traffics.iter().zip(&rates) {
+        report.add(
+            SCALING,
+            &format!("ours, 1 CPU, {name}"),
+            "Mpps",
+            one.clone(),
+            None,
+            "",
+        );
+        report.add(
+            SCALING,
+            &format!("ours, 2 CPUs, {name}"),
+            "Mpps",
+            two.clone(),
+            Some(("1 CPU", one, higher_is_better)),
+            "goal: >= 1.8",
+        );
+    }
+    Ok(())
+}
+
+/// What the generator sends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Traffic {
+    /// Frames cycling over this many source ports (flows).
+    Flows(u32),
+    /// A new flow in every frame.
+    NewFlows,
 }
 
 pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
@@ -384,9 +482,9 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         for (i, (config, flows, dst)) in runs.iter().enumerate() {
             rig.configure(*config)?;
             // Calibrate, then one long run of about `target`.
-            let probe = rig.send(*dst, *flows, 50_000)?;
+            let probe = rig.send(*dst, Traffic::Flows(*flows), 50_000, 1)?;
             let frames = ((probe * 1e6 * target.as_secs_f64()) as u32).clamp(50_000, 20_000_000);
-            let rate = rig.send(*dst, *flows, frames)?;
+            let rate = rig.send(*dst, Traffic::Flows(*flows), frames, 1)?;
             eprintln!(
                 "   round {round}: {} ({flows} flows): {rate:.3} Mpps",
                 config.name()
@@ -394,6 +492,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             rates[i].push(rate);
         }
     }
+    scaling(&mut rig, report, rounds, target)?;
     rig.detach_node()?;
     let ceiling = rates[0].clone();
     let ns_added = |rate: &[f64]| -> Vec<f64> {
