@@ -554,8 +554,8 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         let plural = if flows == 1 { "" } else { "s" };
         let ours = by(Config::Ours, flows);
         for (other, goal) in [
-            (Config::Iptables, "goal: >= 6x"),
-            (Config::Nftables, "goal: >= 6x"),
+            (Config::Iptables, "kube-proxy's iptables mode"),
+            (Config::Nftables, "kube-proxy's nftables mode"),
             (Config::MinXdp, "goal: >= 0.8"),
         ] {
             let other = by(other, flows);
