@@ -14,16 +14,13 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     context::Frame,
     maps::{FIB_PARAMS, NEXT_HOPS, NextHop, TX_PORTS},
+    offsets::{IPV4_TTL, IPV6_HOP_LIMIT},
     parse::Packet,
     stats,
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Offset of the IPv6 hop limit.
-const IPV6_HOP_LIMIT_OFF: usize = 7;
-/// Offset of the IPv4 TTL.
-const IPV4_TTL_OFF: usize = 8;
 
 /// How long a looked-up next hop is used before the route is looked up again: a route or
 /// neighbour change reaches the fast path within this time.
@@ -189,9 +186,9 @@ fn fill_fib_params(
 fn hop_limit_expiring(ctx: &XdpContext, packet: &Packet) -> bool {
     let at = packet.l3_off
         + if packet.ipv4 {
-            IPV4_TTL_OFF
+            IPV4_TTL
         } else {
-            IPV6_HOP_LIMIT_OFF
+            IPV6_HOP_LIMIT
         };
     // See `decrement_hop_limit` for why two bytes are read.
     match ctx.ptr_at::<[u8; 2]>(at) {
@@ -223,7 +220,7 @@ fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let head = &mut *head;
-            head[IPV6_HOP_LIMIT_OFF] = head[IPV6_HOP_LIMIT_OFF].wrapping_sub(1);
+            head[IPV6_HOP_LIMIT] = head[IPV6_HOP_LIMIT].wrapping_sub(1);
         }
     }
     Ok(())

@@ -13,7 +13,17 @@ use lb_common::{
     maps::ipv4_mapped,
 };
 
-use crate::{conntrack, context::Frame, forward, parse::Packet, stats};
+use crate::{
+    conntrack,
+    context::Frame,
+    forward,
+    offsets::{
+        ICMP_CHECK, ICMP_QUOTE, IPV4_CHECK, IPV4_DST, IPV4_MIN_LEN, IPV4_PROTO, IPV4_SRC,
+        IPV4_VIHL, IPV6_DST, IPV6_LEN, IPV6_NEXT_HEADER, IPV6_SRC, L4_DPORT,
+    },
+    parse::Packet,
+    stats,
+};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -27,8 +37,6 @@ const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// Length of the ICMP header before the quoted packet.
-const ICMP_HEADER: usize = 8;
 
 /// Where the quoted (inner) packet's fields are.
 struct Inner {
@@ -46,33 +54,33 @@ struct Inner {
 /// Locates the packet an ICMP error quotes.
 #[inline(always)]
 fn inner(frame: &impl Frame, packet: &Packet) -> Option<Inner> {
-    let at = packet.l4_off + ICMP_HEADER;
+    let at = packet.l4_off + ICMP_QUOTE;
     if packet.ipv4 {
-        let ip: *const [u8; 20] = frame.ptr_at(at).ok()?;
+        let ip: *const [u8; IPV4_MIN_LEN] = frame.ptr_at(at).ok()?;
         // SAFETY: bounds checked by `ptr_at`.
-        let (vihl, proto) = unsafe { ((*ip)[0], (*ip)[9]) };
+        let (vihl, proto) = unsafe { ((*ip)[IPV4_VIHL], (*ip)[IPV4_PROTO]) };
         let header_len = usize::from(vihl & 0x0f) * 4;
-        if vihl >> 4 != 4 || header_len < 20 {
+        if vihl >> 4 != 4 || header_len < IPV4_MIN_LEN {
             return None;
         }
         frame.ptr_at::<[u8; 4]>(at + header_len).ok()?;
         Some(Inner {
-            src: at + 12,
-            dst: at + 16,
-            check: at + 10,
+            src: at + IPV4_SRC,
+            dst: at + IPV4_DST,
+            check: at + IPV4_CHECK,
             ports: at + header_len,
             proto,
         })
     } else {
-        let ip: *const [u8; 40] = frame.ptr_at(at).ok()?;
-        frame.ptr_at::<[u8; 4]>(at + 40).ok()?;
+        let ip: *const [u8; IPV6_LEN] = frame.ptr_at(at).ok()?;
+        frame.ptr_at::<[u8; 4]>(at + IPV6_LEN).ok()?;
         // SAFETY: bounds checked by `ptr_at`.
-        let proto = unsafe { (*ip)[6] };
+        let proto = unsafe { (*ip)[IPV6_NEXT_HEADER] };
         Some(Inner {
-            src: at + 8,
-            dst: at + 24,
+            src: at + IPV6_SRC,
+            dst: at + IPV6_DST,
             check: 0,
-            ports: at + 40,
+            ports: at + IPV6_LEN,
             proto,
         })
     }
@@ -249,7 +257,7 @@ fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Option<()> {
         eth[6..12].copy_from_slice(&dst);
     }
     if packet.ipv4 {
-        let addrs: *mut [u8; 8] = ctx.ptr_at(packet.l3_off + 12).ok()?;
+        let addrs: *mut [u8; 8] = ctx.ptr_at(packet.l3_off + IPV4_SRC).ok()?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let addrs = &mut *addrs;
@@ -258,7 +266,7 @@ fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Option<()> {
             addrs[4..8].copy_from_slice(&src);
         }
     } else {
-        let addrs: *mut [u8; 32] = ctx.ptr_at(packet.l3_off + 8).ok()?;
+        let addrs: *mut [u8; 32] = ctx.ptr_at(packet.l3_off + IPV6_SRC).ok()?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let addrs = &mut *addrs;
@@ -306,14 +314,14 @@ fn rewrite_to_backend(ctx: &XdpContext, packet: &mut Packet) -> Option<u32> {
     // The quoted packet went from the VIP to the client: the flow is its answer, client -> VIP.
     let key = answer_key(ctx, &inner, packet.ipv4)?;
     let (backend_id, backend) = conntrack::backend_of(&key)?;
-    let icmp_check = packet.l4_off + 2;
+    let icmp_check = packet.l4_off + ICMP_CHECK;
     // The ICMPv6 checksum covers the outer addresses; the IPv4 header has its own.
     let outer_check = if packet.ipv4 {
-        packet.l3_off + 10
+        packet.l3_off + IPV4_CHECK
     } else {
         icmp_check
     };
-    let outer_dst = packet.l3_off + if packet.ipv4 { 16 } else { 24 };
+    let outer_dst = packet.l3_off + if packet.ipv4 { IPV4_DST } else { IPV6_DST };
     rewrite_addr(ctx, outer_dst, packet.ipv4, &backend.addr, [outer_check, 0])?;
     rewrite_quoted_addr(
         ctx,
@@ -363,18 +371,18 @@ fn from_backend(frame: &aya_ebpf::programs::TcContext, packet: &Packet) -> Optio
     let key = answer_key(frame, &inner, packet.ipv4)?;
     let backend = key.src;
     let to = conntrack::reverse_of(&key)?;
-    let icmp_check = packet.l4_off + 2;
+    let icmp_check = packet.l4_off + ICMP_CHECK;
     if packet.src == backend {
         let outer_check = if packet.ipv4 {
-            packet.l3_off + 10
+            packet.l3_off + IPV4_CHECK
         } else {
             icmp_check
         };
-        let outer_src = packet.l3_off + if packet.ipv4 { 12 } else { 8 };
+        let outer_src = packet.l3_off + if packet.ipv4 { IPV4_SRC } else { IPV6_SRC };
         rewrite_addr(frame, outer_src, packet.ipv4, &to.vip, [outer_check, 0])?;
     }
     rewrite_quoted_addr(frame, &inner, inner.dst, packet.ipv4, &to.vip, icmp_check)?;
-    rewrite16(frame, inner.ports + 2, to.vip_port, icmp_check)?;
+    rewrite16(frame, inner.ports + L4_DPORT, to.vip_port, icmp_check)?;
     stats::flow(to.service_id, to.backend_id, frame.packet_len(), false);
     Some(())
 }

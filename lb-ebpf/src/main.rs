@@ -25,6 +25,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod offsets;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod select;
@@ -112,6 +114,11 @@ mod programs {
 
     #[inline(always)]
     fn xdp_ingress(ctx: &XdpContext) -> Reason {
+        // Nearly all of a node's traffic is to addresses no service uses: it leaves here,
+        // before the parser.
+        if parse::destination(ctx).is_some_and(|dst| !maybe_vip(&dst)) {
+            return Reason::PassNotVip;
+        }
         // Index 0 of a one-slot array always exists; the branch only satisfies the verifier.
         let Some(Scratch { packet, selected }) = scratch() else {
             return Reason::PassUnparsed;
@@ -120,7 +127,8 @@ mod programs {
         if kind != Kind::Parsed && !(kind == Kind::Fragment && fragments::recall(packet)) {
             return ingress_unparsed(ctx, kind, packet);
         }
-        if !maybe_vip(&packet.dst) {
+        // Tagged frames skipped the check above.
+        if packet.vlan && !maybe_vip(&packet.dst) {
             return Reason::PassNotVip;
         }
         let key = ServiceKey {

@@ -17,18 +17,9 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     context::{Frame, OutOfBounds},
+    offsets::{IPV4_CHECK, IPV4_SRC, IPV6_DST, IPV6_SRC, L4_DPORT},
     parse::{FRAGMENT_LATER, Packet},
 };
-
-/// Offset of the destination port in both TCP and UDP headers.
-const DPORT_OFF: usize = 2;
-/// Offsets of the IPv4 header checksum and source address.
-const IPV4_CHECK_OFF: usize = 10;
-const IPV4_SRC_OFF: usize = 12;
-/// Offset of the IPv6 source address.
-const IPV6_SRC_OFF: usize = 8;
-/// Offset of the IPv6 destination address.
-const IPV6_DST_OFF: usize = 24;
 
 /// Rewrites the destination of `packet` to `backend` (address and port), fixing the IPv4
 /// header checksum and the TCP/UDP checksum. A UDP checksum of 0 (none) stays 0. A later
@@ -42,7 +33,7 @@ pub fn dnat(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> Result<(), 
         return rewrite_dst_addr(ctx, packet, &backend.addr).map(|_| ());
     }
     let l4_check: *mut [u8; 2] = ctx.ptr_at(packet.l4_check_off())?;
-    let dport: *mut [u8; 2] = ctx.ptr_at(packet.l4_off + DPORT_OFF)?;
+    let dport: *mut [u8; 2] = ctx.ptr_at(packet.l4_off + L4_DPORT)?;
     // SAFETY (all dereferences below): every pointer comes from `ptr_at`, which checked bounds.
     let mut check = u16::from_be_bytes(unsafe { *l4_check });
     // A UDP checksum of 0 means none was computed: it stays 0 (legal for IPv4; for IPv6 the
@@ -84,7 +75,7 @@ fn rewrite_dst_addr(
             (*ip).dst_addr = low32(new).to_be_bytes();
         }
     } else {
-        let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST_OFF)?;
+        let dst: *mut [u8; 16] = ctx.ptr_at(packet.l3_off + IPV6_DST)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe { *dst = *new };
     }
@@ -112,12 +103,12 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
     if packet.ipv4 {
         let old = ne32(&packet.src, 12);
         let new = ne32(&to.vip, 12);
-        ctx.l3_csum_replace(packet.l3_off + IPV4_CHECK_OFF, old, new, 4)?;
+        ctx.l3_csum_replace(packet.l3_off + IPV4_CHECK, old, new, 4)?;
         if whole {
             ctx.l4_csum_replace(check_off, old, new, pseudo)?;
         }
         let bytes: [u8; 4] = [to.vip[12], to.vip[13], to.vip[14], to.vip[15]];
-        ctx.store(packet.l3_off + IPV4_SRC_OFF, &bytes, 0)?;
+        ctx.store(packet.l3_off + IPV4_SRC, &bytes, 0)?;
     } else {
         if whole {
             for word in 0..4 {
@@ -126,7 +117,7 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
                 ctx.l4_csum_replace(check_off, old, new, pseudo)?;
             }
         }
-        ctx.store(packet.l3_off + IPV6_SRC_OFF, &to.vip, 0)?;
+        ctx.store(packet.l3_off + IPV6_SRC, &to.vip, 0)?;
     }
     if !whole {
         return Ok(());

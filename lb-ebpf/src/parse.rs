@@ -11,7 +11,10 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::frame::{Frame, read};
+use crate::{
+    frame::{Frame, read},
+    offsets::{ETHER_TYPE, IPV4_DST, IPV6_DST, TCP_CHECK, UDP_CHECK},
+};
 
 /// At most this many stacked VLAN tags (802.1Q in 802.1ad) are parsed.
 const MAX_VLAN_TAGS: usize = 2;
@@ -72,7 +75,12 @@ impl Packet {
     /// Offset of the TCP or UDP checksum.
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
-        self.l4_off + if self.proto == PROTO_TCP { 16 } else { 6 }
+        self.l4_off
+            + if self.proto == PROTO_TCP {
+                TCP_CHECK
+            } else {
+                UDP_CHECK
+            }
     }
 }
 
@@ -100,6 +108,23 @@ pub enum Kind {
     Unsupported,
 }
 
+/// The destination address of an untagged IPv4 or IPv6 frame (IPv4-mapped), read without
+/// parsing anything else: enough to pass a packet to an address no service uses at once.
+/// `None` for anything else (tagged, not IP, too short), which the full parse decides.
+#[inline(always)]
+pub fn destination(frame: &impl Frame) -> Option<[u8; 16]> {
+    let ether_type = u16::from_ne_bytes(read::<[u8; 2]>(frame, ETHER_TYPE).ok()?);
+    if ether_type == EtherType::Ipv4 as u16 {
+        read::<[u8; 4]>(frame, EthHdr::LEN + IPV4_DST)
+            .ok()
+            .map(ipv4_mapped)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        read::<[u8; 16]>(frame, EthHdr::LEN + IPV6_DST).ok()
+    } else {
+        None
+    }
+}
+
 /// Parses Ethernet, up to two VLAN tags, IPv4 (with options) or IPv6, and TCP or UDP into
 /// `packet`.
 ///
@@ -112,7 +137,7 @@ pub fn packet(frame: &impl Frame, packet: &mut Packet) -> Kind {
     packet.ipv4 = false;
     packet.dst = [0; 16];
     packet.fragment = FRAGMENT_NONE;
-    let Ok(mut ether_type) = read::<[u8; 2]>(frame, 12) else {
+    let Ok(mut ether_type) = read::<[u8; 2]>(frame, ETHER_TYPE) else {
         return Kind::Truncated;
     };
     let mut l3_off = EthHdr::LEN;

@@ -5,6 +5,8 @@
 pub mod frame;
 pub mod frames;
 pub mod netns;
+#[path = "../../lb-ebpf/src/offsets.rs"]
+pub mod offsets;
 #[path = "../../lb-ebpf/src/parse.rs"]
 pub mod parse;
 pub mod parser;

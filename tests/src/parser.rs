@@ -32,6 +32,18 @@ pub fn parse(bytes: &[u8]) -> (Kind, Packet) {
 /// the property test and the fuzz target.
 pub fn check(bytes: &[u8]) {
     let (kind, packet) = parse(bytes);
+    // The VIP filter's early read of the destination names the address the parser reads,
+    // whenever the parser gets that far on an untagged frame.
+    let early = crate::parse::destination(&SliceFrame { bytes });
+    if !packet.vlan && !matches!(kind, Kind::Truncated | Kind::NotIp) {
+        assert_eq!(early, Some(packet.dst), "early destination");
+    }
+    if early.is_none() {
+        assert!(
+            packet.vlan || matches!(kind, Kind::Truncated | Kind::NotIp),
+            "an untagged IP frame with addresses and no early destination"
+        );
+    }
     match kind {
         Kind::Parsed => {
             assert!(

@@ -375,8 +375,19 @@ fn stateless_cases() -> Vec<Case> {
             expect: Expect::Dropped(Reason::DropMalformed),
         },
         Case {
-            name: "IPv4 total length beyond the frame, elsewhere",
+            // The VIP filter passes it before anything but its destination is read.
+            name: "IPv4 total length beyond the frame, to an address no service uses",
             input: patch_ipv4(tcp4.to(CLIENT4, PORT).build(), 16, 1500),
+            expect: Expect::Unchanged(Reason::PassNotVip),
+        },
+        Case {
+            // A tagged frame is parsed before its destination is known.
+            name: "IPv4 total length beyond the frame, tagged, elsewhere",
+            input: {
+                let mut f = with(&tcp4.to(CLIENT4, PORT), &|s| s.vlans = 1).build();
+                f[18 + 2..18 + 4].copy_from_slice(&1500u16.to_be_bytes());
+                f
+            },
             expect: Expect::Unchanged(Reason::PassUnparsed),
         },
         Case {

@@ -18,7 +18,7 @@ use std::{
 use etherparse::{EtherType, IpNumber};
 use lb_common::{
     Backend, Reason, ServiceKey, ServiceValue,
-    maps::{BACKEND_F_VALID, PROTO_TCP, PROTO_UDP, ipv4_mapped},
+    maps::{BACKEND_F_VALID, PROTO_TCP, PROTO_UDP, ipv4_mapped, vip_filter_bit},
 };
 use lb_tests::{
     frames::{Spec, check_checksums},
@@ -577,10 +577,33 @@ enum Action {
     },
 }
 
+/// Whether the VIP filter passes `frame` before it is parsed: an untagged IPv4 or IPv6 frame
+/// whose destination (read where it sits, whatever the rest of the header says) has a filter
+/// bit no service address has.
+fn passed_by_the_vip_filter(frame: &[u8]) -> bool {
+    let dst: Option<[u8; 16]> = match frame.get(12..14) {
+        Some([0x08, 0x00]) => frame
+            .get(14 + 16..14 + 20)
+            .map(|a| ipv4_mapped(a.try_into().expect("4 bytes"))),
+        Some([0x86, 0xdd]) => frame
+            .get(14 + 24..14 + 40)
+            .map(|a| a.try_into().expect("16 bytes")),
+        _ => None,
+    };
+    dst.is_some_and(|dst| {
+        [vip(true), vip(false)]
+            .iter()
+            .all(|service| vip_filter_bit(service) != vip_filter_bit(&dst))
+    })
+}
+
 /// The XDP verdict, reason and action the table gives `frame`; `datagrams` are those whose
 /// first fragment was DNATed (their later fragments follow it).
 fn xdp_oracle(frame: &[u8], datagrams: &mut HashSet<Datagram>) -> (Reason, Action) {
     let to_vip = |ip: &Ip| ip.dst == vip(ip.v4);
+    if passed_by_the_vip_filter(frame) {
+        return (Reason::PassNotVip, Action::Untouched);
+    }
     match classify(frame) {
         Class::NotIp => (Reason::PassNotIp, Action::Untouched),
         Class::Truncated => (Reason::PassUnparsed, Action::Untouched),
