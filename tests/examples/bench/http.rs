@@ -174,7 +174,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         }
     }
     report.notes.push(format!(
-        "HTTP: wrk -t1 -c16 for {seconds} s per run from the client namespace to {VIP4}:8080, 3 rounds of ours / iptables / nftables; the pods are lb-pod (tiny_http, 4 worker threads), the same for all."
+        "HTTP: wrk -t1 -c16 for {seconds} s per run from the client namespace to {VIP4}:8080, 3 rounds of ours / iptables / nftables; the pods are lb-pod (HTTP/1.1 keep-alive, a thread per connection), the same for all."
     ));
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! A stand-in for the tutorial's tomcat container: an HTTP server on port 8080 that answers
-//! every request with its pod name, and a UDP echo on the same port. Run inside a pod's network
-//! namespace by the sandbox: `lb-pod NAME [PORT [PUSH_PORT]]`.
+//! A stand-in for the tutorial's tomcat container: an HTTP/1.1 server on port 8080 that answers
+//! every request with its pod name (keep-alive, a thread per connection), and a UDP echo on the
+//! same port. Run inside a pod's network namespace by the sandbox: `lb-pod NAME [PORT
+//! [PUSH_PORT]]`.
 //!
 //! On PUSH_PORT (9090) it plays a server that speaks first (server push, websockets, long
 //! polls): TCP connections there are accepted and held silent; a UDP datagram to the same port
@@ -8,13 +9,10 @@
 //! answers `pushed N`.
 
 use std::{
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{Arc, Mutex},
 };
-
-/// Threads answering requests.
-const WORKERS: usize = 4;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -30,26 +28,80 @@ fn main() -> anyhow::Result<()> {
             let _ = udp.send_to(&buf[..n], peer);
         }
     });
-    let server = std::sync::Arc::new(
-        tiny_http::Server::http(("::", port)).map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
-    let body = format!("{name}\n");
-    // Several workers, so that a load generator's keep-alive connections cannot starve another
-    // client's request.
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (server, body) = (server.clone(), body.clone());
-            std::thread::spawn(move || {
-                while let Ok(request) = server.recv() {
-                    let _ = request.respond(tiny_http::Response::from_string(body.clone()));
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.join();
+    let listener = TcpListener::bind(("::", port))?;
+    let response: Arc<[u8]> = {
+        let body = format!("{name}\n");
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+        .into()
+    };
+    // A thread per connection: however hard a load generator's keep-alive connections press,
+    // another client's request waits for nothing but a CPU (a shared request queue let a
+    // loaded pod leave one waiting for seconds).
+    for stream in listener.incoming().flatten() {
+        let response = response.clone();
+        std::thread::spawn(move || serve_http(stream, &response));
     }
     Ok(())
+}
+
+/// Answers every request on `stream` with `response` until the client closes, asks to close
+/// (`Connection: close`, or HTTP/1.0 without keep-alive), or sends something that is not a
+/// request head.
+fn serve_http(stream: TcpStream, response: &[u8]) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let request_line = line.trim_end().to_owned();
+        if request_line.is_empty() {
+            // Stray blank lines between requests are allowed (RFC 9112, 2.2).
+            continue;
+        }
+        let mut keep_alive = request_line.ends_with("HTTP/1.1");
+        let mut body_length = 0usize;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let header = line.trim_end().to_ascii_lowercase();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((field, value)) = header.split_once(':') {
+                match (field.trim(), value.trim()) {
+                    ("connection", "close") => keep_alive = false,
+                    ("connection", "keep-alive") => keep_alive = true,
+                    ("content-length", n) => body_length = n.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        // A request body, if any, is read and ignored.
+        if std::io::copy(
+            &mut std::io::Read::take(&mut reader, body_length as u64),
+            &mut std::io::sink(),
+        )
+        .is_err()
+            || writer.write_all(response).is_err()
+            || !keep_alive
+        {
+            return;
+        }
+    }
 }
 
 /// Holds the connections to `port` and writes `name` on all of them at each UDP datagram.
