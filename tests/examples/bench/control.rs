@@ -26,11 +26,13 @@ use crate::report::{Report, median};
 const SECTION: &str = "Maglev and control plane";
 const MEMORY: &str = "Kernel memory of the data plane";
 
-/// Ids of the BPF maps alive now.
+/// Ids of the BPF maps alive now. A map freed while the list is read (a data plane dropped
+/// earlier goes away after a grace period) is left out.
 fn map_ids() -> anyhow::Result<HashSet<u32>> {
-    aya::maps::loaded_maps()
-        .map(|info| Ok(info?.id()))
-        .collect()
+    Ok(aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .collect())
 }
 
 /// Kernel memory of the BPF maps named like the data plane's (Maglev tables included) that are
@@ -59,8 +61,8 @@ fn map_memory_mib(before: &HashSet<u32>) -> anyhow::Result<f64> {
         "maglev_table",
     ];
     let mut bytes = 0u64;
-    for info in aya::maps::loaded_maps() {
-        let info = info?;
+    // A map freed while the list is read has no info to give: it is not ours.
+    for info in aya::maps::loaded_maps().filter_map(Result::ok) {
         if before.contains(&info.id())
             || !info.name_as_str().is_some_and(|name| NAMES.contains(&name))
         {
