@@ -671,24 +671,30 @@ fn client_ip_affinity_keeps_a_clients_connections_together() {
     });
 }
 
+/// Service 1 on VIP4/TCP over four backends, with ClientIP affinity that lasts
+/// `timeout_secs`.
+fn affinity_lb(timeout_secs: u32) -> Lb {
+    let mut lb = Lb::new();
+    lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &valid_backends4(4));
+    let key = ServiceKey {
+        addr: addr16(VIP4),
+        port: PORT,
+        proto: PROTO_TCP,
+        pad: 0,
+    };
+    let value = ServiceValue {
+        id: 1,
+        flags: SERVICE_F_AFFINITY,
+        affinity_timeout_secs: timeout_secs,
+    };
+    lb.dataplane.set_service(&key, &value).unwrap();
+    lb
+}
+
 #[test]
 fn client_ip_affinity_expires_after_its_timeout() {
     in_fresh_netns("affexp", |_| {
-        let mut lb = Lb::new();
-        let four = valid_backends4(4);
-        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
-        let key = ServiceKey {
-            addr: addr16(VIP4),
-            port: PORT,
-            proto: PROTO_TCP,
-            pad: 0,
-        };
-        let value = ServiceValue {
-            id: 1,
-            flags: SERVICE_F_AFFINITY,
-            affinity_timeout_secs: 1,
-        };
-        lb.dataplane.set_service(&key, &value).unwrap();
+        let lb = affinity_lb(1);
         lb.run(&Spec::tcp(CLIENT4, 20000, VIP4, PORT).build());
         lb.run(&Spec::tcp(CLIENT4, 20001, VIP4, PORT).build());
         assert_eq!(lb.event(Event::AffinityHit), 1, "within the timeout");
@@ -707,21 +713,7 @@ fn client_ip_affinity_expires_after_its_timeout() {
 #[test]
 fn client_ip_affinity_is_renewed_by_each_connection() {
     in_fresh_netns("affnew", |_| {
-        let mut lb = Lb::new();
-        let four = valid_backends4(4);
-        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_AFFINITY, &four);
-        let key = ServiceKey {
-            addr: addr16(VIP4),
-            port: PORT,
-            proto: PROTO_TCP,
-            pad: 0,
-        };
-        let value = ServiceValue {
-            id: 1,
-            flags: SERVICE_F_AFFINITY,
-            affinity_timeout_secs: 2,
-        };
-        lb.dataplane.set_service(&key, &value).unwrap();
+        let lb = affinity_lb(2);
         lb.run(&Spec::tcp(CLIENT4, 20000, VIP4, PORT).build());
         for port in [20001, 20002] {
             std::thread::sleep(std::time::Duration::from_millis(1200));

@@ -58,11 +58,14 @@ fn serve_http(stream: TcpStream, response: &[u8]) {
     };
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    loop {
+    // The next line into `line`; false at the end of the stream or on an error.
+    let next_line = |reader: &mut BufReader<TcpStream>, line: &mut String| {
         line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        matches!(reader.read_line(line), Ok(n) if n > 0)
+    };
+    loop {
+        if !next_line(&mut reader, &mut line) {
+            return;
         }
         let request_line = line.trim_end().to_owned();
         if request_line.is_empty() {
@@ -72,10 +75,8 @@ fn serve_http(stream: TcpStream, response: &[u8]) {
         let mut keep_alive = request_line.ends_with("HTTP/1.1");
         let mut body_length = 0usize;
         loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            if !next_line(&mut reader, &mut line) {
+                return;
             }
             let header = line.trim_end().to_ascii_lowercase();
             if header.is_empty() {
