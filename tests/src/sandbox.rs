@@ -570,13 +570,23 @@ impl Drop for Sandbox {
         // Its own detach must have removed everything before the roots' drop removes the
         // folders (which would hide a leak): checked unless the test is failing already.
         if let Some(controller) = self.controller.take() {
+            let log = controller.log.clone();
             let stopped = controller.child.stop(Duration::from_secs(5));
             if !std::thread::panicking() {
                 let left = self.roots.leftovers(&self.node, NODE_IFACE);
                 self.pods.clear();
                 assert!(
                     matches!(&stopped, Ok(status) if status.success()),
-                    "the controller's stop: {stopped:?}"
+                    "the controller's stop: {stopped:?}; its last lines:\n{}",
+                    log.lock()
+                        .expect("log lock")
+                        .iter()
+                        .rev()
+                        .take(15)
+                        .rev()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
                 let left = left.expect("listing the controller's leftovers");
                 assert!(left.is_empty(), "the controller's detach left: {left:#?}");
