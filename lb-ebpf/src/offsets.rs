@@ -33,6 +33,12 @@ pub const IPV6_LEN: usize = 40;
 
 /// TCP and UDP: the destination port (the source port is at 0).
 pub const L4_DPORT: usize = 2;
+/// TCP: the data offset (its high nibble, in 32-bit words).
+pub const TCP_DATA_OFFSET: usize = 12;
+/// TCP: the flags.
+pub const TCP_FLAGS: usize = 13;
+/// UDP: the length.
+pub const UDP_LEN: usize = 4;
 /// TCP: the checksum.
 pub const TCP_CHECK: usize = 16;
 /// UDP: the checksum.

@@ -13,7 +13,9 @@ use network_types::{
 
 use crate::{
     frame::{Frame, read},
-    offsets::{ETHER_TYPE, IPV4_DST, IPV6_DST, TCP_CHECK, UDP_CHECK},
+    offsets::{
+        ETHER_TYPE, IPV4_DST, IPV6_DST, TCP_CHECK, TCP_DATA_OFFSET, TCP_FLAGS, UDP_CHECK, UDP_LEN,
+    },
 };
 
 /// At most this many stacked VLAN tags (802.1Q in 802.1ad) are parsed.
@@ -313,19 +315,18 @@ fn l4(frame: &impl Frame, packet: &mut Packet, l4_len: Option<usize>) -> Kind {
         let Ok(tcp) = read::<[u8; TcpHdr::LEN]>(frame, packet.l4_off) else {
             return Kind::Malformed;
         };
-        // Data offset: the high nibble of byte 12, in 32-bit words.
-        let header_len = ((tcp[12] >> 4) as usize) * 4;
+        let header_len = ((tcp[TCP_DATA_OFFSET] >> 4) as usize) * 4;
         if header_len < TcpHdr::LEN || l4_len.is_some_and(|len| header_len > len) {
             return Kind::Malformed;
         }
-        packet.tcp_flags = tcp[13];
+        packet.tcp_flags = tcp[TCP_FLAGS];
         [tcp[0], tcp[1], tcp[2], tcp[3]]
     } else {
         packet.tcp_flags = 0;
         let Ok(udp) = read::<[u8; UdpHdr::LEN]>(frame, packet.l4_off) else {
             return Kind::Malformed;
         };
-        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        let udp_len = u16::from_be_bytes([udp[UDP_LEN], udp[UDP_LEN + 1]]) as usize;
         if l4_len.is_some_and(|len| udp_len < UdpHdr::LEN || udp_len > len) {
             return Kind::Malformed;
         }

@@ -497,17 +497,17 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing { kind: "map", name })
     }
 
-    /// The file descriptor of the hash map `name` (the connection tables), for system calls
-    /// aya 0.14 does not offer (batch reads).
+    /// The file descriptor of the hash map or array `name`, for system calls aya 0.14 does not
+    /// offer (batch reads).
     pub fn map_fd(
         &self,
         name: &'static str,
     ) -> Result<std::os::fd::BorrowedFd<'_>, DataplaneError> {
         use std::os::fd::AsFd as _;
         match self.map(name)? {
-            Map::HashMap(data) | Map::LruHashMap(data) => Ok(data.fd().as_fd()),
+            Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data) => Ok(data.fd().as_fd()),
             _ => Err(DataplaneError::Missing {
-                kind: "hash map",
+                kind: "hash map or array",
                 name,
             }),
         }
@@ -605,12 +605,25 @@ impl Dataplane {
         if let Some(words) = self.vip_filter.take() {
             return Ok(words);
         }
+        use std::os::fd::AsRawFd as _;
         let name = names::VIP_FILTER;
-        let map: Array<_, u64> = self.map(name)?.try_into().map_err(map_error(name))?;
-        (0..VIP_FILTER_WORDS)
-            .map(|i| map.get(&i, 0))
-            .collect::<Result<Vec<u64>, _>>()
-            .map_err(map_error(name))
+        let fd = self.map_fd(name)?.as_raw_fd();
+        // One batch read (an array comes back in index order), not a call per word.
+        let words: Vec<(u32, u64)> = crate::syscall::read_all(fd)
+            .and_then(|words| {
+                if words.len() == VIP_FILTER_WORDS as usize {
+                    Ok(words)
+                } else {
+                    Err(std::io::Error::other("partial batch read"))
+                }
+            })
+            .map_err(|io_error| {
+                map_error(name)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "BPF_MAP_LOOKUP_BATCH",
+                    io_error,
+                }))
+            })?;
+        Ok(words.into_iter().map(|(_, word)| word).collect())
     }
 
     /// Writes the filter `words` where they differ from what was last written.

@@ -28,11 +28,11 @@ const MEMORY: &str = "Kernel memory of the data plane";
 
 /// Ids of the BPF maps alive now. A map freed while the list is read (a data plane dropped
 /// earlier goes away after a grace period) is left out.
-fn map_ids() -> anyhow::Result<HashSet<u32>> {
-    Ok(aya::maps::loaded_maps()
+fn map_ids() -> HashSet<u32> {
+    aya::maps::loaded_maps()
         .filter_map(Result::ok)
         .map(|info| info.id())
-        .collect())
+        .collect()
 }
 
 /// Kernel memory of the BPF maps named like the data plane's (Maglev tables included) that are
@@ -83,7 +83,7 @@ fn map_memory_mib(before: &HashSet<u32>) -> anyhow::Result<f64> {
 
 /// The kernel memory of the data plane `options` load, empty, in MiB.
 fn empty_data_plane_mib(options: LoadOptions) -> anyhow::Result<f64> {
-    let before = map_ids()?;
+    let before = map_ids();
     let dataplane = Dataplane::load_with(options)?;
     let mib = map_memory_mib(&before)?;
     drop(dataplane);
@@ -241,7 +241,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         let times: Vec<f64> = (0..if quick { 1 } else { rounds })
             .map(|_| {
                 ns.enter(|| -> anyhow::Result<f64> {
-                    let before = map_ids()?;
+                    let before = map_ids();
                     let mut controller = Controller::new(
                         Dataplane::load_with(LoadOptions {
                             max_backends: 2 * DEFAULT_MAX_BACKENDS,
