@@ -447,9 +447,9 @@ impl Controller {
         self.step_done(ApplyStep::BackendsDraining);
         // The VIP filter lets the new addresses through before their services exist, and the
         // old ones until theirs are gone.
-        let kept_vips: Vec<[u8; 16]> = desired.iter().map(|s| addr16(s.key.vip)).collect();
+        let desired_vips: Vec<[u8; 16]> = desired.iter().map(|s| addr16(s.key.vip)).collect();
         self.dataplane.set_vip_filter(
-            kept_vips
+            desired_vips
                 .iter()
                 .copied()
                 .chain(old.values().map(|s| addr16(s.key.vip))),
@@ -495,7 +495,7 @@ impl Controller {
         }
         report.backends_removed = removed_backends.len();
         report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
-        self.dataplane.set_vip_filter(kept_vips)?;
+        self.dataplane.set_vip_filter(desired_vips)?;
         self.step_done(ApplyStep::Retired);
 
         self.state = AppliedState {
