@@ -16,6 +16,6 @@ pub mod stats;
 
 pub use maps::{
     AffinityKey, AffinityValue, Backend, FlowKey, FlowValue, FragmentKey, FragmentPorts,
-    ReverseValue, ServiceKey, ServiceValue,
+    PodHandoff, ReverseValue, ServiceKey, ServiceValue,
 };
 pub use stats::{Counter, Event, FlowCounter, Reason};

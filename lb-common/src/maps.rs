@@ -42,6 +42,8 @@ pub const fn lru_entries_for(flows: u32, cpus: u32) -> u32 {
 pub const AFFINITY_SIZE: u32 = 65_536;
 /// Capacity of the redirect-target device map.
 pub const MAX_TX_PORTS: u32 = 256;
+/// Capacity of the pod-interface table: local pods the data plane delivers to directly.
+pub const MAX_POD_PORTS: u32 = 4096;
 
 /// Names of the maps in the eBPF object.
 pub mod names {
@@ -63,6 +65,8 @@ pub mod names {
     pub const AFFINITY: &str = "AFFINITY";
     /// Interfaces that accept XDP-redirected frames (ifindex -> ifindex).
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Host-side interfaces of local pods (ifindex -> 0, reserved for flags).
+    pub const POD_PORTS: &str = "POD_PORTS";
     /// Per-CPU [`super::super::Counter`] per [`super::super::Reason`].
     pub const STATS: &str = "STATS";
     /// Per-CPU count per [`super::super::Event`].
@@ -289,6 +293,30 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// What the XDP program leaves in a frame's metadata (`bpf_xdp_adjust_meta`) when it hands a
+/// DNATed frame to the TC ingress program of the same interface, which moves it into a local
+/// pod's network namespace (`bpf_redirect_peer`): XDP cannot, because the pod's end of a veth
+/// takes redirected frames only when it runs an XDP program, which an ordinary pod does not.
+///
+/// The frame's Ethernet header and hop limit are left as they came, so a frame the TC program
+/// does not take (not attached, say) is still a frame the kernel routes correctly; the TC
+/// program writes them when it moves the frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodHandoff {
+    /// [`POD_HANDOFF_MAGIC`]: metadata of ours, not another program's.
+    pub magic: u32,
+    /// The pod's host-side interface: its peer is the pod's.
+    pub ifindex: u32,
+    /// The pod's MAC address.
+    pub dmac: [u8; 6],
+    /// The host-side interface's MAC address.
+    pub smac: [u8; 6],
+}
+
+/// [`PodHandoff::magic`].
+pub const POD_HANDOFF_MAGIC: u32 = 0x4c42_5044;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all): `repr(C)`, explicit padding fields, any bit pattern valid.
@@ -298,6 +326,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::ReverseValue {}
+    unsafe impl aya::Pod for super::PodHandoff {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentPorts {}

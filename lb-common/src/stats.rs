@@ -119,6 +119,17 @@ named_enum! {
         /// TC egress: an ICMP error a backend sent about a flow, rewritten (outer source and
         /// inner destination) back to the VIP.
         ReverseNatIcmp = "reverse_nat_icmp",
+        /// XDP, DNAT then passed with its pod's interface in the frame's metadata: the TC
+        /// ingress program moves it into the local pod's namespace (`bpf_redirect_peer`),
+        /// past the host's IP stack.
+        DnatPod = "dnat_pod",
+        /// TC ingress of a pod's interface: a reply of a tracked flow, source rewritten back
+        /// to the VIP and sent straight out of the route's interface (`bpf_redirect`, or
+        /// `bpf_redirect_neigh` while the next hop's MAC is unknown), past the host's IP stack.
+        ReverseNatPod = "reverse_nat_pod",
+        /// TC ingress of a pod's interface, passed: not a reply of a tracked flow, or one the
+        /// kernel must route (its reverse NAT happens on the client-facing egress).
+        PodPass = "pod_pass",
     }
 }
 
@@ -164,6 +175,9 @@ named_enum! {
         /// A redirect to the cached egress port failed (the port left the device map): the
         /// frame went to the kernel instead.
         RedirectFailed = "redirect_failed",
+        /// A DNATed frame for a local pod could not be handed to the TC ingress program (the
+        /// driver keeps no XDP metadata) or moved by it: the kernel forwarded it.
+        PodHandoffFailed = "pod_handoff_failed",
     }
 }
 

@@ -247,3 +247,9 @@ pub fn reverse_of(key: &FlowKey) -> Option<ReverseValue> {
     // SAFETY: the value is copied out at once.
     unsafe { REVERSE_NAT.get(key) }.copied()
 }
+
+/// Whether `packet` is a reply of a tracked flow: one lookup, nothing changed.
+#[inline(always)]
+pub fn is_reply(packet: &Packet) -> bool {
+    REVERSE_NAT.get_ptr(&flow_key(packet)).is_some()
+}

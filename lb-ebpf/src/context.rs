@@ -37,3 +37,49 @@ impl Frame for TcContext {
         unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).len) as usize }
     }
 }
+
+/// Room for a `T` made in front of an XDP frame's data (`bpf_xdp_adjust_meta`), for the TC
+/// program that sees the frame next. `None` when the driver keeps no metadata.
+#[inline(always)]
+pub fn reserve_metadata<T>(ctx: &XdpContext) -> Option<*mut T> {
+    let size = core::mem::size_of::<T>() as i32;
+    // SAFETY: `ctx` is the program's valid xdp_md; the helper only moves `data_meta`.
+    if unsafe { aya_ebpf::helpers::generated::bpf_xdp_adjust_meta(ctx.ctx, -size) } != 0 {
+        return None;
+    }
+    // SAFETY: as in `Frame::start`; the pointers were just moved by the helper.
+    let (meta, data) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_meta) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+        )
+    };
+    (meta + core::mem::size_of::<T>() <= data).then_some(meta as *mut T)
+}
+
+/// The `T` an XDP program left in front of a socket buffer's data (see [`reserve_metadata`]);
+/// `None` when the metadata is shorter.
+#[inline(always)]
+pub fn metadata<T: Copy>(ctx: &TcContext) -> Option<T> {
+    // SAFETY: `skb` is the program's valid __sk_buff.
+    let (meta, data) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_meta) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.skb.skb).data) as usize,
+        )
+    };
+    // Not also "exactly one": the compiler folds both tests into an inequality the verifier
+    // draws no bounds from. The caller checks what it reads.
+    if meta + core::mem::size_of::<T>() > data {
+        return None;
+    }
+    // SAFETY: the comparison above bounds the read to the metadata.
+    Some(unsafe { (meta as *const T).read_unaligned() })
+}
+
+/// The interface a socket buffer arrived on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the program's valid __sk_buff.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}

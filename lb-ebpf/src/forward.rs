@@ -1,19 +1,24 @@
 //! Sending a rewritten frame on: a route lookup, then XDP_TX or a redirect with the next hop's
-//! MAC addresses, or the kernel's stack where it must help.
+//! MAC addresses, a hand-off to the TC ingress program for a local pod, or the kernel's stack
+//! where it must help.
 use core::mem;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{Event, Reason, checksum::replace16, maps::NEXT_HOP_SLOTS};
+use lb_common::{
+    Event, PodHandoff, Reason,
+    checksum::replace16,
+    maps::{NEXT_HOP_SLOTS, POD_HANDOFF_MAGIC},
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    context::Frame,
-    maps::{FIB_PARAMS, NEXT_HOPS, NextHop, TX_PORTS},
+    context::{Frame, reserve_metadata},
+    maps::{FIB_PARAMS, NEXT_HOPS, NextHop, POD_PORTS, TX_PORTS},
     offsets::{IPV4_TTL, IPV6_HOP_LIMIT},
     parse::Packet,
     stats,
@@ -21,6 +26,14 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+
+/// [`NextHop::path`]: the kernel forwards (no faster way is known to work).
+pub const PATH_KERNEL: u32 = 0;
+/// [`NextHop::path`]: XDP_TX, or an XDP redirect to a port in `TX_PORTS`.
+pub const PATH_XDP: u32 = 1;
+/// [`NextHop::path`]: a local pod's interface in `POD_PORTS`, reached through the TC ingress
+/// program.
+pub const PATH_POD: u32 = 2;
 
 /// How long a looked-up next hop is used before the route is looked up again: a route or
 /// neighbour change reaches the fast path within this time.
@@ -30,7 +43,8 @@ pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 pub const NO_ROUTE_TTL_NS: u64 = 100_000_000;
 
 /// Forwards the DNATed `packet` (whose destination fields already hold backend `backend_id`)
-/// and says how: [`Reason::DnatTx`], [`Reason::DnatRedirect`] or [`Reason::DnatFibFallback`].
+/// and says how: [`Reason::DnatTx`], [`Reason::DnatRedirect`], [`Reason::DnatPod`] or
+/// [`Reason::DnatFibFallback`].
 ///
 /// Not inlined: the route lookup's parameters get a stack frame of their own.
 #[inline(never)]
@@ -67,15 +81,15 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
         return FALLBACK;
     }
     let egress = hop.egress;
-    if hop.sendable == 0 {
+    if hop.path == PATH_KERNEL {
         // Only a positive answer is kept: a port registered later is used at once.
-        if TX_PORTS.get(egress).is_none() {
+        hop.path = path_to(egress, ingress);
+        if hop.path == PATH_KERNEL {
             return FALLBACK;
         }
-        hop.sendable = 1;
     }
     let same_port = egress == ingress;
-    if hop_limit_expiring(ctx, packet) {
+    if hop_limit_expiring(ctx, packet.l3_off, packet.ipv4) {
         // TTL expiring here: the kernel sends the ICMP time-exceeded.
         return FALLBACK;
     }
@@ -83,6 +97,9 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
         // The kernel fragments it or answers "fragmentation needed" / "packet too big".
         stats::event(Event::MtuExceeded);
         return FALLBACK;
+    }
+    if hop.path == PATH_POD {
+        return hand_to_pod(ctx, hop);
     }
     // The redirect is set up before the frame is touched: should it fail (the port left the
     // device map since the lookup), the frame goes to the kernel as it is.
@@ -92,13 +109,13 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
             .is_err()
     {
         stats::event(Event::RedirectFailed);
-        hop.sendable = 0;
+        hop.path = PATH_KERNEL;
         return FALLBACK;
     }
     let Ok(eth) = ctx.ptr_at::<EthHdr>(0) else {
         return FALLBACK;
     };
-    if decrement_hop_limit(ctx, packet).is_err() {
+    if decrement_hop_limit(ctx, packet.l3_off, packet.ipv4).is_err() {
         return FALLBACK;
     }
     // SAFETY: bounds checked by `ptr_at`.
@@ -113,17 +130,66 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     }
 }
 
+/// How frames for `egress` can leave a frame that arrived on `ingress` (`PATH_*`).
+#[inline(always)]
+fn path_to(egress: u32, ingress: u32) -> u32 {
+    if egress == ingress || TX_PORTS.get(egress).is_some() {
+        PATH_XDP
+    } else if POD_PORTS.get_ptr(&egress).is_some() {
+        PATH_POD
+    } else {
+        PATH_KERNEL
+    }
+}
+
+/// Leaves the frame, DNATed but otherwise as it came, to the TC ingress program with the
+/// pod's interface and MACs in its metadata (see [`PodHandoff`]).
+#[inline(always)]
+fn hand_to_pod(ctx: &XdpContext, hop: &NextHop) -> Reason {
+    let Some(meta) = reserve_metadata::<PodHandoff>(ctx) else {
+        stats::event(Event::PodHandoffFailed);
+        return Reason::DnatFibFallback;
+    };
+    // SAFETY: `reserve_metadata` checked the bounds.
+    unsafe {
+        meta.write_unaligned(PodHandoff {
+            magic: POD_HANDOFF_MAGIC,
+            ifindex: hop.egress,
+            dmac: hop.dmac,
+            smac: hop.smac,
+        });
+    }
+    Reason::DnatPod
+}
+
 /// Looks the route to `packet`'s destination up into `hop`; false when the kernel must help.
 #[inline(always)]
 fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut NextHop) -> bool {
-    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some(params) = route(ctx, packet, ingress) else {
         return false;
     };
+    hop.egress = params.ifindex;
+    // SAFETY: the lookup wrote the egress MTU over the length it was given (0: never too big).
+    hop.mtu = u32::from(unsafe { params.__bindgen_anon_1.mtu_result });
+    hop.path = path_to(params.ifindex, ingress);
+    hop.smac = params.smac;
+    hop.dmac = params.dmac;
+    true
+}
+
+/// The kernel's route to `packet`'s destination, for a packet that arrived on `ingress`, with
+/// the next hop's MAC addresses: `None` when there is no route or no neighbour yet, or (for a
+/// socket buffer) the packet is larger than the egress MTU allows.
+#[inline(always)]
+pub fn route<C: EbpfContext + Frame>(
+    ctx: &C,
+    packet: &Packet,
+    ingress: u32,
+) -> Option<&'static bpf_fib_lookup> {
+    let params = FIB_PARAMS.get_ptr_mut(0)?;
     // SAFETY: a per-CPU scratch slot, used by this program run only.
     let params = unsafe { &mut *params };
-    if fill_fib_params(params, ctx, packet, ingress).is_err() {
-        return false;
-    }
+    fill_fib_params(params, ctx, packet, ingress).ok()?;
     // SAFETY: the helper reads and writes only `params`.
     let rc = unsafe {
         fib_lookup(
@@ -133,23 +199,14 @@ fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut N
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return false;
-    }
-    hop.egress = params.ifindex;
-    // SAFETY: the lookup wrote the egress MTU over the length it was given (0: never too big).
-    hop.mtu = u32::from(unsafe { params.__bindgen_anon_1.mtu_result });
-    hop.sendable = u32::from(params.ifindex == ingress || TX_PORTS.get(params.ifindex).is_some());
-    hop.smac = params.smac;
-    hop.dmac = params.dmac;
-    true
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(params)
 }
 
 /// Fills the route lookup's parameters for `packet` arriving on `ingress`.
 #[inline(always)]
-fn fill_fib_params(
+fn fill_fib_params<C: Frame>(
     params: &mut bpf_fib_lookup,
-    ctx: &XdpContext,
+    ctx: &C,
     packet: &Packet,
     ingress: u32,
 ) -> Result<(), ()> {
@@ -181,15 +238,11 @@ fn fill_fib_params(
     Ok(())
 }
 
-/// Whether the TTL / hop limit would reach zero here (or cannot be read).
+/// Whether the TTL / hop limit of the IP header at `l3_off` would reach zero here (or cannot
+/// be read).
 #[inline(always)]
-fn hop_limit_expiring(ctx: &XdpContext, packet: &Packet) -> bool {
-    let at = packet.l3_off
-        + if packet.ipv4 {
-            IPV4_TTL
-        } else {
-            IPV6_HOP_LIMIT
-        };
+pub fn hop_limit_expiring(ctx: &impl Frame, l3_off: usize, ipv4: bool) -> bool {
+    let at = l3_off + if ipv4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
     // See `decrement_hop_limit` for why two bytes are read.
     match ctx.ptr_at::<[u8; 2]>(at) {
         // SAFETY: bounds checked by `ptr_at`.
@@ -202,9 +255,9 @@ fn hop_limit_expiring(ctx: &XdpContext, packet: &Packet) -> bool {
 /// must. The caller has checked with [`hop_limit_expiring`] that it stays above zero; this only
 /// fails when the header cannot be reached.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
-    if packet.ipv4 {
-        let ip: *mut Ipv4Hdr = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
+pub fn decrement_hop_limit(ctx: &impl Frame, l3_off: usize, ipv4: bool) -> Result<(), ()> {
+    if ipv4 {
+        let ip: *mut Ipv4Hdr = ctx.ptr_at(l3_off).map_err(|_| ())?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let ttl = (*ip).ttl;
@@ -216,7 +269,7 @@ fn decrement_hop_limit(ctx: &XdpContext, packet: &Packet) -> Result<(), ()> {
     } else {
         // The first 8 bytes of the header: a one-byte bounds check compiles to a comparison the
         // verifier does not take as proof of one readable byte.
-        let head: *mut [u8; 8] = ctx.ptr_at(packet.l3_off).map_err(|_| ())?;
+        let head: *mut [u8; 8] = ctx.ptr_at(l3_off).map_err(|_| ())?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let head = &mut *head;

@@ -1,7 +1,8 @@
 //! The load balancer's kernel programs. Entry points only dispatch and count; the work lives in
 //! the modules, split by concern like Katran's `lib/bpf/`:
 //! `parse` (headers), `select` (conntrack, affinity, Maglev), `nat` (rewrites and checksums),
-//! `forward` (route lookup, TX/redirect), `stats` (counters), `maps`.
+//! `forward` (route lookup, TX/redirect), `pods` (local pods past the host's stack), `stats`
+//! (counters), `maps`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys and values are passed by reference on purpose: passing them by value copies them
@@ -29,6 +30,8 @@ mod offsets;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod pods;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod stats;
@@ -36,11 +39,11 @@ mod stats;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+        bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use lb_common::{Reason, ReverseValue, ServiceKey, maps::VIP_ADDR_F_HOST};
+    use lb_common::{Event, Reason, ReverseValue, ServiceKey, maps::VIP_ADDR_F_HOST};
 
     use crate::{
         conntrack,
@@ -49,6 +52,7 @@ mod programs {
         maps::{SCRATCH, SERVICES, Scratch, VIP_ADDRS, VIP_FILTER},
         nat,
         parse::{self, Kind},
+        pods::{self, Delivery},
         select, stats,
     };
 
@@ -68,6 +72,31 @@ mod programs {
     #[classifier]
     pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         let reason = tc_egress(&ctx);
+        stats::count(reason, ctx.len() as usize);
+        tc_verdict(reason)
+    }
+
+    /// Ingress of the client-facing interface, after XDP: moves the frames the XDP program
+    /// handed over into their local pods' namespaces. Every other frame was counted by the XDP
+    /// program and goes on uncounted (a second count of each would cost every packet of the
+    /// host); a hand-off that fails is counted as an event.
+    #[classifier]
+    pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+        match pods::deliver(&ctx) {
+            Delivery::NotHandedOver => TC_ACT_UNSPEC,
+            Delivery::Moved(verdict) => verdict,
+            Delivery::Failed => {
+                stats::event(Event::PodHandoffFailed);
+                TC_ACT_UNSPEC
+            }
+        }
+    }
+
+    /// Ingress of a local pod's host-side interface: reverse NAT of its replies, sent straight
+    /// to the client-facing interface.
+    #[classifier]
+    pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+        let reason = pod_ingress(&ctx);
         stats::count(reason, ctx.len() as usize);
         tc_verdict(reason)
     }
@@ -94,6 +123,7 @@ mod programs {
     fn tc_verdict(reason: Reason) -> i32 {
         match reason {
             Reason::ReverseNatFailed => TC_ACT_SHOT,
+            Reason::ReverseNatPod => TC_ACT_REDIRECT,
             _ => TC_ACT_UNSPEC,
         }
     }
@@ -206,12 +236,31 @@ mod programs {
         }
     }
 
+    /// Makes the headers of a socket buffer directly readable, as far as it can.
     #[inline(always)]
-    fn tc_egress(ctx: &TcContext) -> Reason {
+    fn pull_headers(ctx: &TcContext) {
         if (ctx.len() as usize) > ctx.data_end() - ctx.data() {
             // Best effort: a failure leaves the headers where they were and parsing says so.
             let _ = ctx.pull_data(ctx.len().min(TC_HEADERS_LEN));
         }
+    }
+
+    #[inline(always)]
+    fn pod_ingress(ctx: &TcContext) -> Reason {
+        pull_headers(ctx);
+        let Some(Scratch { packet, .. }) = scratch() else {
+            return Reason::PodPass;
+        };
+        match parse::packet(ctx, packet) {
+            Kind::Parsed => pods::reply(ctx, packet),
+            // ICMP errors, fragments, the rest: the client-facing egress handles them.
+            _ => Reason::PodPass,
+        }
+    }
+
+    #[inline(always)]
+    fn tc_egress(ctx: &TcContext) -> Reason {
+        pull_headers(ctx);
         let Some(Scratch { packet, .. }) = scratch() else {
             return Reason::EgressUnparsed;
         };

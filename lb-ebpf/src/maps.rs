@@ -8,8 +8,8 @@ use lb_common::{
     FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
     maps::{
         AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, FRAGMENTS_SIZE,
-        MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_SERVICES, MAX_TX_PORTS, NEXT_HOP_SLOTS,
-        VIP_FILTER_WORDS,
+        MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TX_PORTS,
+        NEXT_HOP_SLOTS, VIP_FILTER_WORDS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -67,6 +67,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_SIZE as
 #[btf_map]
 pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 
+/// Host-side interfaces of local pods (ifindex -> 0, reserved for flags): frames for them are moved
+/// into the pod's namespace by the TC ingress program, not routed by the host's stack.
+#[btf_map]
+pub static POD_PORTS: HashMap<u32, u32, { MAX_POD_PORTS as usize }> = HashMap::new();
+
 /// Per-packet working state, kept off the 512-byte stack.
 #[derive(Default)]
 pub struct Scratch {
@@ -96,9 +101,10 @@ pub struct NextHop {
     pub ingress: u32,
     /// The interface to send on.
     pub egress: u32,
-    /// Whether frames may be sent there from XDP: the ingress itself (XDP_TX) or a port in
-    /// `TX_PORTS`.
-    pub sendable: u32,
+    /// How frames reach the egress: [`crate::forward::PATH_KERNEL`] (not known to be
+    /// possible), [`crate::forward::PATH_XDP`] (XDP_TX, or a redirect to a port in `TX_PORTS`)
+    /// or [`crate::forward::PATH_POD`] (a local pod's interface in `POD_PORTS`).
+    pub path: u32,
     /// Whether the lookup found a route and a neighbour (else the kernel forwards).
     pub routable: u32,
     /// The egress MTU (0: unknown); a larger packet goes to the kernel.

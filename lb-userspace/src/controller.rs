@@ -9,7 +9,7 @@
 //! new flows, so a table still naming a flagged backend would drop the new flows of its slots.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -22,12 +22,13 @@ use lb_common::{
     },
 };
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     maglev::{self, MaglevBackend},
     model::{Cluster, Options, Protocol},
+    pods::Discovery,
 };
 
 /// Errors of applying a state.
@@ -240,6 +241,8 @@ pub struct Controller {
     /// again).
     vip_addrs: BTreeMap<IpAddr, u32>,
     on_step: Option<StepHook>,
+    /// Asks the kernel which backends are local pods (opened on first use).
+    discovery: Option<Discovery>,
 }
 
 impl Controller {
@@ -257,6 +260,7 @@ impl Controller {
             options,
             vip_addrs: BTreeMap::new(),
             on_step: None,
+            discovery: None,
         }
     }
 
@@ -497,6 +501,7 @@ impl Controller {
         report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
         self.dataplane.set_vip_filter(desired_vips)?;
         self.step_done(ApplyStep::Retired);
+        self.sync_pod_interfaces(&desired);
 
         self.state = AppliedState {
             generation: self.state.generation + 1,
@@ -517,6 +522,58 @@ impl Controller {
             "applied"
         );
         Ok(report)
+    }
+
+    /// Takes the interfaces of the local pods among `services`' backends onto the fast path,
+    /// and those of pods no longer among them off it. Only ever a speed-up: what fails is
+    /// logged, and those pods' traffic goes through the host's stack as before.
+    fn sync_pod_interfaces(&mut self, services: &[AppliedService]) {
+        let client_facing: HashSet<String> = self
+            .dataplane
+            .attached_interfaces()
+            .map(str::to_owned)
+            .collect();
+        if client_facing.is_empty() {
+            return;
+        }
+        let discovery = match self.discovery.take().map_or_else(Discovery::new, Ok) {
+            Ok(discovery) => self.discovery.insert(discovery),
+            Err(e) => {
+                warn!(error = %e, "local pods cannot be found: their traffic goes through the host's stack");
+                return;
+            }
+        };
+        let backends = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.addr));
+        let found = match discovery.local_pods(backends) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "finding local pods failed: their interfaces stay as they were");
+                return;
+            }
+        };
+        let wanted: BTreeSet<String> = found
+            .into_values()
+            .map(|interface| interface.name)
+            .filter(|name| !client_facing.contains(name))
+            .collect();
+        let gone: Vec<String> = self
+            .dataplane
+            .pod_interfaces()
+            .filter(|name| !wanted.contains(*name))
+            .map(str::to_owned)
+            .collect();
+        for name in gone {
+            if let Err(e) = self.dataplane.detach_pod_interface(&name) {
+                warn!(iface = %name, error = %e, "taking a pod interface off the fast path");
+            }
+        }
+        for name in wanted {
+            if let Err(e) = self.dataplane.attach_pod_interface(&name) {
+                warn!(iface = %name, error = %e, "a local pod stays on the host's stack");
+            }
+        }
     }
 
     /// Updates `VIP_ADDRS`: the number of services on each address, flagged when the address

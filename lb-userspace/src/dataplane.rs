@@ -5,6 +5,11 @@
 //! IFACE's egress whether the backends sit behind the host (the Kubernetes node model: the
 //! kernel routes them from the pod interfaces to IFACE) or on IFACE's own segment (a one-armed
 //! host: the kernel routes them back out of IFACE), so one pair of attach points serves both.
+//!
+//! Local pods get a faster path on top ([`Dataplane::attach_pod_interface`], see
+//! `lb-ebpf/src/pods.rs`): a TC program on IFACE's ingress moves the frames XDP DNATed for them
+//! into their namespaces, and one on each pod's host-side interface sends their replies
+//! straight to IFACE, both past the host's IP stack.
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -41,6 +46,11 @@ pub static BENCH_OBJECT: &[u8] =
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// Name of the TC (egress, reverse NAT) entry point.
 pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+/// Name of the TC entry point on IFACE's ingress that moves frames into local pods.
+pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
+/// Name of the TC entry point on a local pod's host-side interface (its replies).
+pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+const TC_PROGRAMS: [&str; 3] = [TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_POD_PROGRAM];
 /// Name of the minimal XDP_PASS program (baseline, and veth peers that take redirected frames).
 pub const XDP_PASS_PROGRAM: &str = "lb_xdp_pass";
 
@@ -90,6 +100,14 @@ pub enum DataplaneError {
         ifindex: u32,
         /// The underlying error.
         source: aya::maps::xdp::XdpMapError,
+    },
+    /// An interface named to the data plane does not exist (here).
+    #[error("interface {iface}: {source}")]
+    Interface {
+        /// The interface's name.
+        iface: String,
+        /// The underlying error.
+        source: std::io::Error,
     },
     /// Pinning, adopting or unpinning failed.
     #[error("{what}: {source}")]
@@ -152,6 +170,7 @@ pub const PINNED_MAPS: &[&str] = &[
     names::REVERSE_NAT,
     names::AFFINITY,
     names::TX_PORTS,
+    names::POD_PORTS,
     names::STATS,
     names::EVENTS,
     names::SERVICE_STATS,
@@ -161,16 +180,36 @@ pub const PINNED_MAPS: &[&str] = &[
 /// File names of the pinned links in a pin folder.
 const XDP_LINK_PIN: &str = "link_xdp";
 const TC_LINK_PIN: &str = "link_tc_egress";
+const TC_INGRESS_LINK_PIN: &str = "link_tc_ingress";
+
+/// The pin file of a TC program's link on IFACE.
+fn tc_link_pin(program: &str) -> &'static str {
+    if program == TC_INGRESS_PROGRAM {
+        TC_INGRESS_LINK_PIN
+    } else {
+        TC_LINK_PIN
+    }
+}
 
 enum Link {
     Xdp(&'static str, XdpLinkId),
-    Tc(SchedClassifierLinkId),
+    Tc(&'static str, SchedClassifierLinkId),
+}
+
+/// A local pod's host-side interface with the reply program attached.
+struct PodInterface {
+    ifindex: u32,
+    link: SchedClassifierLinkId,
 }
 
 /// The loaded kernel programs and maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Vec<(String, Link)>,
+    /// Local pods' interfaces by name. Their links are not pinned: they go with this process,
+    /// and their pods' replies with them to the host's stack, until a controller attaches
+    /// them again.
+    pod_interfaces: std::collections::BTreeMap<String, PodInterface>,
     pin_dir: Option<PathBuf>,
     /// The VIP filter's words as last written or read (read on first use: a pinned filter
     /// holds what an earlier controller wrote).
@@ -216,9 +255,9 @@ impl Dataplane {
         for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
             xdp_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
         }
-        tc_mut(&mut ebpf)?
-            .load()
-            .map_err(load_error(TC_EGRESS_PROGRAM))?;
+        for name in TC_PROGRAMS {
+            tc_mut(&mut ebpf, name)?.load().map_err(load_error(name))?;
+        }
         let name = names::BACKENDS;
         let max_backends = match ebpf.map(name) {
             Some(Map::Array(data)) => data.info().map_err(map_error(name))?.max_entries(),
@@ -239,6 +278,7 @@ impl Dataplane {
         let mut dataplane = Self {
             ebpf,
             attached: Vec::new(),
+            pod_interfaces: std::collections::BTreeMap::new(),
             pin_dir: options.pin_dir,
             vip_filter: None,
             max_backends,
@@ -264,12 +304,21 @@ impl Dataplane {
 
     /// The reverse-NAT TC program.
     pub fn tc_egress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc(TC_EGRESS_PROGRAM)
+    }
+
+    /// The TC program of local pods' interfaces.
+    pub fn tc_pod_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc(TC_POD_PROGRAM)
+    }
+
+    fn tc(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
         self.ebpf
-            .program(TC_EGRESS_PROGRAM)
+            .program(name)
             .and_then(|program| program.try_into().ok())
             .ok_or(DataplaneError::Missing {
                 kind: "program",
-                name: TC_EGRESS_PROGRAM,
+                name,
             })
     }
 
@@ -283,8 +332,8 @@ impl Dataplane {
             })
     }
 
-    /// Attaches DNAT (XDP ingress) and reverse NAT (TC egress) to `iface`; returns the XDP mode
-    /// the kernel accepted.
+    /// Attaches DNAT (XDP ingress), the hand-off to local pods (TC ingress) and reverse NAT (TC
+    /// egress) to `iface`; returns the XDP mode the kernel accepted.
     ///
     /// With a pin folder, links pinned there by an earlier controller are adopted: their
     /// programs are replaced atomically by these, so traffic never stops. New links are pinned,
@@ -297,7 +346,8 @@ impl Dataplane {
             return self.adopt(iface, &dir);
         }
         let used = self.attach_xdp(iface, XDP_PROGRAM, mode)?;
-        self.attach_tc(iface)?;
+        self.attach_tc(iface, TC_EGRESS_PROGRAM, TcAttachType::Egress)?;
+        self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
         if let Some(dir) = self.pin_dir.clone() {
             self.pin_links(&dir)?;
         }
@@ -326,7 +376,7 @@ impl Dataplane {
             .map_err(|e| pin_error("opening the pinned TC link")(std::io::Error::other(e)))?;
         let tc_link = SchedClassifierLink::try_from(FdLink::from(tc_link))
             .map_err(|e| pin_error("reading the pinned TC link")(std::io::Error::other(e)))?;
-        let link = tc_mut(&mut self.ebpf)?
+        let link = tc_mut(&mut self.ebpf, TC_EGRESS_PROGRAM)?
             .attach_to_link(tc_link)
             .map_err(|source| DataplaneError::Program {
                 action: "adopting the TC link with",
@@ -334,12 +384,36 @@ impl Dataplane {
                 iface: iface.to_owned(),
                 source: Box::new(source),
             })?;
-        self.attached.push((iface.to_owned(), Link::Tc(link)));
+        self.attached
+            .push((iface.to_owned(), Link::Tc(TC_EGRESS_PROGRAM, link)));
+        if dir.join(TC_INGRESS_LINK_PIN).exists() {
+            let tc_link = PinnedLink::from_pin(dir.join(TC_INGRESS_LINK_PIN)).map_err(|e| {
+                pin_error("opening the pinned TC ingress link")(std::io::Error::other(e))
+            })?;
+            let tc_link = SchedClassifierLink::try_from(FdLink::from(tc_link)).map_err(|e| {
+                pin_error("reading the pinned TC ingress link")(std::io::Error::other(e))
+            })?;
+            let link = tc_mut(&mut self.ebpf, TC_INGRESS_PROGRAM)?
+                .attach_to_link(tc_link)
+                .map_err(|source| DataplaneError::Program {
+                    action: "adopting the TC link with",
+                    program: TC_INGRESS_PROGRAM,
+                    iface: iface.to_owned(),
+                    source: Box::new(source),
+                })?;
+            self.attached
+                .push((iface.to_owned(), Link::Tc(TC_INGRESS_PROGRAM, link)));
+        } else {
+            // A data plane pinned by a version without it: attached now, pinned beside.
+            self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
+            self.pin_links(dir)?;
+        }
         info!(%iface, dir = %dir.display(), "adopted the pinned data plane: programs replaced in place");
         Ok(XdpMode::Default)
     }
 
-    /// Pins the XDP and TC links just attached, so they outlive this process.
+    /// Pins the XDP and TC links just attached (those not pinned yet), so they outlive this
+    /// process.
     fn pin_links(&mut self, dir: &Path) -> Result<(), DataplaneError> {
         let pin_error = |what: &'static str| {
             move |e: String| DataplaneError::Pin {
@@ -350,6 +424,11 @@ impl Dataplane {
         for (iface, link) in std::mem::take(&mut self.attached) {
             match link {
                 Link::Xdp(name, id) => {
+                    if dir.join(XDP_LINK_PIN).exists() {
+                        // Adopted, so pinned already.
+                        self.attached.push((iface, Link::Xdp(name, id)));
+                        continue;
+                    }
                     let program = xdp_mut(&mut self.ebpf, name)?;
                     let owned = program
                         .take_link(id)
@@ -367,22 +446,28 @@ impl Dataplane {
                         .map_err(|e| pin_error("keeping the XDP link")(e.to_string()))?;
                     self.attached.push((iface, Link::Xdp(name, id)));
                 }
-                Link::Tc(id) => {
-                    let program = tc_mut(&mut self.ebpf)?;
+                Link::Tc(name, id) => {
+                    let pin = dir.join(tc_link_pin(name));
+                    if pin.exists() {
+                        // Adopted, so pinned already.
+                        self.attached.push((iface, Link::Tc(name, id)));
+                        continue;
+                    }
+                    let program = tc_mut(&mut self.ebpf, name)?;
                     let owned = program
                         .take_link(id)
                         .map_err(|e| pin_error("taking the TC link")(e.to_string()))?;
                     let fd_link = FdLink::try_from(owned)
                         .map_err(|e| pin_error("pinning the TC link")(e.to_string()))?;
                     let pinned = fd_link
-                        .pin(dir.join(TC_LINK_PIN))
+                        .pin(pin)
                         .map_err(|e| pin_error("pinning the TC link")(e.to_string()))?;
                     let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                         .map_err(|e| pin_error("reopening the TC link")(e.to_string()))?;
-                    let id = tc_mut(&mut self.ebpf)?
+                    let id = tc_mut(&mut self.ebpf, name)?
                         .attach_to_link(link)
                         .map_err(|e| pin_error("keeping the TC link")(e.to_string()))?;
-                    self.attached.push((iface, Link::Tc(id)));
+                    self.attached.push((iface, Link::Tc(name, id)));
                 }
             }
         }
@@ -405,19 +490,91 @@ impl Dataplane {
         Ok(removed)
     }
 
-    fn attach_tc(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let program = tc_mut(&mut self.ebpf)?;
-        let link = program
-            .attach(iface, TcAttachType::Egress)
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        direction: TcAttachType,
+    ) -> Result<(), DataplaneError> {
+        let link = self.attach_tc_link(iface, name, direction)?;
+        info!(%iface, program = name, "TC program attached");
+        self.attached.push((iface.to_owned(), Link::Tc(name, link)));
+        Ok(())
+    }
+
+    fn attach_tc_link(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DataplaneError> {
+        tc_mut(&mut self.ebpf, name)?
+            .attach(iface, direction)
             .map_err(|source| DataplaneError::Program {
                 action: "attaching",
-                program: TC_EGRESS_PROGRAM,
+                program: name,
                 iface: iface.to_owned(),
                 source: Box::new(source),
+            })
+    }
+
+    /// Takes the local pod behind `iface` (its host-side interface: a veth whose peer is in
+    /// the pod's namespace) onto the fast path: frames DNATed for it are moved into its
+    /// namespace, and its replies are reverse-NATed at `iface`'s ingress and sent straight to
+    /// the client-facing interface. Idempotent. Call it in the namespace of `iface`.
+    pub fn attach_pod_interface(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        if self.pod_interfaces.contains_key(iface) {
+            return Ok(());
+        }
+        let ifindex =
+            nix::net::if_::if_nametoindex(iface).map_err(|errno| DataplaneError::Interface {
+                iface: iface.to_owned(),
+                source: errno.into(),
             })?;
-        info!(%iface, "TC egress program attached");
-        self.attached.push((iface.to_owned(), Link::Tc(link)));
+        // The reply program first: frames must not reach the pod before its replies can be
+        // taken over (they would still be correct, only slower).
+        let link = self.attach_tc_link(iface, TC_POD_PROGRAM, TcAttachType::Ingress)?;
+        let name = names::POD_PORTS;
+        let added = HashMap::<_, u32, u32>::try_from(self.map_mut(name)?)
+            .map_err(map_error(name))
+            .and_then(|mut ports| ports.insert(ifindex, 0, 0).map_err(map_error(name)));
+        if let Err(e) = added {
+            let _ = tc_mut(&mut self.ebpf, TC_POD_PROGRAM)?.detach(link);
+            return Err(e);
+        }
+        info!(%iface, ifindex, "local pod interface on the fast path");
+        self.pod_interfaces
+            .insert(iface.to_owned(), PodInterface { ifindex, link });
         Ok(())
+    }
+
+    /// Takes a local pod's interface off the fast path (see [`Self::attach_pod_interface`]).
+    /// An interface that is gone already (its pod deleted) is forgotten without complaint.
+    pub fn detach_pod_interface(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let Some(pod) = self.pod_interfaces.remove(iface) else {
+            return Ok(());
+        };
+        let name = names::POD_PORTS;
+        let mut ports: HashMap<_, u32, u32> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        match ports.remove(&pod.ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(DataplaneError::Map { name, source }),
+        }
+        // Fails when the interface is gone, which detached the link with it.
+        let _ = tc_mut(&mut self.ebpf, TC_POD_PROGRAM)?.detach(pod.link);
+        info!(%iface, "local pod interface off the fast path");
+        Ok(())
+    }
+
+    /// The interfaces the load balancer is attached to (client-facing).
+    pub fn attached_interfaces(&self) -> impl Iterator<Item = &str> {
+        self.attached.iter().map(|(iface, _)| iface.as_str())
+    }
+
+    /// The local pods' interfaces on the fast path.
+    pub fn pod_interfaces(&self) -> impl Iterator<Item = &str> {
+        self.pod_interfaces.keys().map(String::as_str)
     }
 
     /// Attaches the minimal XDP_PASS program to `iface`: a veth whose peer redirects into it
@@ -462,6 +619,10 @@ impl Dataplane {
 
     /// Detaches every program from every interface it was attached to.
     pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
+        let pods: Vec<String> = self.pod_interfaces.keys().cloned().collect();
+        for iface in pods {
+            self.detach_pod_interface(&iface)?;
+        }
         for (iface, link) in std::mem::take(&mut self.attached) {
             let detach_error = |program| {
                 let iface = iface.clone();
@@ -476,9 +637,9 @@ impl Dataplane {
                 Link::Xdp(name, link) => xdp_mut(&mut self.ebpf, name)?
                     .detach(link)
                     .map_err(detach_error(name))?,
-                Link::Tc(link) => tc_mut(&mut self.ebpf)?
+                Link::Tc(name, link) => tc_mut(&mut self.ebpf, name)?
                     .detach(link)
-                    .map_err(detach_error(TC_EGRESS_PROGRAM))?,
+                    .map_err(detach_error(name))?,
             }
             info!(%iface, "link detached");
         }
@@ -969,12 +1130,15 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
         })
 }
 
-fn tc_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
-    ebpf.program_mut(TC_EGRESS_PROGRAM)
+fn tc_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(name)
         .and_then(|program| program.try_into().ok())
         .ok_or(DataplaneError::Missing {
             kind: "program",
-            name: TC_EGRESS_PROGRAM,
+            name,
         })
 }
 

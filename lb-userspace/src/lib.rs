@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod pins;
+pub mod pods;
 pub mod privileges;
 pub mod redirects;
 pub mod syscall;
