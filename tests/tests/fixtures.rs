@@ -7,8 +7,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    Backend, Event, Reason, ServiceKey, ServiceValue,
-    maps::{BACKEND_F_TERMINATING, BACKEND_F_VALID, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY},
+    Backend, Event, PodHandoff, Reason, ServiceKey, ServiceValue,
+    maps::{
+        BACKEND_F_TERMINATING, BACKEND_F_VALID, POD_HANDOFF_MAGIC, PROTO_TCP, PROTO_UDP,
+        SERVICE_F_AFFINITY,
+    },
 };
 use lb_tests::{
     frames::{Spec, assert_checksums_valid},
@@ -974,6 +977,114 @@ fn frames_over_the_mtu_and_failed_redirects_go_to_the_kernel() {
         assert_eq!(output, after.to(backend4(1), TARGET_PORT).build());
         assert_eq!(lb.event(Event::RedirectFailed), 1);
         assert_eq!(lb.last_reason(), Reason::DnatFibFallback);
+    })
+    .unwrap();
+}
+
+#[test]
+fn frames_for_a_local_pod_are_handed_to_the_tc_program_and_its_replies_sent_straight_out() {
+    past_the_stack("pod4", CLIENT4, VIP4, backend4(1), "198.18.0.0/24");
+}
+
+#[test]
+fn ipv6_frames_for_a_local_pod_are_handed_to_the_tc_program_and_its_replies_sent_straight_out() {
+    past_the_stack("pod6", CLIENT6, VIP6, backend6(1), "2001:db8::/64");
+}
+
+/// A local pod behind `fwd0` (`routed_netns`), its interface on the fast path, the client
+/// behind `fwd1` (`client_net`, a resolved neighbour): a DNATed frame is passed with a
+/// `PodHandoff` in front of it and its headers otherwise as they came (TTL, MACs: the TC
+/// program writes them); a reply is reverse-NATed, one hop older, addressed to the client's
+/// neighbour and redirected out of `fwd1`. A reply the kernel must route (no route to the
+/// client) passes untouched with its flow untouched, and the client-facing egress
+/// reverse-NATs it as before.
+fn past_the_stack(tag: &str, client: IpAddr, vip: IpAddr, backend: IpAddr, client_net: &str) {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let client_mac = [2, 0, 0, 0, 0, 0x10];
+    let (ns, fwd0, fwd0_mac, fwd1) = routed_netns(tag);
+    ns.ip(&["route", "add", client_net, "dev", "fwd1"]).unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        &client.to_string(),
+        "lladdr",
+        "02:00:00:00:00:10",
+        "dev",
+        "fwd1",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let (_, fwd1_mac) = link(&ns, "fwd1");
+    ns.enter(|| {
+        let mut lb = Lb::new();
+        lb.service(1, vip, PROTO_TCP, 0, &[(1, backend, BACKEND_F_VALID)]);
+        lb.dataplane.attach_pod_interface("fwd0").unwrap();
+
+        let request = Spec::tcp(client, 44000, vip, PORT);
+        let (verdict, output) = lb.run_on(&request.build(), Some(fwd1));
+        assert_eq!((verdict, lb.last_reason()), (XDP_PASS, Reason::DnatPod));
+        let handoff = PodHandoff {
+            magic: POD_HANDOFF_MAGIC,
+            ifindex: fwd0,
+            dmac: [2, 0, 0, 0, 1, 1],
+            smac: fwd0_mac,
+        };
+        let mut expected: Vec<u8> =
+            [handoff.magic.to_ne_bytes(), handoff.ifindex.to_ne_bytes()].concat();
+        expected.extend(handoff.dmac);
+        expected.extend(handoff.smac);
+        let dnat = request.to(backend, TARGET_PORT).build();
+        expected.extend(&dnat);
+        assert_eq!(output, expected, "metadata, then the DNATed frame");
+        assert_checksums_valid(&output[std::mem::size_of::<PodHandoff>()..]);
+
+        let mut reply = request.clone();
+        (reply.src, reply.sport, reply.dst, reply.dport) =
+            (backend, TARGET_PORT, request.src, request.sport);
+        (reply.src_mac, reply.dst_mac) = ([2, 0, 0, 0, 1, 1], fwd0_mac);
+        let mut sent = reply.clone();
+        (sent.src, sent.sport) = (vip, PORT);
+        sent.ttl -= 1;
+        (sent.src_mac, sent.dst_mac) = (fwd1_mac, client_mac);
+        let (verdict, output) = lb.run_tc_pod(&reply.build(), fwd0);
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (TC_ACT_REDIRECT, Reason::ReverseNatPod)
+        );
+        assert_eq!(
+            output,
+            sent.build(),
+            "reverse-NATed, to the client's neighbour"
+        );
+        assert_checksums_valid(&output);
+
+        // Without a route to the client, the kernel routes the reply: untouched here, and
+        // reverse-NATed on the client-facing egress, its flow still known there.
+        ns.ip(&["route", "del", client_net, "dev", "fwd1"]).unwrap();
+        let (verdict, output) = lb.run_tc_pod(&reply.build(), fwd0);
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (TC_ACT_UNSPEC, Reason::PodPass)
+        );
+        assert_eq!(output, reply.build());
+        let (verdict, output) = lb.run_tc(&reply.build());
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (TC_ACT_UNSPEC, Reason::ReverseNat)
+        );
+        let mut egress = reply.clone();
+        (egress.src, egress.sport) = (vip, PORT);
+        assert_eq!(output, egress.build());
+
+        // A packet of no tracked flow passes untouched.
+        let stranger = Spec::tcp(backend, TARGET_PORT, client, 5).build();
+        let (verdict, output) = lb.run_tc_pod(&stranger, fwd0);
+        assert_eq!(
+            (verdict, lb.last_reason()),
+            (TC_ACT_UNSPEC, Reason::PodPass)
+        );
+        assert_eq!(output, stranger);
     })
     .unwrap();
 }

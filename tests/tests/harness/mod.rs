@@ -150,6 +150,18 @@ impl Lb {
         self.counted_once(|| run_tc(self.dataplane.tc_egress_program().unwrap(), frame))
     }
 
+    /// Runs `frame` through the TC program of local pods' interfaces, as received on
+    /// `ingress_ifindex`.
+    pub fn run_tc_pod(&self, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
+        self.counted_once(|| {
+            run_tc_on(
+                self.dataplane.tc_pod_program().unwrap(),
+                frame,
+                Some(ingress_ifindex),
+            )
+        })
+    }
+
     /// Runs one frame with `run` and checks it was counted under exactly one reason, once,
     /// remembering that reason for `last_reason`.
     fn counted_once(&self, run: impl FnOnce() -> (u32, Vec<u8>)) -> (u32, Vec<u8>) {
@@ -270,11 +282,28 @@ pub fn run_xdp(
 
 /// Runs `frame` through a TC program.
 pub fn run_tc(program: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_tc_on(program, frame, None)
+}
+
+/// Runs `frame` through a TC program, optionally as if received on `ingress_ifindex`.
+pub fn run_tc_on(
+    program: &aya::programs::SchedClassifier,
+    frame: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> (u32, Vec<u8>) {
     let mut output = vec![0u8; frame.len() + 256];
+    // struct __sk_buff (192 bytes): the test run takes ingress_ifindex (offset 36) and
+    // ifindex (40), the device the buffer is on; every other field stays zero.
+    let mut ctx = vec![0u8; 192];
+    if let Some(ifindex) = ingress_ifindex {
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    }
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
+            ctx_in: ingress_ifindex.map(|_| &ctx[..]),
             ..TestRunOptions::new()
         })
         .expect("BPF_PROG_TEST_RUN (tc)");
