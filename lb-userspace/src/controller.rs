@@ -123,6 +123,10 @@ pub struct AppliedState {
     pub cluster: Cluster,
     /// The data plane services.
     pub services: Vec<AppliedService>,
+    /// Endpoint addresses that are local pods on the path past the host's stack, with their
+    /// host-side interfaces.
+    #[serde(default)]
+    pub local_pods: BTreeMap<IpAddr, String>,
 }
 
 impl AppliedService {
@@ -501,12 +505,13 @@ impl Controller {
         report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
         self.dataplane.set_vip_filter(desired_vips)?;
         self.step_done(ApplyStep::Retired);
-        self.sync_pod_interfaces(&desired);
+        let local_pods = self.sync_pod_interfaces(&desired);
 
         self.state = AppliedState {
             generation: self.state.generation + 1,
             cluster: cluster.clone(),
             services: desired,
+            local_pods,
         };
         if let Some(path) = &self.state_path {
             self.state.write(path)?;
@@ -525,22 +530,24 @@ impl Controller {
     }
 
     /// Takes the interfaces of the local pods among `services`' backends onto the fast path,
-    /// and those of pods no longer among them off it. Only ever a speed-up: what fails is
-    /// logged, and those pods' traffic goes through the host's stack as before.
-    fn sync_pod_interfaces(&mut self, services: &[AppliedService]) {
+    /// and those of pods no longer among them off it; returns the endpoints on it, with their
+    /// interfaces. Only ever a speed-up: what fails is logged, and those pods' traffic goes
+    /// through the host's stack as before.
+    fn sync_pod_interfaces(&mut self, services: &[AppliedService]) -> BTreeMap<IpAddr, String> {
+        let mut on_path = BTreeMap::new();
         let client_facing: HashSet<String> = self
             .dataplane
             .attached_interfaces()
             .map(str::to_owned)
             .collect();
         if client_facing.is_empty() {
-            return;
+            return on_path;
         }
         let discovery = match self.discovery.take().map_or_else(Discovery::new, Ok) {
             Ok(discovery) => self.discovery.insert(discovery),
             Err(e) => {
                 warn!(error = %e, "local pods cannot be found: their traffic goes through the host's stack");
-                return;
+                return on_path;
             }
         };
         let backends = services
@@ -550,14 +557,15 @@ impl Controller {
             Ok(found) => found,
             Err(e) => {
                 warn!(error = %e, "finding local pods failed: their interfaces stay as they were");
-                return;
+                return self.state.local_pods.clone();
             }
         };
-        let wanted: BTreeSet<String> = found
-            .into_values()
-            .map(|interface| interface.name)
-            .filter(|name| !client_facing.contains(name))
+        let found: BTreeMap<IpAddr, String> = found
+            .into_iter()
+            .map(|(addr, interface)| (addr, interface.name))
+            .filter(|(_, name)| !client_facing.contains(name))
             .collect();
+        let wanted: BTreeSet<String> = found.values().cloned().collect();
         let gone: Vec<String> = self
             .dataplane
             .pod_interfaces()
@@ -569,11 +577,15 @@ impl Controller {
                 warn!(iface = %name, error = %e, "taking a pod interface off the fast path");
             }
         }
+        let mut failed = BTreeSet::new();
         for name in wanted {
             if let Err(e) = self.dataplane.attach_pod_interface(&name) {
                 warn!(iface = %name, error = %e, "a local pod stays on the host's stack");
+                failed.insert(name);
             }
         }
+        on_path.extend(found.into_iter().filter(|(_, name)| !failed.contains(name)));
+        on_path
     }
 
     /// Updates `VIP_ADDRS`: the number of services on each address, flagged when the address

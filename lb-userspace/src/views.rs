@@ -141,6 +141,9 @@ pub struct EndpointView {
     /// Flows tracked on it now (live entries of the connection table, as the data path
     /// follows them).
     pub flows: u64,
+    /// How its packets cross the node: its host-side interface when it is a local pod on the
+    /// path past the host's stack, `stack` otherwise.
+    pub path: String,
 }
 
 /// One service as `describe` shows it.
@@ -208,6 +211,12 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
                 bytes: 0,
                 new_flows: 0,
                 flows: 0,
+                path: attached
+                    .state
+                    .local_pods
+                    .get(&backend.addr)
+                    .cloned()
+                    .unwrap_or_else(|| "stack".into()),
             });
             view.flows += live.get(&backend.id).copied().unwrap_or_default();
             view.packets += counter.packets;
@@ -404,10 +413,18 @@ pub fn describe_service(
         },
     );
     line("External Traffic Policy", s.external_traffic_policy.clone());
+    let local_pods = view
+        .endpoints
+        .values()
+        .flatten()
+        .filter(|e| e.path != "stack")
+        .map(|e| e.path.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     line(
         "Load Balancer",
         format!(
-            "XDP on {} (Maglev, table size {})",
+            "XDP on {} (Maglev, table size {}); local pods past the host's stack: {local_pods}",
             view.interface, s.table_size
         ),
     );
@@ -426,14 +443,14 @@ pub fn describe_service(
     }
     let _ = writeln!(
         out,
-        "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  POD",
-        "ENDPOINT", "STATE", "WEIGHT", "PACKETS", "BYTES", "NEW FLOWS", "FLOWS"
+        "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  {:<10}  POD",
+        "ENDPOINT", "STATE", "WEIGHT", "PACKETS", "BYTES", "NEW FLOWS", "FLOWS", "PATH"
     );
     for (port, endpoints) in &view.endpoints {
         for e in endpoints {
             let _ = writeln!(
                 out,
-                "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  {}",
+                "  {:<30} {:<12} {:>6} {:>10} {:>12} {:>10} {:>6}  {:<10}  {}",
                 format!("{} ({port})", e.endpoint),
                 e.state,
                 e.weight,
@@ -441,6 +458,7 @@ pub fn describe_service(
                 e.bytes,
                 e.new_flows,
                 e.flows,
+                e.path,
                 e.pod.clone().unwrap_or_else(|| "-".into())
             );
         }

@@ -197,6 +197,61 @@ fn requests_spread_evenly_over_the_pods_over_ipv4_ipv6_and_udp() {
     }
 }
 
+/// The controller finds the pods behind the node from the routes to their endpoints and takes
+/// their interfaces onto the path past the host's stack: HTTP and UDP over IPv4 and IPv6 go
+/// into the pods by `bpf_redirect_peer` and come back by the pods' own programs, `describe`
+/// says which endpoints are on that path, and an endpoint removed takes its pod off it.
+#[test]
+fn local_pods_are_found_and_their_traffic_skips_the_host_stack() {
+    let sandbox = sandbox("e2elp", 2);
+    let pods: Vec<String> = sandbox.pods.values().map(|p| p.name.clone()).collect();
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let answers = sandbox.http_batch(vip, 20).unwrap();
+        assert!(answers.iter().all(|a| pods.contains(a)), "{answers:?}");
+        let (echo, from) = sandbox.udp_echo(vip, b"past the stack").unwrap();
+        assert_eq!(
+            (&echo[..], from),
+            (&b"past the stack"[..], SocketAddr::new(vip, PORT))
+        );
+    }
+    // 40 requests: at least SYN, request, FIN and last ACK from the client, SYN-ACK, answer
+    // and FIN from the pod. A node's first packets to a pod it has not talked to yet wait
+    // for the neighbour lookup in the kernel, so a few may take the stack.
+    let moved = wait_for_metric(&sandbox, "lb_packets_total{reason=\"dnat_pod\"}", 150);
+    let answered = wait_for_metric(
+        &sandbox,
+        "lb_packets_total{reason=\"reverse_nat_pod\"}",
+        110,
+    );
+    assert!(moved >= 150, "client packets moved into the pods: {moved}");
+    assert!(answered >= 110, "pod replies sent straight out: {answered}");
+    let described = sandbox
+        .cli(&["describe", "service", lb_tests::sandbox::SERVICE])
+        .unwrap();
+    assert!(
+        described.contains("local pods past the host's stack: 2"),
+        "{described}"
+    );
+    for (index, pod) in [(1, "tomcat-deployment-1"), (2, "tomcat-deployment-2")] {
+        assert!(
+            described
+                .lines()
+                .any(|l| l.contains(&format!("veth-p{index}")) && l.contains(pod)),
+            "{pod} on the path by its interface: {described}"
+        );
+    }
+
+    sandbox.write_endpoints(&[(1, Ready)]).unwrap();
+    sandbox.wait_applied(2).unwrap();
+    let described = sandbox
+        .cli(&["describe", "service", lb_tests::sandbox::SERVICE])
+        .unwrap();
+    assert!(
+        described.contains("local pods past the host's stack: 1"),
+        "{described}"
+    );
+}
+
 #[test]
 fn client_ip_affinity_holds_across_connections() {
     let sandbox = sandbox("e2ea", 4);
