@@ -294,7 +294,7 @@ pub fn run_tc_on(
     let mut output = vec![0u8; frame.len() + 256];
     // struct __sk_buff (192 bytes): the test run takes ingress_ifindex (offset 36) and
     // ifindex (40), the device the buffer is on; every other field stays zero.
-    let mut ctx = vec![0u8; 192];
+    let mut ctx = [0u8; 192];
     if let Some(ifindex) = ingress_ifindex {
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
