@@ -271,6 +271,11 @@ mod programs {
             Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
             _ => return Reason::EgressPass,
         }
+        // Already from a service address: a reply the pod program sent straight out (or any
+        // packet no backend sent). Spares it the reverse-table lookup, a likely cache miss.
+        if maybe_vip(&packet.src) && owned_vip(&packet.src) {
+            return Reason::EgressPass;
+        }
         let mut to = ReverseValue::default();
         if !conntrack::reply(packet, &mut to) {
             return Reason::EgressPass;
