@@ -21,13 +21,19 @@ mod programs {
     pub struct GenConfig {
         /// Headers of the frame (UDP checksum 0, IPv4 checksum valid).
         pub template: [u8; HEADERS],
+        /// Zero: flows differ in their source (port, then address); non-zero: in their
+        /// destination (replies of a server to many clients).
+        pub cycle_dst: u8,
         /// Always zero.
-        pub pad: [u8; 2],
-        /// Source ports cycle through `base_sport .. base_sport + flows`.
+        pub pad: u8,
+        /// Flow `k` of `0..flows` (frame `n` is flow `n % flows`) has port
+        /// `base_port + k % span` and the template's address plus `k / span` in its second
+        /// byte, where `span = 65536 - base_port`: ports alone would repeat past `span` flows.
         pub flows: u32,
-        pub base_sport: u16,
+        pub base_port: u16,
         /// Non-zero: every frame is a new flow (source port and the low 16 bits of the source
-        /// address count frames, the second byte says which CPU sent it); `flows` is ignored.
+        /// address count frames, the second byte says which CPU sent it); `flows` and
+        /// `cycle_dst` are ignored.
         pub new_flows: u16,
     }
 
@@ -55,11 +61,37 @@ mod programs {
     #[btf_map]
     static MIN_TX: DevMapHash<16> = DevMapHash::new();
 
+    /// Byte offsets in an untagged IPv4 frame without options.
+    const IP_CHECK: usize = 24;
+    const IP_SRC: usize = 26;
+    const IP_DST: usize = 30;
+    const UDP_CHECK: usize = 40;
+
     #[inline(always)]
     fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         let start = ctx.data();
         (start + offset + core::mem::size_of::<T>() <= ctx.data_end())
             .then_some((start + offset) as *mut T)
+    }
+
+    /// Replaces the IPv4 address at `at` (source or destination) with `new`, fixing the IPv4
+    /// checksum and the UDP one (a UDP checksum of 0, "none", stays 0).
+    #[inline(always)]
+    fn replace_addr(frame: &mut [u8; HEADERS], at: usize, new: [u8; 4]) {
+        let old = u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+        let new_value = u32::from_be_bytes(new);
+        let check = u16::from_be_bytes([frame[IP_CHECK], frame[IP_CHECK + 1]]);
+        let check = lb_common::checksum::replace32(check, old, new_value);
+        frame[IP_CHECK..IP_CHECK + 2].copy_from_slice(&check.to_be_bytes());
+        let udp = u16::from_be_bytes([frame[UDP_CHECK], frame[UDP_CHECK + 1]]);
+        if udp != 0 {
+            let udp = match lb_common::checksum::replace32(udp, old, new_value) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            frame[UDP_CHECK..UDP_CHECK + 2].copy_from_slice(&udp.to_be_bytes());
+        }
+        frame[at..at + 4].copy_from_slice(&new);
     }
 
     /// Rewrites the whole header of every frame (live-frame buffers are recycled with whatever
@@ -91,8 +123,26 @@ mod programs {
                 frame[34..36].copy_from_slice(&(n as u16).to_be_bytes());
             } else {
                 let flows = if config.flows == 0 { 1 } else { config.flows };
-                let sport = config.base_sport.wrapping_add((n % flows) as u16);
-                frame[34..36].copy_from_slice(&sport.to_be_bytes());
+                let flow = n % flows;
+                let span = 65536 - u32::from(config.base_port);
+                let port = config.base_port.wrapping_add((flow % span) as u16);
+                let (port_at, addr_at) = if config.cycle_dst == 0 {
+                    (34, IP_SRC)
+                } else {
+                    (36, IP_DST)
+                };
+                frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+                let step = (flow / span) as u8;
+                if step != 0 {
+                    let mut addr = [
+                        frame[addr_at],
+                        frame[addr_at + 1],
+                        frame[addr_at + 2],
+                        frame[addr_at + 3],
+                    ];
+                    addr[1] = addr[1].wrapping_add(step);
+                    replace_addr(frame, addr_at, addr);
+                }
             }
         }
         xdp_action::XDP_TX

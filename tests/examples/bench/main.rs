@@ -6,6 +6,7 @@ mod control;
 mod forwarding;
 mod http;
 mod kube_proxy;
+mod live;
 mod per_packet;
 mod report;
 
