@@ -1,16 +1,19 @@
 //! Programs for `cargo xtask bench`, built beside the load balancer's but never loaded by it:
-//! a traffic generator for XDP live frames, a counting sink, and the minimal XDP DNAT forwarder
-//! that is the floor of every comparison.
+//! a traffic generator for XDP live frames, counting sinks (XDP, and TC for pods that run no
+//! XDP), the minimal XDP DNAT forwarder that is the floor of the forwarding comparison, and the
+//! minimal forwarders of the node model (XDP DNAT then a TC `bpf_redirect_peer` into the pod;
+//! TC reverse NAT then `bpf_redirect` out of the node).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
         btf_maps::{Array, DevMapHash, HashMap, PerCpuArray},
-        macros::{btf_map, xdp},
-        programs::XdpContext,
+        helpers::generated::{bpf_redirect, bpf_redirect_peer},
+        macros::{btf_map, classifier, xdp},
+        programs::{TcContext, XdpContext},
     };
 
     /// Bytes of the generated frame's headers: Ethernet, IPv4 (no options), UDP.
@@ -41,8 +44,12 @@ mod programs {
     static GEN_CONFIG: Array<GenConfig, 1> = Array::new();
     #[btf_map]
     static GEN_SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
+    /// Frames counted by `bench_sink` (XDP).
     #[btf_map]
     static SINK_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
+    /// Frames counted by `bench_tc_sink` (TC).
+    #[btf_map]
+    static TC_SINK_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
 
     /// The floor forwarder's one backend per VIP.
     #[repr(C)]
@@ -60,18 +67,44 @@ mod programs {
     static MIN_BACKENDS: HashMap<[u8; 4], MinBackend, 16> = HashMap::new();
     #[btf_map]
     static MIN_TX: DevMapHash<16> = DevMapHash::new();
+    /// `bench_min_peer`'s one target: frames to `addr` go to the pod behind the host-side veth
+    /// `ifindex` (the MACs are unused).
+    #[btf_map]
+    static MIN_PEER: Array<MinBackend, 1> = Array::new();
+    /// `bench_min_reply`'s one rewrite: the source becomes `addr` (the VIP), the MACs are set
+    /// and the frame leaves by `ifindex` (the node's client-facing interface).
+    #[btf_map]
+    static MIN_REPLY: Array<MinBackend, 1> = Array::new();
 
     /// Byte offsets in an untagged IPv4 frame without options.
+    const ETH_TYPE: usize = 12;
+    const IP_VERSION_IHL: usize = 14;
+    const IP_PROTO: usize = 23;
     const IP_CHECK: usize = 24;
     const IP_SRC: usize = 26;
     const IP_DST: usize = 30;
     const UDP_CHECK: usize = 40;
+    const PROTO_UDP: u8 = 17;
+    /// `skb->pkt_type` of a frame addressed to the receiving host.
+    const PACKET_HOST: u32 = 0;
 
     #[inline(always)]
     fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-        let start = ctx.data();
-        (start + offset + core::mem::size_of::<T>() <= ctx.data_end())
-            .then_some((start + offset) as *mut T)
+        bounded(ctx.data(), ctx.data_end(), offset)
+    }
+
+    #[inline(always)]
+    fn bounded<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
+        (start + offset + core::mem::size_of::<T>() <= end).then_some((start + offset) as *mut T)
+    }
+
+    /// The headers of an untagged IPv4 UDP frame without options, if `frame` is one.
+    #[inline(always)]
+    fn udp4(frame: &[u8; HEADERS]) -> bool {
+        frame[ETH_TYPE] == 0x08
+            && frame[ETH_TYPE + 1] == 0x00
+            && frame[IP_VERSION_IHL] == 0x45
+            && frame[IP_PROTO] == PROTO_UDP
     }
 
     /// Replaces the IPv4 address at `at` (source or destination) with `new`, fixing the IPv4
@@ -158,6 +191,17 @@ mod programs {
         xdp_action::XDP_DROP
     }
 
+    /// Counts and drops, for interfaces whose receivers are ordinary sockets, not XDP: a pod's
+    /// `eth0` (at tcx ingress, as the first thing its stack does with a frame).
+    #[classifier]
+    pub fn bench_tc_sink(_ctx: TcContext) -> i32 {
+        if let Some(count) = TC_SINK_COUNT.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot.
+            unsafe { *count += 1 };
+        }
+        TC_ACT_SHOT
+    }
+
     /// The minimal DNAT forwarder: one lookup by destination, the address rewritten with its
     /// header checksum (the generator's UDP checksum is 0), MACs set, sent on.
     #[xdp]
@@ -190,6 +234,95 @@ mod programs {
                 Ok(action) | Err(action) => action,
             }
         }
+    }
+
+    /// The floor of the node model's forward path, its XDP half: the minimal DNAT (one lookup
+    /// by destination, address rewritten with the IPv4 and UDP checksums, MACs set to the
+    /// pod's), then XDP_PASS: the kernel makes the socket buffer and `bench_min_peer` at tcx
+    /// ingress moves it into the pod.
+    #[xdp]
+    pub fn bench_min_dnat_pass(ctx: XdpContext) -> u32 {
+        let Some(frame) = ptr_at::<[u8; HEADERS]>(&ctx, 0) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: a bounds-checked pointer into the frame.
+        let frame = unsafe { &mut *frame };
+        if !udp4(frame) {
+            return xdp_action::XDP_PASS;
+        }
+        let dst = [
+            frame[IP_DST],
+            frame[IP_DST + 1],
+            frame[IP_DST + 2],
+            frame[IP_DST + 3],
+        ];
+        // SAFETY: the value is copied out at once.
+        let Some(backend) = (unsafe { MIN_BACKENDS.get(dst) }).copied() else {
+            return xdp_action::XDP_PASS;
+        };
+        replace_addr(frame, IP_DST, backend.addr);
+        frame[0..6].copy_from_slice(&backend.dmac);
+        frame[6..12].copy_from_slice(&backend.smac);
+        xdp_action::XDP_PASS
+    }
+
+    /// The floor of the node model's forward path, its TC half (tcx ingress of the node's
+    /// client-facing interface): a frame to the backend `bench_min_dnat_pass` chose goes into
+    /// the pod's namespace with `bpf_redirect_peer` (it enters the pod's `eth0` ingress, past
+    /// the node's IP stack and the veth's transmit path). aya-ebpf 0.2.1 has no wrapper for the
+    /// helper: the generated binding is called.
+    #[classifier]
+    pub fn bench_min_peer(ctx: TcContext) -> i32 {
+        let (Some(frame), Some(target)) = (
+            bounded::<[u8; HEADERS]>(ctx.data(), ctx.data_end(), 0),
+            MIN_PEER.get(0),
+        ) else {
+            return TC_ACT_OK;
+        };
+        // SAFETY: a bounds-checked pointer into the frame.
+        let frame = unsafe { &*frame };
+        let dst = [
+            frame[IP_DST],
+            frame[IP_DST + 1],
+            frame[IP_DST + 2],
+            frame[IP_DST + 3],
+        ];
+        if !udp4(frame) || u32::from_ne_bytes(dst) != u32::from_ne_bytes(target.addr) {
+            return TC_ACT_OK;
+        }
+        // The frame carries the pod's MAC, so the node's stack marked it for another host, and
+        // a pod's IP layer drops such frames: not every kernel's redirect_peer resets the mark.
+        // SAFETY: the program's valid __sk_buff.
+        if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST
+            && ctx.change_type(PACKET_HOST).is_err()
+        {
+            return TC_ACT_SHOT;
+        }
+        // SAFETY: a helper with no pointer arguments.
+        unsafe { bpf_redirect_peer(target.ifindex, 0) as i32 }
+    }
+
+    /// The floor of the node model's reply path (tcx ingress of the pod's host-side veth): the
+    /// source rewritten back to the VIP (IPv4 and UDP checksums), MACs set, sent out of the
+    /// node's client-facing interface with `bpf_redirect`.
+    #[classifier]
+    pub fn bench_min_reply(ctx: TcContext) -> i32 {
+        let (Some(frame), Some(to)) = (
+            bounded::<[u8; HEADERS]>(ctx.data(), ctx.data_end(), 0),
+            MIN_REPLY.get(0),
+        ) else {
+            return TC_ACT_OK;
+        };
+        // SAFETY: a bounds-checked pointer into the frame.
+        let frame = unsafe { &mut *frame };
+        if !udp4(frame) {
+            return TC_ACT_OK;
+        }
+        replace_addr(frame, IP_SRC, to.addr);
+        frame[0..6].copy_from_slice(&to.dmac);
+        frame[6..12].copy_from_slice(&to.smac);
+        // SAFETY: a helper with no pointer arguments.
+        unsafe { bpf_redirect(to.ifindex, 0) as i32 }
     }
 }
 
