@@ -211,6 +211,8 @@ pub fn mac_string(mac: [u8; 6]) -> String {
 /// A pod's namespace and its veth pair to the node.
 pub struct Pod {
     pub ns: Netns,
+    /// The node's end of the pair, `p{i}`.
+    pub node_end: String,
     pub node_end_index: u32,
     pub node_end_mac: [u8; 6],
     /// The pod's end, `eth0`.
@@ -253,6 +255,7 @@ pub fn add_pod(
     ])?;
     Ok(Pod {
         ns,
+        node_end,
         node_end_index,
         node_end_mac,
         pod_mac,
