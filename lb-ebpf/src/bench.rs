@@ -85,8 +85,6 @@ mod programs {
     const IP_DST: usize = 30;
     const UDP_CHECK: usize = 40;
     const PROTO_UDP: u8 = 17;
-    /// `skb->pkt_type` of a frame addressed to the receiving host.
-    const PACKET_HOST: u32 = 0;
 
     #[inline(always)]
     fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
@@ -290,14 +288,12 @@ mod programs {
         if !udp4(frame) || u32::from_ne_bytes(dst) != u32::from_ne_bytes(target.addr) {
             return TC_ACT_OK;
         }
-        // The frame carries the pod's MAC, so the node's stack marked it for another host, and
-        // a pod's IP layer drops such frames: not every kernel's redirect_peer resets the mark.
-        // SAFETY: the program's valid __sk_buff.
-        if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST
-            && ctx.change_type(PACKET_HOST).is_err()
-        {
-            return TC_ACT_SHOT;
-        }
+        // The frame carries the pod's MAC, so the node's stack marked it for another host
+        // (PACKET_OTHERHOST), which a pod's IP layer drops; the kernel's redirect_peer scrubs
+        // the packet, which makes it PACKET_HOST again ("bpf: Scrub packet on
+        // bpf_redirect_peer", May 2025, also in 6.12.y; checked on 6.18: with no sink, the
+        // pod's IP layer takes every frame). Older kernels need a
+        // bpf_skb_change_type(PACKET_HOST) here.
         // SAFETY: a helper with no pointer arguments.
         unsafe { bpf_redirect_peer(target.ifindex, 0) as i32 }
     }
