@@ -10,58 +10,26 @@
 //! - plain kernel forwarding to one pod, no DNAT;
 //! - the minimal XDP DNAT forwarder (one backend, checksum fix, redirect): the floor.
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
-};
-use etherparse::PacketBuilder;
-use lb_common::{
-    Backend, ServiceKey, ServiceValue,
-    maps::{BACKEND_F_VALID, PROTO_UDP, ipv4_mapped},
+    maps::{DevMapHash, HashMap},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_tests::netns::{Netns, veth_pair_with_queues};
 use lb_userspace::{AttachMode, Dataplane, dataplane::BENCH_OBJECT};
 
-use crate::report::Report;
+use crate::{
+    live::{
+        self, Cycle, Generator, MANY_FLOWS, MinBackend, PODS, QUEUES, Traffic, VIP, flows_label,
+        link_info, ns_added, quotient,
+    },
+    report::Report,
+};
 
 pub const SECTION: &str =
     "Forwarding rate of the load-balancer hop (XDP live frames, 64-byte UDP, one CPU)";
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
-const PODS: u8 = 4;
-const MANY_FLOWS: u32 = 100_000;
-/// Queues of every veth of the rig: one per CPU of the scaling runs.
-const QUEUES: u32 = 2;
-
-/// The generator's configuration (`GenConfig` in lb-ebpf/src/bench.rs).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GenConfig {
-    template: [u8; 42],
-    pad: [u8; 2],
-    flows: u32,
-    base_sport: u16,
-    new_flows: u16,
-}
-// SAFETY: repr(C), explicit padding, any bit pattern valid.
-unsafe impl aya::Pod for GenConfig {}
-
-/// The floor forwarder's backend (`MinBackend` in lb-ebpf/src/bench.rs).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MinBackend {
-    addr: [u8; 4],
-    ifindex: u32,
-    dmac: [u8; 6],
-    smac: [u8; 6],
-}
-// SAFETY: as above.
-unsafe impl aya::Pod for MinBackend {}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Config {
@@ -86,28 +54,10 @@ impl Config {
     }
 }
 
-fn link_info(ns: &Netns, dev: &str) -> anyhow::Result<(u32, [u8; 6])> {
-    let read = |file: &str| -> anyhow::Result<String> {
-        Ok(String::from_utf8(
-            ns.exec("cat", &[&format!("/sys/class/net/{dev}/{file}")])?
-                .stdout,
-        )?)
-    };
-    let mac: Vec<u8> = read("address")?
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<Result<_, _>>()?;
-    Ok((
-        read("ifindex")?.trim().parse()?,
-        mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?,
-    ))
-}
-
 struct Rig {
     gen_ns: Netns,
     node: Netns,
-    _pods: Vec<Netns>,
+    _pods: Vec<live::Pod>,
     bench: Ebpf,
     dataplane: Dataplane,
     gen_ifindex: u32,
@@ -143,85 +93,27 @@ impl Rig {
         }
         let mut pods = Vec::new();
         let mut dataplane = Dataplane::load()?;
-        let key = ServiceKey {
-            addr: ipv4_mapped(VIP.octets()),
-            port: 8080,
-            proto: PROTO_UDP,
-            pad: 0,
-        };
-        dataplane.set_service(
-            &key,
-            &ServiceValue {
-                id: 0,
-                flags: 0,
-                affinity_timeout_secs: 0,
-            },
-        )?;
-        dataplane.set_vip_addr(ipv4_mapped(VIP.octets()), 1)?;
-        let mut placed = Vec::new();
-        let mut pod1 = None;
+        live::program_service(&mut dataplane)?;
         for i in 1..=PODS {
-            let pod = Netns::create(&format!("bfp{i}"))?;
-            let node_end = format!("p{i}");
-            veth_pair_with_queues((&node, &node_end), (&pod, "eth0"), QUEUES)?;
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("198.18.{i}.254/24"),
-                "dev",
-                &node_end,
-            ])?;
-            pod.ip(&["addr", "add", &format!("198.18.{i}.1/24"), "dev", "eth0"])?;
-            let (_, pod_mac) = link_info(&pod, "eth0")?;
-            let (node_end_index, node_end_mac) = link_info(&node, &node_end)?;
-            let mac = pod_mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            node.ip(&[
-                "neigh",
-                "replace",
-                &format!("198.18.{i}.1"),
-                "lladdr",
-                &mac,
-                "dev",
-                &node_end,
-                "nud",
-                "permanent",
-            ])?;
+            let pod = live::add_pod(&node, "bfp", i, |_| Ok(()))?;
             // Every pod drops and counts what reaches it.
             {
                 let sink: &mut Xdp = bench
                     .program_mut("bench_sink")
                     .expect("program")
                     .try_into()?;
-                pod.enter(|| sink.attach("eth0", XdpMode::Driver))??;
+                pod.ns.enter(|| sink.attach("eth0", XdpMode::Driver))??;
             }
             // Device maps resolve interface indexes in the caller's namespace.
-            node.enter(|| dataplane.add_tx_port(node_end_index))??;
-            dataplane.set_backend(
-                u32::from(i),
-                &Backend {
-                    addr: ipv4_mapped([198, 18, i, 1]),
-                    port: 8080,
-                    flags: BACKEND_F_VALID,
-                    service_id: 0,
-                },
-            )?;
-            placed.push(lb_userspace::maglev::MaglevBackend {
-                id: u32::from(i),
-                identity: vec![i],
-                weight: 1,
-            });
-            if i == 1 {
-                pod1 = Some((node_end_index, node_end_mac, pod_mac));
-            }
+            let index = pod.node_end_index;
+            node.enter(|| dataplane.add_tx_port(index))??;
             pods.push(pod);
         }
-        let table = lb_userspace::maglev::build(&placed, 1021)?.expect("a table");
-        dataplane.set_maglev_table(0, &table)?;
-        let (p1_index, p1_mac, pod1_mac) = pod1.expect("pod 1");
+        let (p1_index, p1_mac, pod1_mac) = (
+            pods[0].node_end_index,
+            pods[0].node_end_mac,
+            pods[0].pod_mac,
+        );
         let mut min_backends: HashMap<_, [u8; 4], MinBackend> =
             bench.map_mut("MIN_BACKENDS").expect("map").try_into()?;
         min_backends.insert(
@@ -304,13 +196,11 @@ impl Rig {
     }
 
     fn sunk(&self) -> anyhow::Result<u64> {
-        let count: PerCpuArray<_, u64> = self.bench.map("SINK_COUNT").expect("map").try_into()?;
-        Ok(count.get(&0, 0)?.iter().sum())
+        live::per_cpu_total(&self.bench, "SINK_COUNT")
     }
 
-    /// Sends `frames` frames with `flows` source ports (or each a new flow) from one generator
-    /// on CPU 0, or one on each of CPUs 0..`cpus` at once; returns the rate that reached the
-    /// sinks, in Mpps.
+    /// Sends `frames` frames with `traffic` to `dst` from one generator on CPU 0, or one on
+    /// each of CPUs 0..`cpus` at once; returns the rate that reached the sinks, in Mpps.
     fn send(
         &mut self,
         dst: Ipv4Addr,
@@ -318,75 +208,18 @@ impl Rig {
         frames: u32,
         cpus: usize,
     ) -> anyhow::Result<f64> {
-        let mut frame = Vec::new();
-        PacketBuilder::ethernet2(self.gen_mac, self.node_mac)
-            .ipv4([198, 18, 0, 1], dst.octets(), 64)
-            .udp(10000, 8080)
-            .write(&mut frame, &[0u8; 22])?;
-        frame[40..42].copy_from_slice(&[0, 0]);
-        let mut template = [0u8; 42];
-        template.copy_from_slice(&frame[..42]);
-        let (flows, new_flows) = match traffic {
-            Traffic::Flows(flows) => (flows, 0),
-            Traffic::NewFlows => (0, 1),
+        let generator = Generator {
+            ns: &self.gen_ns,
+            ifindex: self.gen_ifindex,
+            frame: live::udp_frame(
+                (self.gen_mac, self.node_mac),
+                (Ipv4Addr::new(198, 18, 0, 1), live::BASE_PORT),
+                (dst, 8080),
+            )?,
+            cycle: Cycle::Source,
         };
-        let mut config: Array<_, GenConfig> =
-            self.bench.map_mut("GEN_CONFIG").expect("map").try_into()?;
-        config.set(
-            0,
-            GenConfig {
-                template,
-                pad: [0; 2],
-                flows,
-                base_sport: 10000,
-                new_flows,
-            },
-            0,
-        )?;
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, self.gen_ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
         let before = self.sunk()?;
-        let generator: &Xdp = self
-            .bench
-            .program("bench_gen")
-            .expect("program")
-            .try_into()?;
-        let gen_ns = &self.gen_ns;
-        // One generator per CPU, each pinned: generator, node and sinks of a frame all run on
-        // the CPU that sent it (veth queue = CPU), a closed loop without drops.
-        let elapsed = std::thread::scope(|scope| -> anyhow::Result<Duration> {
-            let runs: Vec<_> = (0..cpus)
-                .map(|cpu| {
-                    let (frame, ctx) = (&frame, &ctx);
-                    scope.spawn(move || {
-                        gen_ns.enter(|| -> anyhow::Result<Duration> {
-                            let mut set = nix::sched::CpuSet::new();
-                            set.set(cpu)?;
-                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-                            let start = Instant::now();
-                            generator.test_run(TestRunOptions {
-                                data_in: Some(frame),
-                                ctx_in: Some(ctx),
-                                repeat: frames,
-                                attrs: TestRunAttrs::new().xdp_live_frames(64),
-                                ..TestRunOptions::new()
-                            })?;
-                            Ok(start.elapsed())
-                        })?
-                    })
-                })
-                .collect();
-            let mut longest = Duration::ZERO;
-            for run in runs {
-                let took = run
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("generator panicked"))??;
-                longest = longest.max(took);
-            }
-            Ok(longest)
-        })?;
+        let elapsed = live::generate(&mut self.bench, &generator, traffic, frames, cpus)?;
         let delivered = self.sunk()? - before;
         Ok(delivered as f64 / elapsed.as_secs_f64() / 1e6)
     }
@@ -418,15 +251,13 @@ fn scaling(
         for (t, (name, traffic)) in traffics.iter().enumerate() {
             for cpus in [1, 2] {
                 let probe = rig.send(VIP, *traffic, 50_000, cpus)?;
-                let frames = ((probe * 1e6 * target.as_secs_f64() / cpus as f64) as u32)
-                    .clamp(50_000, 20_000_000);
+                let frames = live::frames_for(probe, target, cpus);
                 let rate = rig.send(VIP, *traffic, frames, cpus)?;
                 eprintln!("   round {round}: ours, {name}, {cpus} CPU(s): {rate:.3} Mpps");
                 rates[t][cpus - 1].push(rate);
             }
         }
     }
-    let higher_is_better = |v: f64, b: f64| v / b;
     for ((name, _), [one, two]) in traffics.iter().zip(&rates) {
         report.add(
             SCALING,
@@ -441,20 +272,11 @@ fn scaling(
             &format!("ours, 2 CPUs, {name}"),
             "Mpps",
             two.clone(),
-            Some(("1 CPU", one, higher_is_better)),
+            Some(("1 CPU", one, quotient)),
             "goal: >= 1.8",
         );
     }
     Ok(())
-}
-
-/// What the generator sends.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Traffic {
-    /// Frames cycling over this many source ports (flows).
-    Flows(u32),
-    /// A new flow in every frame.
-    NewFlows,
 }
 
 pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
@@ -483,7 +305,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             rig.configure(*config)?;
             // Calibrate, then one long run of about `target`.
             let probe = rig.send(*dst, Traffic::Flows(*flows), 50_000, 1)?;
-            let frames = ((probe * 1e6 * target.as_secs_f64()) as u32).clamp(50_000, 20_000_000);
+            let frames = live::frames_for(probe, target, 1);
             let rate = rig.send(*dst, Traffic::Flows(*flows), frames, 1)?;
             eprintln!(
                 "   round {round}: {} ({flows} flows): {rate:.3} Mpps",
@@ -495,25 +317,14 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     scaling(&mut rig, report, rounds, target)?;
     rig.detach_node()?;
     let ceiling = rates[0].clone();
-    let ns_added = |rate: &[f64]| -> Vec<f64> {
-        rate.iter()
-            .zip(&ceiling)
-            .map(|(r, c)| 1e3 / r - 1e3 / c)
-            .collect()
-    };
+    let ns_added = |rate: &[f64]| ns_added(rate, &ceiling);
     let by = |config: Config, flows: u32| {
         runs.iter()
             .position(|(c, f, _)| *c == config && *f == flows)
             .expect("run")
     };
-    let higher_is_better = |v: f64, b: f64| v / b;
     for (i, (config, flows, _)) in runs.iter().enumerate() {
-        let label = format!(
-            "{} - {} flow{}",
-            config.name(),
-            flows,
-            if *flows == 1 { "" } else { "s" }
-        );
+        let label = format!("{} - {}", config.name(), flows_label(*flows));
         let baseline: Option<(String, usize)> = match config {
             Config::Ours if *flows == 1 => {
                 Some(("iptables, 1 flow".into(), by(Config::Iptables, 1)))
@@ -534,7 +345,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                 (
                     name.as_str(),
                     base_rounds.as_deref().unwrap_or(&[]),
-                    higher_is_better as fn(f64, f64) -> f64,
+                    quotient as fn(f64, f64) -> f64,
                 )
             }),
             "",
@@ -551,7 +362,6 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         }
     }
     for flows in [1, MANY_FLOWS] {
-        let plural = if flows == 1 { "" } else { "s" };
         let ours = by(Config::Ours, flows);
         for (other, goal) in [
             (Config::Iptables, "kube-proxy's iptables mode"),
@@ -562,20 +372,20 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             let name = runs[other].0.name();
             report.add(
                 SECTION,
-                &format!("ours vs {name}, {flows} flow{plural}"),
+                &format!("ours vs {name}, {}", flows_label(flows)),
                 "Mpps",
                 rates[ours].clone(),
-                Some((name, &rates[other], higher_is_better)),
+                Some((name, &rates[other], quotient)),
                 goal,
             );
             // The same comparison as the time each adds per packet (lower is better).
             let (ours_ns, other_ns) = (ns_added(&rates[ours]), ns_added(&rates[other]));
             report.add(
                 SECTION,
-                &format!("ns added: {name} over ours, {flows} flow{plural}"),
+                &format!("ns added: {name} over ours, {}", flows_label(flows)),
                 "ns",
                 other_ns,
-                Some(("ours", &ours_ns, higher_is_better)),
+                Some(("ours", &ours_ns, quotient)),
                 "ratio > 1: ours adds less time per packet",
             );
         }

@@ -6,6 +6,8 @@ mod control;
 mod forwarding;
 mod http;
 mod kube_proxy;
+mod live;
+mod node_model;
 mod per_packet;
 mod report;
 
@@ -27,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         ..Report::default()
     };
     type Section = fn(&mut Report, bool) -> anyhow::Result<()>;
-    let sections: [(&str, &str, Section); 4] = [
+    let sections: [(&str, &str, Section); 5] = [
         (
             "per-packet",
             "per-packet cost (BPF_PROG_TEST_RUN)",
@@ -37,6 +39,11 @@ fn main() -> anyhow::Result<()> {
             "forwarding",
             "forwarding rate (XDP live frames through the sandbox)",
             forwarding::run,
+        ),
+        (
+            "node-model",
+            "the node model: pods without XDP behind the node (XDP live frames)",
+            node_model::run,
         ),
         ("http", "HTTP end to end (wrk)", http::run),
         ("control", "Maglev and control plane", control::run),
