@@ -169,12 +169,27 @@ fn remove(forward: &FlowKey, reply: &FlowKey) {
 /// the last update. Every other reply costs one lookup, the reverse entry's.
 ///
 /// Not inlined: the keys get a stack frame of their own.
-#[inline(never)]
+#[inline(always)]
 pub fn reply(packet: &mut Packet, to: &mut ReverseValue) -> bool {
+    reply_if(packet, to, |_| true)
+}
+
+/// As [`reply`], but only when `may_take` agrees, asked once the reverse entry is found and
+/// before anything changes: a reply it refuses leaves its flow as it was, for whoever takes it
+/// next. One lookup of the reverse table either way.
+#[inline(never)]
+pub fn reply_if(
+    packet: &mut Packet,
+    to: &mut ReverseValue,
+    may_take: impl FnOnce(&Packet) -> bool,
+) -> bool {
     let key = flow_key(packet);
     let Some(found) = REVERSE_NAT.get_ptr_mut(&key) else {
         return false;
     };
+    if !may_take(packet) {
+        return false;
+    }
     // SAFETY: a value of the map (see `forward`).
     let found = unsafe { &mut *found };
     *to = *found;
@@ -246,10 +261,4 @@ pub fn backend_of(key: &FlowKey) -> Option<(u32, Backend)> {
 pub fn reverse_of(key: &FlowKey) -> Option<ReverseValue> {
     // SAFETY: the value is copied out at once.
     unsafe { REVERSE_NAT.get(key) }.copied()
-}
-
-/// Whether `packet` is a reply of a tracked flow: one lookup, nothing changed.
-#[inline(always)]
-pub fn is_reply(packet: &Packet) -> bool {
-    REVERSE_NAT.get_ptr(&flow_key(packet)).is_some()
 }

@@ -18,6 +18,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     context::{Frame, reserve_metadata},
+    frame::copy_bytes,
     maps::{FIB_PARAMS, NEXT_HOPS, NextHop, POD_PORTS, TX_PORTS},
     offsets::{IPV4_TTL, IPV6_HOP_LIMIT},
     parse::Packet,
@@ -120,8 +121,8 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     }
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
+        copy_bytes(&mut (*eth).dst_addr, &hop.dmac);
+        copy_bytes(&mut (*eth).src_addr, &hop.smac);
     }
     if same_port {
         Reason::DnatTx
@@ -202,6 +203,15 @@ pub fn route<C: EbpfContext + Frame>(
     (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(params)
 }
 
+/// The egress and MACs of the last successful [`route`] of this program run.
+#[inline(always)]
+pub fn route_found() -> Option<(u32, [u8; 6], [u8; 6])> {
+    let params = FIB_PARAMS.get_ptr(0)?;
+    // SAFETY: this CPU's scratch slot, written by `route` in this program run.
+    let params = unsafe { &*params };
+    Some((params.ifindex, params.dmac, params.smac))
+}
+
 /// Fills the route lookup's parameters for `packet` arriving on `ingress`.
 #[inline(always)]
 fn fill_fib_params<C: Frame>(
@@ -210,8 +220,14 @@ fn fill_fib_params<C: Frame>(
     packet: &Packet,
     ingress: u32,
 ) -> Result<(), ()> {
-    // SAFETY: an all-zero bpf_fib_lookup is valid.
-    *params = unsafe { mem::zeroed() };
+    // An all-zero bpf_fib_lookup is valid. Zeroed as eight words: `mem::zeroed()` compiles to
+    // a byte-at-a-time memset call (see `copy_bytes`).
+    const WORDS: usize = mem::size_of::<bpf_fib_lookup>() / 8;
+    let words = (params as *mut bpf_fib_lookup).cast::<[u64; WORDS]>();
+    for i in 0..WORDS {
+        // SAFETY: `params` is 8-byte aligned (a map value) and `WORDS` words long.
+        unsafe { core::ptr::write_volatile(&raw mut (*words)[i], 0) };
+    }
     params.l4_protocol = packet.proto;
     params.sport = packet.sport.to_be();
     params.dport = packet.dport.to_be();

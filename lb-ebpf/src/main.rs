@@ -43,7 +43,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use lb_common::{Event, Reason, ReverseValue, ServiceKey, maps::VIP_ADDR_F_HOST};
+    use lb_common::{Event, Reason, ServiceKey, maps::VIP_ADDR_F_HOST};
 
     use crate::{
         conntrack,
@@ -150,7 +150,10 @@ mod programs {
             return Reason::PassNotVip;
         }
         // Index 0 of a one-slot array always exists; the branch only satisfies the verifier.
-        let Some(Scratch { packet, selected }) = scratch() else {
+        let Some(Scratch {
+            packet, selected, ..
+        }) = scratch()
+        else {
             return Reason::PassUnparsed;
         };
         let kind = parse::packet(ctx, packet);
@@ -248,11 +251,14 @@ mod programs {
     #[inline(always)]
     fn pod_ingress(ctx: &TcContext) -> Reason {
         pull_headers(ctx);
-        let Some(Scratch { packet, .. }) = scratch() else {
+        let Some(Scratch {
+            packet, reverse, ..
+        }) = scratch()
+        else {
             return Reason::PodPass;
         };
         match parse::packet(ctx, packet) {
-            Kind::Parsed => pods::reply(ctx, packet),
+            Kind::Parsed => pods::reply(ctx, packet, reverse),
             // ICMP errors, fragments, the rest: the client-facing egress handles them.
             _ => Reason::PodPass,
         }
@@ -261,7 +267,10 @@ mod programs {
     #[inline(always)]
     fn tc_egress(ctx: &TcContext) -> Reason {
         pull_headers(ctx);
-        let Some(Scratch { packet, .. }) = scratch() else {
+        let Some(Scratch {
+            packet, reverse, ..
+        }) = scratch()
+        else {
             return Reason::EgressUnparsed;
         };
         match parse::packet(ctx, packet) {
@@ -276,14 +285,18 @@ mod programs {
         if maybe_vip(&packet.src) && owned_vip(&packet.src) {
             return Reason::EgressPass;
         }
-        let mut to = ReverseValue::default();
-        if !conntrack::reply(packet, &mut to) {
+        if !conntrack::reply(packet, reverse) {
             return Reason::EgressPass;
         }
         fragments::remember(packet);
-        match nat::reverse_nat(ctx, packet, &to) {
+        match nat::reverse_nat(ctx, packet, reverse) {
             Ok(()) => {
-                stats::flow(to.service_id, to.backend_id, ctx.len() as usize, false);
+                stats::flow(
+                    reverse.service_id,
+                    reverse.backend_id,
+                    ctx.len() as usize,
+                    false,
+                );
                 Reason::ReverseNat
             }
             // A half-rewritten reply must not leave: the client would see a backend address.

@@ -79,6 +79,9 @@ pub struct Scratch {
     pub packet: crate::parse::Packet,
     /// The backend chosen for it.
     pub selected: crate::select::Selected,
+    /// A reply's flow, as the reverse table holds it (here rather than on the stack, where
+    /// initialising it cost a memset call per reply).
+    pub reverse: lb_common::ReverseValue,
 }
 
 /// One [`Scratch`] per CPU; a program run owns its CPU's slot until it returns.

@@ -12,7 +12,7 @@ use network_types::{
 };
 
 use crate::{
-    frame::{Frame, read},
+    frame::{Frame, copy_bytes, read, set_ipv4_mapped},
     offsets::{
         ETHER_TYPE, IPV4_DST, IPV6_DST, TCP_CHECK, TCP_DATA_OFFSET, TCP_FLAGS, UDP_CHECK, UDP_LEN,
     },
@@ -137,7 +137,7 @@ pub fn packet(frame: &impl Frame, packet: &mut Packet) -> Kind {
     // The packet lives in per-CPU scratch memory: clear what an earlier packet left there.
     packet.vlan = false;
     packet.ipv4 = false;
-    packet.dst = [0; 16];
+    copy_bytes(&mut packet.dst, &[0; 16]);
     packet.fragment = FRAGMENT_NONE;
     let Ok(mut ether_type) = read::<[u8; 2]>(frame, ETHER_TYPE) else {
         return Kind::Truncated;
@@ -174,8 +174,8 @@ fn ipv4(frame: &impl Frame, packet: &mut Packet) -> Kind {
         return Kind::Truncated;
     };
     // SAFETY (all dereferences of `ip`): `ptr_at` checked the header lies within the frame.
-    packet.dst = ipv4_mapped(unsafe { (*ip).dst_addr });
-    packet.src = ipv4_mapped(unsafe { (*ip).src_addr });
+    set_ipv4_mapped(&mut packet.dst, unsafe { (*ip).dst_addr });
+    set_ipv4_mapped(&mut packet.src, unsafe { (*ip).src_addr });
     packet.ipv4 = true;
     let vihl = unsafe { (*ip).vihl };
     let header_len = ((vihl & 0x0f) as usize) * 4;
@@ -232,8 +232,8 @@ fn ipv6(frame: &impl Frame, packet: &mut Packet) -> Kind {
         return Kind::Truncated;
     };
     // SAFETY (all dereferences of `ip`): `ptr_at` checked the header lies within the frame.
-    packet.dst = unsafe { (*ip).dst_addr };
-    packet.src = unsafe { (*ip).src_addr };
+    copy_bytes(&mut packet.dst, unsafe { &(*ip).dst_addr });
+    copy_bytes(&mut packet.src, unsafe { &(*ip).src_addr });
     let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
     if unsafe { (*ip).vcf[0] } >> 4 != 6 || l3_off + Ipv6Hdr::LEN + payload_len > frame.packet_len()
     {

@@ -23,7 +23,8 @@ use network_types::eth::{EthHdr, EtherType};
 use crate::{
     conntrack,
     context::{Frame, ingress_ifindex, metadata},
-    forward::{decrement_hop_limit, hop_limit_expiring, route},
+    forward::{decrement_hop_limit, hop_limit_expiring, route, route_found},
+    frame::copy_bytes,
     nat,
     parse::{FRAGMENT_NONE, Packet},
     stats,
@@ -70,41 +71,37 @@ pub fn deliver(ctx: &TcContext) -> Delivery {
     };
     // SAFETY: bounds checked by `ptr_at`; the helper only records where the buffer goes.
     unsafe {
-        (*eth).dst_addr = handoff.dmac;
-        (*eth).src_addr = handoff.smac;
+        copy_bytes(&mut (*eth).dst_addr, &handoff.dmac);
+        copy_bytes(&mut (*eth).src_addr, &handoff.smac);
         Delivery::Moved(bpf_redirect_peer(handoff.ifindex, 0) as i32)
     }
 }
 
 /// Takes a pod's reply of a tracked flow past the host's stack: reverse NAT, then straight out
-/// of the route's interface (the program returns `TC_ACT_REDIRECT` for [`Reason::ReverseNatPod`]). `packet` is parsed; whatever is not taken is passed unchanged.
+/// of the route's interface (the program returns `TC_ACT_REDIRECT` for [`Reason::ReverseNatPod`]).
+/// `packet` is parsed; `to` receives its flow. Whatever is not taken is passed unchanged.
 ///
-/// The route is looked up before the flow's state is touched, so a reply the kernel must route
-/// (no neighbour yet, larger than the egress MTU, TTL expiring) reaches the client-facing
-/// egress as it was and is reverse-NATed there, once.
+/// The route is looked up once the reverse entry is found and before the flow's state is
+/// touched, so a reply the kernel must route (no neighbour yet, larger than the egress MTU,
+/// TTL expiring) reaches the client-facing egress as it was and is reverse-NATed there, once.
 #[inline(always)]
-pub fn reply(ctx: &TcContext, packet: &mut Packet) -> Reason {
-    if packet.vlan || packet.fragment != FRAGMENT_NONE || !conntrack::is_reply(packet) {
-        return Reason::PodPass;
-    }
-    if hop_limit_expiring(ctx, packet.l3_off, packet.ipv4) {
+pub fn reply(ctx: &TcContext, packet: &mut Packet, to: &mut ReverseValue) -> Reason {
+    if packet.vlan || packet.fragment != FRAGMENT_NONE {
         return Reason::PodPass;
     }
     let ingress = ingress_ifindex(ctx);
-    // Copied out: the parameters' slot is scratch space.
-    let Some((egress, dmac, smac)) =
-        route(ctx, packet, ingress).map(|found| (found.ifindex, found.dmac, found.smac))
-    else {
+    let routed = conntrack::reply_if(packet, to, |packet| {
+        !hop_limit_expiring(ctx, packet.l3_off, packet.ipv4)
+            && route(ctx, packet, ingress).is_some_and(|found| found.ifindex != ingress)
+    });
+    if !routed {
+        return Reason::PodPass;
+    }
+    // The route the check above found, still in this CPU's scratch slot.
+    let Some((egress, dmac, smac)) = route_found() else {
         return Reason::PodPass;
     };
-    if egress == ingress {
-        return Reason::PodPass;
-    }
-    let mut to = ReverseValue::default();
-    if !conntrack::reply(packet, &mut to) {
-        return Reason::PodPass;
-    }
-    if nat::reverse_nat(ctx, packet, &to).is_err() {
+    if nat::reverse_nat(ctx, packet, to).is_err() {
         return Reason::ReverseNatFailed;
     }
     stats::flow(to.service_id, to.backend_id, ctx.len() as usize, false);
@@ -117,8 +114,8 @@ pub fn reply(ctx: &TcContext, packet: &mut Packet) -> Reason {
     // SAFETY: bounds checked by `ptr_at`; the helper only records where the buffer goes (with
     // no flags it cannot fail).
     unsafe {
-        (*eth).dst_addr = dmac;
-        (*eth).src_addr = smac;
+        copy_bytes(&mut (*eth).dst_addr, &dmac);
+        copy_bytes(&mut (*eth).src_addr, &smac);
         bpf_redirect(egress, 0);
     }
     Reason::ReverseNatPod

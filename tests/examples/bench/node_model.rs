@@ -98,14 +98,12 @@ impl Config {
 
 /// The pod path of the data plane: XDP DNAT, then a TC program on the node's interface moves
 /// the packet into the pod with `bpf_redirect_peer`; replies are reverse-NATed by a TC program
-/// at the pod's host-side veth ingress. Returns whether this branch has it; without it the
-/// `OursPodPath` rows are skipped.
-// FILLED IN ON MERGE: the two lines of the body become
-// `for i in 1..=PODS { node.enter(|| dataplane.attach_pod_interface(&format!("p{i}")))??; }`
-// and `Ok(true)`.
+/// at the pod's host-side veth ingress.
 fn attach_pod_path(dataplane: &mut Dataplane, node: &Netns) -> anyhow::Result<bool> {
-    let _ = (dataplane, node);
-    Ok(false)
+    for i in 1..=PODS {
+        node.enter(|| dataplane.attach_pod_interface(&format!("p{i}")))??;
+    }
+    Ok(true)
 }
 
 /// Turns IPv6 off in `ns` for the links made after.
@@ -588,26 +586,31 @@ impl Rig {
             }
             (Config::OursPodPath, Direction::Forward) => {
                 // Whether the frames went around the node's IP stack is checked above (its
-                // forwarding counter); here, that lb_xdp saw them all.
-                let counted: u64 = Reason::ALL.iter().map(|r| delta(*r)).sum();
+                // forwarding counter); here, that lb_xdp handed every one to the TC program.
+                let handed = delta(Reason::DnatPod);
                 anyhow::ensure!(
-                    counted >= delivered,
-                    "{name}: lb_xdp counted {counted} frames for {delivered} delivered"
+                    handed >= delivered,
+                    "{name}: lb_xdp handed {handed} frames to the pod path (dnat_pod) for {delivered} delivered"
                 );
             }
-            (Config::OursToday | Config::OursPodPath, Direction::Reply) => {
-                // Every reply that reached the client was reverse-NATed; today's path also
-                // passes all of them through n0's TC egress, where none may go out untouched.
-                // (The pod path's replies reach that egress already rewritten.)
+            (Config::OursToday, Direction::Reply) => {
+                // Every reply that reached the client was reverse-NATed on n0's TC egress,
+                // where none may go out untouched.
                 let reversed = delta(Reason::ReverseNat);
-                let passed = if config == Config::OursToday {
-                    delta(Reason::EgressPass)
-                } else {
-                    0
-                };
+                let passed = delta(Reason::EgressPass);
                 anyhow::ensure!(
                     reversed >= delivered && passed == 0,
                     "{name}: {reversed} replies reverse-NATed and {passed} passed untouched, for {delivered} delivered of {frames} sent"
+                );
+            }
+            (Config::OursPodPath, Direction::Reply) => {
+                // Every reply was reverse-NATed and sent out by the pod's program, none by
+                // n0's egress.
+                let reversed = delta(Reason::ReverseNatPod);
+                let by_egress = delta(Reason::ReverseNat);
+                anyhow::ensure!(
+                    reversed >= delivered && by_egress == 0,
+                    "{name}: {reversed} replies sent straight out (reverse_nat_pod) and {by_egress} reverse-NATed on n0's egress, for {delivered} delivered of {frames} sent"
                 );
             }
             (Config::Iptables | Config::Nftables, Direction::Reply) => {
