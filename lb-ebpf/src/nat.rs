@@ -17,6 +17,7 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     context::{Frame, OutOfBounds},
+    frame::copy_bytes,
     offsets::{IPV4_CHECK, IPV4_SRC, IPV6_DST, IPV6_SRC, L4_DPORT},
     parse::{FRAGMENT_LATER, Packet},
 };
@@ -108,7 +109,7 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
             ctx.l4_csum_replace(check_off, old, new, pseudo)?;
         }
         let bytes: [u8; 4] = [to.vip[12], to.vip[13], to.vip[14], to.vip[15]];
-        ctx.store(packet.l3_off + IPV4_SRC, &bytes, 0)?;
+        store(ctx, packet.l3_off + IPV4_SRC, &bytes)?;
     } else {
         if whole {
             for word in 0..4 {
@@ -117,7 +118,7 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
                 ctx.l4_csum_replace(check_off, old, new, pseudo)?;
             }
         }
-        ctx.store(packet.l3_off + IPV6_SRC, &to.vip, 0)?;
+        store(ctx, packet.l3_off + IPV6_SRC, &to.vip)?;
     }
     if !whole {
         return Ok(());
@@ -126,7 +127,19 @@ pub fn reverse_nat(ctx: &TcContext, packet: &Packet, to: &ReverseValue) -> Resul
     let new_port_bytes = to.vip_port.to_be_bytes();
     let new_port = u64::from(u16::from_ne_bytes(new_port_bytes));
     ctx.l4_csum_replace(check_off, old_port, new_port, keep_zero | 2)?;
-    ctx.store(packet.l4_off, &new_port_bytes, 0)
+    store(ctx, packet.l4_off, &new_port_bytes)
+}
+
+/// Writes `bytes` at `offset` of a socket buffer directly: cheaper than the store helper, and
+/// the checksums are the helpers' business above. (A program that writes packet data directly
+/// gets the kernel's unclone prologue, so the buffer is its own.)
+#[inline(always)]
+fn store<const N: usize>(ctx: &TcContext, offset: usize, bytes: &[u8; N]) -> Result<(), c_long> {
+    // Fresh pointers: the checksum helpers may have moved the data.
+    let at = ctx.ptr_at::<[u8; N]>(offset).map_err(|_| -1)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    copy_bytes(unsafe { &mut *at }, bytes);
+    Ok(())
 }
 
 /// The 4 bytes of `addr` at `at` as the helpers take them: in memory (network) order.
