@@ -24,6 +24,9 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// `id % NEXT_HOP_SLOTS` and checks the address it holds, so a shared slot costs a route
 /// lookup, never a wrong next hop.
 pub const NEXT_HOP_SLOTS: u32 = 4096;
+/// Slots of the per-CPU cache of routes to clients, for replies sent straight out by the pod
+/// program (a power of two: a client address's slot is a hash's top bits).
+pub const REPLY_HOP_SLOTS: u32 = 1024;
 /// Default capacity of the connection table and of the reverse-NAT table.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 /// Entries the kernel's LRU may hold free per CPU (`LOCAL_FREE_TARGET`): it starts evicting

@@ -83,3 +83,11 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: `skb` is the program's valid __sk_buff.
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
+
+/// The segment size of a GSO socket buffer (a batch of segments the kernel cuts on the way
+/// out); 0 for a single packet.
+#[inline(always)]
+pub fn gso_size(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the program's valid __sk_buff.
+    unsafe { (*ctx.skb.skb).gso_size }
+}

@@ -7,19 +7,20 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup,
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Event, PodHandoff, Reason,
     checksum::replace16,
-    maps::{NEXT_HOP_SLOTS, POD_HANDOFF_MAGIC},
+    maps::{NEXT_HOP_SLOTS, POD_HANDOFF_MAGIC, REPLY_HOP_SLOTS, vip_filter_bit},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    context::{Frame, reserve_metadata},
+    conntrack::now_ns,
+    context::{Frame, gso_size, reserve_metadata},
     frame::copy_bytes,
-    maps::{FIB_PARAMS, NEXT_HOPS, NextHop, POD_PORTS, TX_PORTS},
+    maps::{FIB_PARAMS, NEXT_HOPS, NextHop, POD_PORTS, REPLY_HOPS, TX_PORTS},
     offsets::{IPV4_TTL, IPV6_HOP_LIMIT},
     parse::Packet,
     stats,
@@ -166,7 +167,7 @@ fn hand_to_pod(ctx: &XdpContext, hop: &NextHop) -> Reason {
 /// Looks the route to `packet`'s destination up into `hop`; false when the kernel must help.
 #[inline(always)]
 fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut NextHop) -> bool {
-    let Some(params) = route(ctx, packet, ingress) else {
+    let Some(params) = route(ctx, packet, ingress, 0) else {
         return false;
     };
     hop.egress = params.ifindex;
@@ -178,19 +179,68 @@ fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut N
     true
 }
 
+/// The route to `packet`'s destination (a reply's client) for a socket buffer that arrived on
+/// `ingress`: egress and MACs. Looked up once per client and CPU every [`NEXT_HOP_TTL_NS`]
+/// (`REPLY_HOPS`), and every packet checked against the route's MTU; a GSO batch is looked up
+/// each time, the kernel judging its segments.
+#[inline(always)]
+pub fn reply_route(
+    ctx: &TcContext,
+    packet: &Packet,
+    ingress: u32,
+) -> Option<(u32, [u8; 6], [u8; 6])> {
+    if gso_size(ctx) != 0 {
+        return route(ctx, packet, ingress, 0).map(|found| (found.ifindex, found.dmac, found.smac));
+    }
+    let slot = vip_filter_bit(&packet.dst) % REPLY_HOP_SLOTS;
+    let hop = REPLY_HOPS.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot.
+    let hop = unsafe { &mut *hop };
+    let now = now_ns();
+    if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
+        // A nominal length of 1: the lookup answers with the route's MTU instead of judging
+        // this one packet, which the check below does for every packet.
+        let found = route(ctx, packet, ingress, 1);
+        hop.routable = u32::from(found.is_some());
+        if let Some(found) = found {
+            hop.egress = found.ifindex;
+            // SAFETY: the lookup wrote the route's MTU over the length it was given.
+            hop.mtu = u32::from(unsafe { found.__bindgen_anon_1.mtu_result });
+            copy_bytes(&mut hop.smac, &found.smac);
+            copy_bytes(&mut hop.dmac, &found.dmac);
+        }
+        copy_bytes(&mut hop.addr, &packet.dst);
+        hop.ingress = ingress;
+        hop.expires_ns = now
+            + if found.is_some() {
+                NEXT_HOP_TTL_NS
+            } else {
+                NO_ROUTE_TTL_NS
+            };
+    }
+    if hop.routable == 0 || (hop.mtu != 0 && packet.l3_len > hop.mtu) {
+        return None;
+    }
+    Some((hop.egress, hop.dmac, hop.smac))
+}
+
 /// The kernel's route to `packet`'s destination, for a packet that arrived on `ingress`, with
-/// the next hop's MAC addresses: `None` when there is no route or no neighbour yet, or (for a
-/// socket buffer) the packet is larger than the egress MTU allows.
+/// the next hop's MAC addresses: `None` when there is no route or no neighbour yet, or the
+/// packet is larger than the egress MTU allows. `tot_len` 0 asks the lookup for the egress
+/// MTU (XDP) or to judge the socket buffer itself, GSO batches included (TC); a nominal length
+/// asks for the route's MTU.
 #[inline(always)]
 pub fn route<C: EbpfContext + Frame>(
     ctx: &C,
     packet: &Packet,
     ingress: u32,
+    tot_len: u16,
 ) -> Option<&'static bpf_fib_lookup> {
     let params = FIB_PARAMS.get_ptr_mut(0)?;
     // SAFETY: a per-CPU scratch slot, used by this program run only.
     let params = unsafe { &mut *params };
     fill_fib_params(params, ctx, packet, ingress).ok()?;
+    params.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: the helper reads and writes only `params`.
     let rc = unsafe {
         fib_lookup(
@@ -201,15 +251,6 @@ pub fn route<C: EbpfContext + Frame>(
         )
     };
     (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(params)
-}
-
-/// The egress and MACs of the last successful [`route`] of this program run.
-#[inline(always)]
-pub fn route_found() -> Option<(u32, [u8; 6], [u8; 6])> {
-    let params = FIB_PARAMS.get_ptr(0)?;
-    // SAFETY: this CPU's scratch slot, written by `route` in this program run.
-    let params = unsafe { &*params };
-    Some((params.ifindex, params.dmac, params.smac))
 }
 
 /// Fills the route lookup's parameters for `packet` arriving on `ingress`.

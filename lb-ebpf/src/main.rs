@@ -267,6 +267,12 @@ mod programs {
     #[inline(always)]
     fn tc_egress(ctx: &TcContext) -> Reason {
         pull_headers(ctx);
+        // Already from a service address: a reply the pod program rewrote and sent straight
+        // out (or any packet no backend sent). It leaves before the parser and the
+        // reverse-table lookup (a likely cache miss).
+        if parse::source(ctx).is_some_and(|src| maybe_vip(&src) && owned_vip(&src)) {
+            return Reason::EgressPass;
+        }
         let Some(Scratch {
             packet, reverse, ..
         }) = scratch()
@@ -279,11 +285,6 @@ mod programs {
             Kind::Icmp if icmp::egress(ctx, packet) => return Reason::ReverseNatIcmp,
             Kind::Truncated | Kind::Malformed => return Reason::EgressUnparsed,
             _ => return Reason::EgressPass,
-        }
-        // Already from a service address: a reply the pod program sent straight out (or any
-        // packet no backend sent). Spares it the reverse-table lookup, a likely cache miss.
-        if maybe_vip(&packet.src) && owned_vip(&packet.src) {
-            return Reason::EgressPass;
         }
         if !conntrack::reply(packet, reverse) {
             return Reason::EgressPass;

@@ -9,7 +9,7 @@ use lb_common::{
     maps::{
         AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, FRAGMENTS_SIZE,
         MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TX_PORTS,
-        NEXT_HOP_SLOTS, VIP_FILTER_WORDS,
+        NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, VIP_FILTER_WORDS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -123,6 +123,12 @@ pub struct NextHop {
 /// capacity: it is per CPU, and a few thousand backends in use at once cover most nodes.
 #[btf_map]
 pub static NEXT_HOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
+
+/// Routes to clients per CPU, for replies the pod program sends straight out: client address
+/// `a` uses slot `hash(a) % REPLY_HOP_SLOTS`, checked against the address and ingress it was
+/// looked up for, and kept as long as `NEXT_HOPS`' entries.
+#[btf_map]
+pub static REPLY_HOPS: PerCpuArray<NextHop, { REPLY_HOP_SLOTS as usize }> = PerCpuArray::new();
 
 /// One [`Counter`] per [`lb_common::Reason`].
 #[btf_map]

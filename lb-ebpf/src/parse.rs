@@ -14,7 +14,8 @@ use network_types::{
 use crate::{
     frame::{Frame, copy_bytes, read, set_ipv4_mapped},
     offsets::{
-        ETHER_TYPE, IPV4_DST, IPV6_DST, TCP_CHECK, TCP_DATA_OFFSET, TCP_FLAGS, UDP_CHECK, UDP_LEN,
+        ETHER_TYPE, IPV4_DST, IPV4_SRC, IPV6_DST, IPV6_SRC, TCP_CHECK, TCP_DATA_OFFSET, TCP_FLAGS,
+        UDP_CHECK, UDP_LEN,
     },
 };
 
@@ -115,13 +116,25 @@ pub enum Kind {
 /// `None` for anything else (tagged, not IP, too short), which the full parse decides.
 #[inline(always)]
 pub fn destination(frame: &impl Frame) -> Option<[u8; 16]> {
+    address_at(frame, IPV4_DST, IPV6_DST)
+}
+
+/// The source address of an untagged IPv4 or IPv6 frame, as [`destination`] reads it.
+#[inline(always)]
+pub fn source(frame: &impl Frame) -> Option<[u8; 16]> {
+    address_at(frame, IPV4_SRC, IPV6_SRC)
+}
+
+/// The address at `v4` or `v6` bytes into the IP header of an untagged frame.
+#[inline(always)]
+fn address_at(frame: &impl Frame, v4: usize, v6: usize) -> Option<[u8; 16]> {
     let ether_type = u16::from_ne_bytes(read::<[u8; 2]>(frame, ETHER_TYPE).ok()?);
     if ether_type == EtherType::Ipv4 as u16 {
-        read::<[u8; 4]>(frame, EthHdr::LEN + IPV4_DST)
+        read::<[u8; 4]>(frame, EthHdr::LEN + v4)
             .ok()
             .map(ipv4_mapped)
     } else if ether_type == EtherType::Ipv6 as u16 {
-        read::<[u8; 16]>(frame, EthHdr::LEN + IPV6_DST).ok()
+        read::<[u8; 16]>(frame, EthHdr::LEN + v6).ok()
     } else {
         None
     }

@@ -23,7 +23,7 @@ use network_types::eth::{EthHdr, EtherType};
 use crate::{
     conntrack,
     context::{Frame, ingress_ifindex, metadata},
-    forward::{decrement_hop_limit, hop_limit_expiring, route, route_found},
+    forward::{decrement_hop_limit, hop_limit_expiring, reply_route},
     frame::copy_bytes,
     nat,
     parse::{FRAGMENT_NONE, Packet},
@@ -90,17 +90,24 @@ pub fn reply(ctx: &TcContext, packet: &mut Packet, to: &mut ReverseValue) -> Rea
         return Reason::PodPass;
     }
     let ingress = ingress_ifindex(ctx);
-    let routed = conntrack::reply_if(packet, to, |packet| {
-        !hop_limit_expiring(ctx, packet.l3_off, packet.ipv4)
-            && route(ctx, packet, ingress).is_some_and(|found| found.ifindex != ingress)
+    // Filled in whole by the check below (an `Option` written from inside the closure leaves
+    // a register the verifier sees as uninitialised on its `None` path).
+    let (mut egress, mut dmac, mut smac) = (0, [0u8; 6], [0u8; 6]);
+    let taken = conntrack::reply_if(packet, to, |packet| {
+        if hop_limit_expiring(ctx, packet.l3_off, packet.ipv4) {
+            return false;
+        }
+        match reply_route(ctx, packet, ingress) {
+            Some((out, next, own)) if out != ingress => {
+                (egress, dmac, smac) = (out, next, own);
+                true
+            }
+            _ => false,
+        }
     });
-    if !routed {
+    if !taken {
         return Reason::PodPass;
     }
-    // The route the check above found, still in this CPU's scratch slot.
-    let Some((egress, dmac, smac)) = route_found() else {
-        return Reason::PodPass;
-    };
     if nat::reverse_nat(ctx, packet, to).is_err() {
         return Reason::ReverseNatFailed;
     }

@@ -983,12 +983,28 @@ fn frames_over_the_mtu_and_failed_redirects_go_to_the_kernel() {
 
 #[test]
 fn frames_for_a_local_pod_are_handed_to_the_tc_program_and_its_replies_sent_straight_out() {
-    past_the_stack("pod4", CLIENT4, VIP4, backend4(1), "198.18.0.0/24");
+    let unrouted = IpAddr::V4(Ipv4Addr::new(198, 18, 5, 10));
+    past_the_stack(
+        "pod4",
+        CLIENT4,
+        unrouted,
+        VIP4,
+        backend4(1),
+        "198.18.0.0/24",
+    );
 }
 
 #[test]
 fn ipv6_frames_for_a_local_pod_are_handed_to_the_tc_program_and_its_replies_sent_straight_out() {
-    past_the_stack("pod6", CLIENT6, VIP6, backend6(1), "2001:db8::/64");
+    let unrouted = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x10));
+    past_the_stack(
+        "pod6",
+        CLIENT6,
+        unrouted,
+        VIP6,
+        backend6(1),
+        "2001:db8::/64",
+    );
 }
 
 /// A local pod behind `fwd0` (`routed_netns`), its interface on the fast path, the client
@@ -997,8 +1013,16 @@ fn ipv6_frames_for_a_local_pod_are_handed_to_the_tc_program_and_its_replies_sent
 /// program writes them); a reply is reverse-NATed, one hop older, addressed to the client's
 /// neighbour and redirected out of `fwd1`. A reply the kernel must route (no route to the
 /// client) passes untouched with its flow untouched, and the client-facing egress
-/// reverse-NATs it as before.
-fn past_the_stack(tag: &str, client: IpAddr, vip: IpAddr, backend: IpAddr, client_net: &str) {
+/// reverse-NATs it as before. (A route once found is kept per client for a second, as for
+/// backends: a later route change reaches the fast path within that.)
+fn past_the_stack(
+    tag: &str,
+    client: IpAddr,
+    unrouted: IpAddr,
+    vip: IpAddr,
+    backend: IpAddr,
+    client_net: &str,
+) {
     const TC_ACT_REDIRECT: u32 = 7;
     let client_mac = [2, 0, 0, 0, 0, 0x10];
     let (ns, fwd0, fwd0_mac, fwd1) = routed_netns(tag);
@@ -1059,9 +1083,14 @@ fn past_the_stack(tag: &str, client: IpAddr, vip: IpAddr, backend: IpAddr, clien
         );
         assert_checksums_valid(&output);
 
-        // Without a route to the client, the kernel routes the reply: untouched here, and
-        // reverse-NATed on the client-facing egress, its flow still known there.
-        ns.ip(&["route", "del", client_net, "dev", "fwd1"]).unwrap();
+        // A client without a route back (nothing routes to `unrouted` here): the kernel routes
+        // the reply, untouched here and reverse-NATed on the client-facing egress, its flow
+        // still known there.
+        let request = Spec::tcp(unrouted, 44001, vip, PORT);
+        lb.run_on(&request.build(), Some(fwd1));
+        let mut reply = request.clone();
+        (reply.src, reply.sport, reply.dst, reply.dport) =
+            (backend, TARGET_PORT, request.src, request.sport);
         let (verdict, output) = lb.run_tc_pod(&reply.build(), fwd0);
         assert_eq!(
             (verdict, lb.last_reason()),
