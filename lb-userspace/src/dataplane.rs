@@ -372,37 +372,9 @@ impl Dataplane {
             })?;
         self.attached
             .push((iface.to_owned(), Link::Xdp(XDP_PROGRAM, link)));
-        let tc_link = PinnedLink::from_pin(dir.join(TC_LINK_PIN))
-            .map_err(|e| pin_error("opening the pinned TC link")(std::io::Error::other(e)))?;
-        let tc_link = SchedClassifierLink::try_from(FdLink::from(tc_link))
-            .map_err(|e| pin_error("reading the pinned TC link")(std::io::Error::other(e)))?;
-        let link = tc_mut(&mut self.ebpf, TC_EGRESS_PROGRAM)?
-            .attach_to_link(tc_link)
-            .map_err(|source| DataplaneError::Program {
-                action: "adopting the TC link with",
-                program: TC_EGRESS_PROGRAM,
-                iface: iface.to_owned(),
-                source: Box::new(source),
-            })?;
-        self.attached
-            .push((iface.to_owned(), Link::Tc(TC_EGRESS_PROGRAM, link)));
+        self.adopt_tc(iface, dir, TC_EGRESS_PROGRAM)?;
         if dir.join(TC_INGRESS_LINK_PIN).exists() {
-            let tc_link = PinnedLink::from_pin(dir.join(TC_INGRESS_LINK_PIN)).map_err(|e| {
-                pin_error("opening the pinned TC ingress link")(std::io::Error::other(e))
-            })?;
-            let tc_link = SchedClassifierLink::try_from(FdLink::from(tc_link)).map_err(|e| {
-                pin_error("reading the pinned TC ingress link")(std::io::Error::other(e))
-            })?;
-            let link = tc_mut(&mut self.ebpf, TC_INGRESS_PROGRAM)?
-                .attach_to_link(tc_link)
-                .map_err(|source| DataplaneError::Program {
-                    action: "adopting the TC link with",
-                    program: TC_INGRESS_PROGRAM,
-                    iface: iface.to_owned(),
-                    source: Box::new(source),
-                })?;
-            self.attached
-                .push((iface.to_owned(), Link::Tc(TC_INGRESS_PROGRAM, link)));
+            self.adopt_tc(iface, dir, TC_INGRESS_PROGRAM)?;
         } else {
             // A data plane pinned by a version without it: attached now, pinned beside.
             self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
@@ -410,6 +382,36 @@ impl Dataplane {
         }
         info!(%iface, dir = %dir.display(), "adopted the pinned data plane: programs replaced in place");
         Ok(XdpMode::Default)
+    }
+
+    /// Replaces the program of the TC link pinned in `dir` for program `name` with this
+    /// instance's.
+    fn adopt_tc(
+        &mut self,
+        iface: &str,
+        dir: &Path,
+        name: &'static str,
+    ) -> Result<(), DataplaneError> {
+        let pin_error = |what: &'static str| {
+            move |e: String| DataplaneError::Pin {
+                what,
+                source: std::io::Error::other(e),
+            }
+        };
+        let pinned = PinnedLink::from_pin(dir.join(tc_link_pin(name)))
+            .map_err(|e| pin_error("opening a pinned TC link")(e.to_string()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .map_err(|e| pin_error("reading a pinned TC link")(e.to_string()))?;
+        let link = tc_mut(&mut self.ebpf, name)?
+            .attach_to_link(link)
+            .map_err(|source| DataplaneError::Program {
+                action: "adopting the TC link with",
+                program: name,
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            })?;
+        self.attached.push((iface.to_owned(), Link::Tc(name, link)));
+        Ok(())
     }
 
     /// Pins the XDP and TC links just attached (those not pinned yet), so they outlive this
