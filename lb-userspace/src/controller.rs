@@ -529,6 +529,22 @@ impl Controller {
         Ok(report)
     }
 
+    /// Looks for the local pods among the applied endpoints again, between applies: a pod's
+    /// interface can be recreated (its sandbox restarted) without any endpoint changing.
+    /// Saves the state when what is on the path changed.
+    pub fn refresh_local_pods(&mut self) -> Result<(), ControllerError> {
+        let services = std::mem::take(&mut self.state.services);
+        let local_pods = self.sync_pod_interfaces(&services);
+        self.state.services = services;
+        if local_pods != self.state.local_pods {
+            self.state.local_pods = local_pods;
+            if let Some(path) = &self.state_path {
+                self.state.write(path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the interfaces of the local pods among `services`' backends onto the fast path,
     /// and those of pods no longer among them off it; returns the endpoints on it, with their
     /// interfaces. Only ever a speed-up: what fails is logged, and those pods' traffic goes

@@ -523,16 +523,20 @@ impl Dataplane {
     /// Takes the local pod behind `iface` (its host-side interface: a veth whose peer is in
     /// the pod's namespace) onto the fast path: frames DNATed for it are moved into its
     /// namespace, and its replies are reverse-NATed at `iface`'s ingress and sent straight to
-    /// the client-facing interface. Idempotent. Call it in the namespace of `iface`.
+    /// the client-facing interface. Idempotent; an interface recreated under the same name is
+    /// taken on afresh. Call it in the namespace of `iface`.
     pub fn attach_pod_interface(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        if self.pod_interfaces.contains_key(iface) {
-            return Ok(());
-        }
         let ifindex =
             nix::net::if_::if_nametoindex(iface).map_err(|errno| DataplaneError::Interface {
                 iface: iface.to_owned(),
                 source: errno.into(),
             })?;
+        match self.pod_interfaces.get(iface) {
+            Some(attached) if attached.ifindex == ifindex => return Ok(()),
+            // The same name on a new interface (its pod's sandbox recreated it).
+            Some(_) => self.detach_pod_interface(iface)?,
+            None => {}
+        }
         // The reply program first: frames must not reach the pod before its replies can be
         // taken over (they would still be correct, only slower).
         let link = self.attach_tc_link(iface, TC_POD_PROGRAM, TcAttachType::Ingress)?;

@@ -28,6 +28,9 @@ use tracing::{error, info, warn};
 /// How long a configuration must stay unchanged before it is applied: editors and `kubectl`
 /// write files in several steps.
 const SETTLE: Duration = Duration::from_millis(50);
+/// How often the local pods are looked for between applies (see
+/// `Controller::refresh_local_pods`).
+const LOCAL_PODS_REFRESH: Duration = Duration::from_secs(10);
 
 /// Logged once `attach` is fully up: stop handlers installed, metrics served, first apply
 /// done. Nothing else logs these words.
@@ -573,6 +576,10 @@ impl Running {
     /// Follows the configuration and answers metrics until a stop signal.
     async fn serve(&mut self, controller: &mut Controller, stop: &mut StopSignals) {
         let mut ticker = tokio::time::interval(Duration::from_secs(self.stats_interval.max(1)));
+        let mut local_pods = tokio::time::interval_at(
+            tokio::time::Instant::now() + LOCAL_PODS_REFRESH,
+            LOCAL_PODS_REFRESH,
+        );
         let mut settle_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -588,6 +595,11 @@ impl Running {
                     let _ = reply.send(metrics::render(controller, self.reloads));
                 }
                 _ = ticker.tick(), if self.stats_interval > 0 => log_counters(controller.dataplane()),
+                _ = local_pods.tick() => {
+                    if let Err(e) = controller.refresh_local_pods() {
+                        warn!(error = %e, "saving the local pods found");
+                    }
+                }
             }
         }
     }

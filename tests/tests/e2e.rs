@@ -254,6 +254,41 @@ fn local_pods_are_found_and_their_traffic_skips_the_host_stack() {
     );
 }
 
+/// A pod whose interface is recreated while its endpoint stays (its sandbox restarted, same
+/// addresses) is found again between applies, and its traffic goes back past the host's stack.
+#[test]
+fn a_recreated_pod_interface_is_taken_back_onto_the_path() {
+    let mut sandbox = sandbox("e2erp", 1);
+    sandbox.stop_pod(1).unwrap();
+    sandbox.start_pod(1).unwrap();
+    let dnat_pod = "lb_packets_total{reason=\"dnat_pod\"}";
+    let before = metric(&sandbox.scrape_metrics().unwrap(), dnat_pod);
+    // The controller looks for local pods every 10 s between applies.
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    let mut moved = 0;
+    while moved < 40 && std::time::Instant::now() < deadline {
+        sandbox.http_batch(IpAddr::V4(VIP4), 5).unwrap();
+        moved = metric(&sandbox.scrape_metrics().unwrap(), dnat_pod) - before;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = sandbox
+        .controller
+        .as_ref()
+        .map(|c| c.log.lock().unwrap().join("\n"))
+        .unwrap_or_default();
+    assert!(
+        moved >= 40,
+        "packets moved into the recreated pod: {moved}; the controller said:\n{log}"
+    );
+    let described = sandbox
+        .cli(&["describe", "service", lb_tests::sandbox::SERVICE])
+        .unwrap();
+    assert!(
+        described.contains("local pods past the host's stack: 1"),
+        "{described}"
+    );
+}
+
 #[test]
 fn client_ip_affinity_holds_across_connections() {
     let sandbox = sandbox("e2ea", 4);
