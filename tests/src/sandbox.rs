@@ -324,10 +324,13 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Stops pod `index` and removes its namespace.
+    /// Stops pod `index` and removes its namespace and its veth pair.
     pub fn stop_pod(&mut self, index: u8) -> anyhow::Result<()> {
         if let Some(pod) = self.pods.remove(&index) {
             pod.server.stop(Duration::from_secs(2))?;
+            // The pair goes now: a removed namespace's interfaces are destroyed later, by the
+            // kernel's cleanup work, and a pod started again at once would find its name taken.
+            self.node.ip(&["link", "del", &format!("veth-p{index}")])?;
             drop(pod.ns);
         }
         Ok(())
