@@ -1,6 +1,6 @@
-//! Local pods without the host's IP stack, after Cilium's `bpf_redirect_peer` /
-//! `bpf_redirect_neigh` host routing: the node model, where pods sit behind the node on veth
-//! pairs whose pod ends run ordinary applications.
+//! Local pods without the host's IP stack, after Cilium's BPF host routing (`bpf_redirect_peer`
+//! into a pod, a redirect to the route's interface out of it): the node model, where pods sit
+//! behind the node on veth pairs whose pod ends run ordinary applications.
 //!
 //! - Towards a pod: the XDP program DNATs, finds the pod's host-side interface in `POD_PORTS`
 //!   and passes the frame with a [`PodHandoff`] in its metadata; [`deliver`], at the TC
