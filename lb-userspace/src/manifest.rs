@@ -110,7 +110,22 @@ fn io_error(path: &Path, error: &std::io::Error) -> ConfigError {
 }
 
 /// Reads every document of one file's text into `manifests`.
+///
+/// An empty file (nothing but white space) is refused, not read as "no objects": it is what a
+/// shell leaves between truncating a file and the writer's output (`kubectl get ... -o yaml >
+/// file`), and applying it would remove its services until the write lands. The previous state
+/// keeps serving meanwhile; a file meant to hold nothing is removed instead.
 pub fn read_text(file: &Path, text: &str, manifests: &mut Manifests) -> Result<(), ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: file.display().to_string(),
+            object: "-".into(),
+            field: "-".into(),
+            message:
+                "empty: taken as being written (a file's services are removed by removing the file)"
+                    .into(),
+        });
+    }
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let object = format!("document {}", index + 1);
         let value = Value::deserialize(document).map_err(|e| ConfigError {
@@ -250,5 +265,24 @@ impl fmt::Display for Manifests {
             self.endpoints.len(),
             self.slices.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_refused_as_being_written_not_read_as_no_objects() {
+        for text in ["", "\n", "  \n\t\n"] {
+            let mut manifests = Manifests::default();
+            let error = read_text(Path::new("cfg/app.yaml"), text, &mut manifests).unwrap_err();
+            assert_eq!(error.file, "cfg/app.yaml");
+            assert!(error.message.contains("being written"), "{}", error.message);
+        }
+        // A document with nothing in it, in a file that is not empty, is read as nothing.
+        let mut manifests = Manifests::default();
+        read_text(Path::new("cfg/app.yaml"), "---\n", &mut manifests).unwrap();
+        assert!(manifests.services.is_empty());
     }
 }

@@ -289,6 +289,53 @@ fn a_recreated_pod_interface_is_taken_back_onto_the_path() {
     );
 }
 
+/// `kubectl get svc,endpointslices -o yaml > cfg/tomcat.yaml`: the shell truncates the file
+/// first and the writer fills it later. The empty file in between is not applied (it would
+/// remove the service): requests every 20 ms through the window all succeed.
+#[test]
+fn a_truncated_manifest_being_rewritten_never_removes_its_service() {
+    let sandbox = sandbox("e2etr", 2);
+    let path = sandbox.config.path().join("tomcat.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                if let Err(e) = sandbox.http_get(IpAddr::V4(VIP4)) {
+                    failed.push(e.to_string());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (sent, failed)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        // As a shell redirect does: truncate, then (the writer still fetching) write in place.
+        std::fs::File::create(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::write(&path, &text).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    assert!(sent >= 20, "requests sent through the window: {sent}");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    let log = sandbox
+        .controller
+        .as_ref()
+        .map(|c| c.log.lock().unwrap().join("\n"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("being written"),
+        "the controller saw the empty file: {log}"
+    );
+}
+
 #[test]
 fn client_ip_affinity_holds_across_connections() {
     let sandbox = sandbox("e2ea", 4);
