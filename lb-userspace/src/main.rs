@@ -152,10 +152,12 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Colours only for a person at a terminal: a log file or a collector gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match Cli::parse().command {
         Command::Attach {
@@ -673,30 +675,36 @@ fn watch(path: &Path, changes: mpsc::Sender<()>) -> anyhow::Result<notify::Recom
     Ok(watcher)
 }
 
+/// Serves `/metrics`, and `/healthz` and `/readyz` for probes. The listener is served only once
+/// start-up is over (the first apply done, the data plane attached), so both probes answer 200
+/// from then on: a process that answers is alive and serving.
 async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<MetricsRequest>) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let requests = requests.clone();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                let body = if requests.send(tx).await.is_ok() {
-                    rx.await.unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                // prometheus-client writes OpenMetrics (`_total` suffixes, `# EOF`): say so, or
-                // a scraper would read it as the older Prometheus text format.
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    body,
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(|| async { "ready\n" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let requests = requests.clone();
+                async move {
+                    let (tx, rx) = oneshot::channel();
+                    let body = if requests.send(tx).await.is_ok() {
+                        rx.await.unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    // prometheus-client writes OpenMetrics (`_total` suffixes, `# EOF`): say so, or
+                    // a scraper would read it as the older Prometheus text format.
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
     if let Err(e) = axum::serve(listener, app).await {
         error!(error = %e, "the metrics server stopped");
     }

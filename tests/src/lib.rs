@@ -73,9 +73,7 @@ impl Roots {
         config: &std::path::Path,
     ) -> std::process::Command {
         let mut command = ns.command(controller);
-        command
-            .args(self.attach_args(iface, config))
-            .env("NO_COLOR", "1");
+        command.args(self.attach_args(iface, config));
         command
     }
 
@@ -161,8 +159,7 @@ pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsContr
             command
                 .args(args)
                 .arg(lb_userspace_bin())
-                .args(roots.attach_args("veth-lb", config.path()))
-                .env("NO_COLOR", "1");
+                .args(roots.attach_args("veth-lb", config.path()));
             command
         }
         None => roots.attach_command(&ns, &lb_userspace_bin(), "veth-lb", config.path()),
@@ -248,11 +245,17 @@ impl Roots {
 
 /// The Prometheus text a controller in `ns` serves on its default metrics address.
 pub fn scrape_metrics(ns: &netns::Netns) -> anyhow::Result<String> {
+    get_from_controller(ns, "/metrics")
+}
+
+/// The whole HTTP response (status line, headers, body) of a GET of `path` from the
+/// controller's metrics listener in `ns`.
+pub fn get_from_controller(ns: &netns::Netns, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     ns.enter(|| -> anyhow::Result<String> {
         let mut stream = std::net::TcpStream::connect("127.0.0.1:9464")?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        stream.write_all(request.as_bytes())?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
         Ok(text)

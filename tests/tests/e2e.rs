@@ -334,6 +334,8 @@ fn a_truncated_manifest_being_rewritten_never_removes_its_service() {
         log.contains("being written"),
         "the controller saw the empty file: {log}"
     );
+    // Its output is a pipe, not a terminal: no colour codes in the log.
+    assert!(!log.contains('\u{1b}'), "{log}");
 }
 
 #[test]

@@ -58,7 +58,6 @@ fn each_invalid_manifest_stops_attach_at_start_up() {
                 .args(["--pin-root", &roots.pin_root])
                 .args(["--state-root", &roots.state_root])
                 .env("RUST_BACKTRACE", "0")
-                .env("NO_COLOR", "1")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()

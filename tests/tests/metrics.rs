@@ -170,6 +170,18 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The probes a DaemonSet points at the metrics listener answer once start-up is over.
+#[test]
+fn the_health_and_readiness_probes_answer() {
+    let running = lb_tests::attach_in_netns("probes", &[]).unwrap();
+    for (path, body) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let response = lb_tests::get_from_controller(&running.ns, path).unwrap();
+        let (head, text) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert_eq!(text.trim(), body, "{path}");
+    }
+}
+
 #[test]
 fn metrics_parse_as_openmetrics_with_the_promised_families_and_labels() {
     let running = lb_tests::attach_in_netns("metrics", &[]).unwrap();

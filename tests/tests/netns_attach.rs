@@ -121,7 +121,6 @@ fn cli_attaches_counts_and_detaches_on_sigterm() {
             &roots.state_root,
         ])
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -187,8 +186,7 @@ fn keep_on_exit_then_detach_removes_everything() {
             &roots.pin_root,
             "--state-root",
             &roots.state_root,
-        ])
-        .env("NO_COLOR", "1");
+        ]);
     let controller = LoggedChild::spawn(command, false).unwrap();
     // Start-up complete: a stop before would remove the data plane despite --keep-on-exit.
     controller.wait_ready(Duration::from_secs(10)).unwrap();
