@@ -118,15 +118,23 @@ pub const VIP_FILTER_BITS: u32 = 1 << 20;
 /// 64-bit words of the VIP filter.
 pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
 
-/// The VIP filter bit of `addr`: Fibonacci hashing of the address's four words folded into
-/// one, cheap enough to run on every packet. A set bit means "maybe a VIP" (look the service
-/// up); a clear one means "certainly not" (a false positive costs one lookup, never a packet).
+/// The VIP filter bit of `addr` (see [`address_slot`]). A set bit means "maybe a VIP" (look the
+/// service up); a clear one means "certainly not" (a false positive costs one lookup, never a
+/// packet).
 #[inline(always)]
 #[must_use]
 pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+    address_slot(addr, VIP_FILTER_BITS)
+}
+
+/// `addr`'s slot among `slots` (a power of two): Fibonacci hashing of the address's four words
+/// folded into one, cheap enough to run on every packet.
+#[inline(always)]
+#[must_use]
+pub fn address_slot(addr: &[u8; 16], slots: u32) -> u32 {
     let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
     let folded = word(0) ^ word(4).rotate_left(8) ^ word(8).rotate_left(16) ^ word(12);
-    folded.wrapping_mul(0x9e37_79b9) >> (32 - VIP_FILTER_BITS.trailing_zeros())
+    folded.wrapping_mul(0x9e37_79b9) >> (32 - slots.trailing_zeros())
 }
 
 /// A service's identity: VIP, port and protocol.

@@ -167,8 +167,6 @@ fn remove(forward: &FlowKey, reply: &FlowKey) {
 /// A reply updates its flow's entry (its state, its lifetime) only when it can change it: the
 /// first reply, one with FIN, RST or SYN, or one more than [`LIFETIME_GRANULARITY_NS`] after
 /// the last update. Every other reply costs one lookup, the reverse entry's.
-///
-/// Not inlined: the keys get a stack frame of their own.
 #[inline(always)]
 pub fn reply(packet: &mut Packet, to: &mut ReverseValue) -> bool {
     reply_if(packet, to, |_| true)
@@ -177,6 +175,8 @@ pub fn reply(packet: &mut Packet, to: &mut ReverseValue) -> bool {
 /// As [`reply`], but only when `may_take` agrees, asked once the reverse entry is found and
 /// before anything changes: a reply it refuses leaves its flow as it was, for whoever takes it
 /// next. One lookup of the reverse table either way.
+///
+/// Not inlined: the keys get a stack frame of their own.
 #[inline(never)]
 pub fn reply_if(
     packet: &mut Packet,

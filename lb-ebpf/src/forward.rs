@@ -12,7 +12,7 @@ use aya_ebpf::{
 use lb_common::{
     Event, PodHandoff, Reason,
     checksum::replace16,
-    maps::{NEXT_HOP_SLOTS, POD_HANDOFF_MAGIC, REPLY_HOP_SLOTS, vip_filter_bit},
+    maps::{NEXT_HOP_SLOTS, POD_HANDOFF_MAGIC, REPLY_HOP_SLOTS, address_slot},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -64,22 +64,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32) -> Reason {
     };
     // SAFETY: this CPU's slot.
     let hop = unsafe { &mut *hop };
-    let now = packet.now_ns;
-    if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
-        let routable = look_up_next_hop(ctx, packet, ingress, hop);
-        hop.addr = packet.dst;
-        hop.ingress = ingress;
-        hop.routable = u32::from(routable);
-        // A failed lookup (no route, no neighbour yet) is kept briefly too, so the packets the
-        // kernel must forward meanwhile do not each pay for a lookup that will fail again.
-        hop.expires_ns = now
-            + if routable {
-                NEXT_HOP_TTL_NS
-            } else {
-                NO_ROUTE_TTL_NS
-            };
-    }
-    if hop.routable == 0 {
+    if !refresh(hop, ctx, packet, ingress, packet.now_ns, 0) {
         return FALLBACK;
     }
     let egress = hop.egress;
@@ -164,19 +149,42 @@ fn hand_to_pod(ctx: &XdpContext, hop: &NextHop) -> Reason {
     Reason::DnatPod
 }
 
-/// Looks the route to `packet`'s destination up into `hop`; false when the kernel must help.
+/// Brings the cached next hop `hop` up to date for `packet` arriving on `ingress` when it has
+/// expired or was looked up for another address or ingress; returns whether it holds a route.
+/// A failed lookup (no route, no neighbour yet) is kept briefly too, so the packets the kernel
+/// must forward meanwhile do not each pay for a lookup that will fail again. `tot_len` is
+/// [`route`]'s. The path is left for the caller to decide ([`PATH_KERNEL`]).
 #[inline(always)]
-fn look_up_next_hop(ctx: &XdpContext, packet: &Packet, ingress: u32, hop: &mut NextHop) -> bool {
-    let Some(params) = route(ctx, packet, ingress, 0) else {
-        return false;
-    };
-    hop.egress = params.ifindex;
-    // SAFETY: the lookup wrote the egress MTU over the length it was given (0: never too big).
-    hop.mtu = u32::from(unsafe { params.__bindgen_anon_1.mtu_result });
-    hop.path = path_to(params.ifindex, ingress);
-    hop.smac = params.smac;
-    hop.dmac = params.dmac;
-    true
+fn refresh<C: EbpfContext + Frame>(
+    hop: &mut NextHop,
+    ctx: &C,
+    packet: &Packet,
+    ingress: u32,
+    now: u64,
+    tot_len: u16,
+) -> bool {
+    if hop.expires_ns > now && hop.ingress == ingress && hop.addr == packet.dst {
+        return hop.routable != 0;
+    }
+    let found = route(ctx, packet, ingress, tot_len);
+    if let Some(found) = found {
+        hop.egress = found.ifindex;
+        // SAFETY: the lookup wrote the MTU over the length it was given.
+        hop.mtu = u32::from(unsafe { found.__bindgen_anon_1.mtu_result });
+        hop.path = PATH_KERNEL;
+        copy_bytes(&mut hop.smac, &found.smac);
+        copy_bytes(&mut hop.dmac, &found.dmac);
+    }
+    copy_bytes(&mut hop.addr, &packet.dst);
+    hop.ingress = ingress;
+    hop.routable = u32::from(found.is_some());
+    hop.expires_ns = now
+        + if found.is_some() {
+            NEXT_HOP_TTL_NS
+        } else {
+            NO_ROUTE_TTL_NS
+        };
+    found.is_some()
 }
 
 /// The route to `packet`'s destination (a reply's client) for a socket buffer that arrived on
@@ -192,33 +200,14 @@ pub fn reply_route(
     if gso_size(ctx) != 0 {
         return route(ctx, packet, ingress, 0).map(|found| (found.ifindex, found.dmac, found.smac));
     }
-    let slot = vip_filter_bit(&packet.dst) % REPLY_HOP_SLOTS;
+    let slot = address_slot(&packet.dst, REPLY_HOP_SLOTS);
     let hop = REPLY_HOPS.get_ptr_mut(slot)?;
     // SAFETY: this CPU's slot.
     let hop = unsafe { &mut *hop };
-    let now = now_ns();
-    if hop.expires_ns <= now || hop.ingress != ingress || hop.addr != packet.dst {
-        // A nominal length of 1: the lookup answers with the route's MTU instead of judging
-        // this one packet, which the check below does for every packet.
-        let found = route(ctx, packet, ingress, 1);
-        hop.routable = u32::from(found.is_some());
-        if let Some(found) = found {
-            hop.egress = found.ifindex;
-            // SAFETY: the lookup wrote the route's MTU over the length it was given.
-            hop.mtu = u32::from(unsafe { found.__bindgen_anon_1.mtu_result });
-            copy_bytes(&mut hop.smac, &found.smac);
-            copy_bytes(&mut hop.dmac, &found.dmac);
-        }
-        copy_bytes(&mut hop.addr, &packet.dst);
-        hop.ingress = ingress;
-        hop.expires_ns = now
-            + if found.is_some() {
-                NEXT_HOP_TTL_NS
-            } else {
-                NO_ROUTE_TTL_NS
-            };
-    }
-    if hop.routable == 0 || (hop.mtu != 0 && packet.l3_len > hop.mtu) {
+    // A nominal length of 1: the lookup answers with the route's MTU instead of judging this one
+    // packet, which the check below does for every packet.
+    if !refresh(hop, ctx, packet, ingress, now_ns(), 1) || (hop.mtu != 0 && packet.l3_len > hop.mtu)
+    {
         return None;
     }
     Some((hop.egress, hop.dmac, hop.smac))
