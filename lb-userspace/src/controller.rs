@@ -204,6 +204,14 @@ pub fn addr16(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// Every backend address of `services`, once per backend (the discovery skips repeats).
+fn backend_addresses(services: &[AppliedService]) -> Vec<IpAddr> {
+    services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.addr))
+        .collect()
+}
+
 /// The data plane's key of a service.
 pub fn service_key(key: &VipKey) -> ServiceKey {
     ServiceKey {
@@ -505,7 +513,7 @@ impl Controller {
         report.flows_cleared = self.dataplane.purge_backends(&removed_backends)?;
         self.dataplane.set_vip_filter(desired_vips)?;
         self.step_done(ApplyStep::Retired);
-        let local_pods = self.sync_pod_interfaces(&desired);
+        let local_pods = self.sync_pod_interfaces(backend_addresses(&desired));
 
         self.state = AppliedState {
             generation: self.state.generation + 1,
@@ -533,9 +541,7 @@ impl Controller {
     /// interface can be recreated (its sandbox restarted) without any endpoint changing.
     /// Saves the state when what is on the path changed.
     pub fn refresh_local_pods(&mut self) -> Result<(), ControllerError> {
-        let services = std::mem::take(&mut self.state.services);
-        let local_pods = self.sync_pod_interfaces(&services);
-        self.state.services = services;
+        let local_pods = self.sync_pod_interfaces(backend_addresses(&self.state.services));
         if local_pods != self.state.local_pods {
             self.state.local_pods = local_pods;
             if let Some(path) = &self.state_path {
@@ -545,11 +551,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Takes the interfaces of the local pods among `services`' backends onto the fast path,
+    /// Takes the interfaces of the local pods among `backends` onto the fast path,
     /// and those of pods no longer among them off it; returns the endpoints on it, with their
     /// interfaces. Only ever a speed-up: what fails is logged, and those pods' traffic goes
     /// through the host's stack as before.
-    fn sync_pod_interfaces(&mut self, services: &[AppliedService]) -> BTreeMap<IpAddr, String> {
+    fn sync_pod_interfaces(&mut self, backends: Vec<IpAddr>) -> BTreeMap<IpAddr, String> {
         let mut on_path = BTreeMap::new();
         let client_facing: HashSet<String> = self
             .dataplane
@@ -559,16 +565,18 @@ impl Controller {
         if client_facing.is_empty() {
             return on_path;
         }
-        let discovery = match self.discovery.take().map_or_else(Discovery::new, Ok) {
-            Ok(discovery) => self.discovery.insert(discovery),
-            Err(e) => {
-                warn!(error = %e, "local pods cannot be found: their traffic goes through the host's stack");
-                return on_path;
+        if self.discovery.is_none() {
+            match Discovery::new() {
+                Ok(discovery) => self.discovery = Some(discovery),
+                Err(e) => {
+                    warn!(error = %e, "local pods cannot be found: their traffic goes through the host's stack");
+                    return on_path;
+                }
             }
+        }
+        let Some(discovery) = self.discovery.as_mut() else {
+            return on_path;
         };
-        let backends = services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.addr));
         let found = match discovery.local_pods(backends) {
             Ok(found) => found,
             Err(e) => {
