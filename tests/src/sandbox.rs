@@ -103,6 +103,11 @@ impl LoggedChild {
         Ok(Self { child, log })
     }
 
+    /// Everything logged so far, one line per line.
+    pub fn text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
     /// How many lines contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.log
@@ -123,10 +128,7 @@ impl LoggedChild {
         let start = Instant::now();
         while self.count(needle) < times {
             if start.elapsed() > timeout {
-                bail!(
-                    "no {needle:?} (x{times}) in the log:\n{}",
-                    self.log.lock().expect("log lock").join("\n")
-                );
+                bail!("no {needle:?} (x{times}) in the log:\n{}", self.text());
             }
             std::thread::sleep(Duration::from_millis(10));
         }

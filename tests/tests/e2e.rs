@@ -274,7 +274,7 @@ fn a_recreated_pod_interface_is_taken_back_onto_the_path() {
     let log = sandbox
         .controller
         .as_ref()
-        .map(|c| c.log.lock().unwrap().join("\n"))
+        .map(lb_tests::sandbox::LoggedChild::text)
         .unwrap_or_default();
     assert!(
         moved >= 40,
@@ -328,7 +328,7 @@ fn a_truncated_manifest_being_rewritten_never_removes_its_service() {
     let log = sandbox
         .controller
         .as_ref()
-        .map(|c| c.log.lock().unwrap().join("\n"))
+        .map(lb_tests::sandbox::LoggedChild::text)
         .unwrap_or_default();
     assert!(
         log.contains("being written"),
