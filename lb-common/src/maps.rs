@@ -153,6 +153,11 @@ pub struct ServiceKey {
 
 /// `ServiceValue::flags`: new connections of a client stick to its previous backend.
 pub const SERVICE_F_AFFINITY: u32 = 1;
+/// `ServiceValue::flags`: this frontend admits only clients in the ranges stored under its
+/// service id.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 2;
+/// `ServiceValue::flags`: with no backend taking new flows, drop them instead of refusing them.
+pub const SERVICE_F_DROP_EMPTY: u32 = 4;
 
 /// What the data plane needs to know of a service.
 #[repr(C)]

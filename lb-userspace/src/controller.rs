@@ -17,8 +17,8 @@ use std::{
 use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{
-        BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY, VIP_ADDR_F_HOST,
-        ipv4_mapped,
+        BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY,
+        SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST, ipv4_mapped,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     maglev::{self, MaglevBackend},
-    model::{Cluster, Options, Protocol},
+    model::{Cluster, EndpointModel, Frontend, FrontendKind, Options, Protocol, SourceRange},
     pods::Discovery,
 };
 
@@ -53,24 +53,40 @@ pub enum ControllerError {
     },
 }
 
-/// One VIP:port:proto: a service as the data plane knows it.
+pub use crate::model::VipKey;
+
+/// Which frontends of a Service port share one data-plane service (one id, one Maglev table,
+/// one affinity table): all of them, unless the traffic policies give the external and the
+/// internal ones different endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct VipKey {
-    /// The VIP.
-    pub vip: IpAddr,
-    /// The service port.
-    pub port: u16,
-    /// The protocol.
-    pub protocol: Protocol,
+pub enum Scope {
+    /// Every frontend.
+    All,
+    /// Load balancer IPs, external IPs and node ports (`externalTrafficPolicy`).
+    External,
+    /// Cluster IPs (`internalTrafficPolicy`).
+    Internal,
 }
 
-impl std::fmt::Display for VipKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.vip {
-            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.protocol.name()),
-            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.protocol.name()),
+impl Scope {
+    fn includes(self, kind: FrontendKind) -> bool {
+        match self {
+            Self::All => true,
+            Self::External => kind.is_external(),
+            Self::Internal => !kind.is_external(),
         }
     }
+}
+
+/// What identifies a data-plane service from one apply to the next.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    namespace: String,
+    name: String,
+    port: u16,
+    protocol: Protocol,
+    ipv4: bool,
+    scope: Scope,
 }
 
 /// A backend as applied.
@@ -93,11 +109,16 @@ pub struct AppliedBackend {
     pub pod: Option<String>,
 }
 
-/// A data plane service as applied.
+/// A data plane service as applied: one port of a Kubernetes Service in one address family,
+/// reached through every frontend that shares its endpoints. Its frontends share its id, and
+/// so its Maglev table, its counters and its ClientIP affinity (kube-proxy's affinity is per
+/// Service port too, whichever address a client used).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedService {
-    /// Where it is reached.
-    pub key: VipKey,
+    /// Where it is reached, sorted.
+    pub frontends: Vec<Frontend>,
+    /// Which of the Service port's frontends these are.
+    pub scope: Scope,
     /// Slot of its counters and its Maglev table.
     pub id: u32,
     /// The Kubernetes service's namespace.
@@ -106,10 +127,23 @@ pub struct AppliedService {
     pub name: String,
     /// The service port's name.
     pub port_name: String,
+    /// The service port.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The address family of its frontends and backends.
+    pub ipv4: bool,
     /// ClientIP affinity timeout, if any.
     pub affinity_timeout_secs: Option<u32>,
     /// Maglev table size.
     pub table_size: u32,
+    /// Clients admitted through its load balancer IPs (empty: every client).
+    #[serde(default)]
+    pub source_ranges: Vec<SourceRange>,
+    /// New flows are dropped, not refused, when no backend takes them: the Service has
+    /// endpoints, none of them on this node (a `Local` traffic policy), as kube-proxy does.
+    #[serde(default)]
+    pub drop_when_empty: bool,
     /// Backends, sorted by address and port.
     pub backends: Vec<AppliedBackend>,
 }
@@ -130,6 +164,49 @@ pub struct AppliedState {
 }
 
 impl AppliedService {
+    /// What identifies it from one apply to the next.
+    pub fn group(&self) -> GroupKey {
+        GroupKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            port: self.port,
+            protocol: self.protocol,
+            ipv4: self.ipv4,
+            scope: self.scope,
+        }
+    }
+
+    /// Its frontends, for people: `198.18.0.10:80/TCP, 198.18.0.11:80/TCP`.
+    pub fn frontends_text(&self) -> String {
+        let keys: Vec<String> = self.frontends.iter().map(|f| f.key.to_string()).collect();
+        keys.join(", ")
+    }
+
+    /// The frontend reached at `key`, if it is one of this service's.
+    pub fn frontend(&self, key: &VipKey) -> Option<&Frontend> {
+        self.frontends.iter().find(|f| f.key == *key)
+    }
+
+    /// The data plane's value for `frontend`: the service's id and settings, and the checks
+    /// that depend on how the frontend is reached.
+    pub fn frontend_value(&self, frontend: &Frontend) -> ServiceValue {
+        let mut flags = 0;
+        if self.affinity_timeout_secs.is_some() {
+            flags |= SERVICE_F_AFFINITY;
+        }
+        if frontend.kind == FrontendKind::LoadBalancer && !self.source_ranges.is_empty() {
+            flags |= SERVICE_F_SOURCE_RANGES;
+        }
+        if self.drop_when_empty {
+            flags |= SERVICE_F_DROP_EMPTY;
+        }
+        ServiceValue {
+            id: self.id,
+            flags,
+            affinity_timeout_secs: self.affinity_timeout_secs.unwrap_or(0),
+        }
+    }
+
     /// The service's Maglev table: its backends that take new flows, placed by their address
     /// and port (so every load balancer builds the same table whatever ids it gave); `None`
     /// when no backend takes new flows.
@@ -308,50 +385,73 @@ impl Controller {
     fn desired(&self, cluster: &Cluster) -> Vec<AppliedService> {
         let mut services = Vec::new();
         for service in &cluster.services {
+            let external_local = service.node_local(FrontendKind::LoadBalancer);
+            let internal_local = service.node_local(FrontendKind::ClusterIp);
+            let scopes = if external_local == internal_local {
+                vec![(Scope::All, external_local)]
+            } else {
+                vec![
+                    (Scope::External, external_local),
+                    (Scope::Internal, internal_local),
+                ]
+            };
             for port in &service.ports {
-                let node_vips = port
-                    .node_port
-                    .map(|node_port| self.options.node_ips.iter().map(move |ip| (*ip, node_port)))
-                    .into_iter()
-                    .flatten();
-                for (vip, vport) in service
-                    .vips
-                    .iter()
-                    .map(|v| (*v, port.port))
-                    .chain(node_vips)
-                {
-                    let backends = port
+                let frontends = service.frontends(port, &self.options);
+                for ipv4 in [true, false] {
+                    let family: Vec<&EndpointModel> = port
                         .endpoints
                         .iter()
-                        .filter(|e| e.addr.is_ipv4() == vip.is_ipv4())
-                        .map(|e| AppliedBackend {
-                            id: 0,
-                            addr: e.addr,
-                            port: e.port,
-                            terminating: e.terminating,
-                            not_ready: e.not_ready,
-                            weight: e.weight,
-                            pod: e.pod.clone(),
-                        })
+                        .filter(|e| e.addr.is_ipv4() == ipv4)
                         .collect();
-                    services.push(AppliedService {
-                        key: VipKey {
-                            vip,
-                            port: vport,
+                    for &(scope, node_local) in &scopes {
+                        let mut frontends: Vec<Frontend> = frontends
+                            .iter()
+                            .filter(|f| f.key.vip.is_ipv4() == ipv4 && scope.includes(f.kind))
+                            .copied()
+                            .collect();
+                        if frontends.is_empty() {
+                            continue;
+                        }
+                        frontends.sort();
+                        let on_this_node = |e: &&&EndpointModel| {
+                            !node_local
+                                || e.node_name.as_deref() == Some(self.options.node_name.as_str())
+                        };
+                        let backends: Vec<AppliedBackend> = family
+                            .iter()
+                            .filter(on_this_node)
+                            .map(|e| AppliedBackend {
+                                id: 0,
+                                addr: e.addr,
+                                port: e.port,
+                                terminating: e.terminating,
+                                not_ready: e.not_ready,
+                                weight: e.weight,
+                                pod: e.pod.clone(),
+                            })
+                            .collect();
+                        let serving_elsewhere = family.iter().any(|e| !e.terminating);
+                        services.push(AppliedService {
+                            frontends,
+                            scope,
+                            id: 0,
+                            namespace: service.namespace.clone(),
+                            name: service.name.clone(),
+                            port_name: port.name.clone(),
+                            port: port.port,
                             protocol: port.protocol,
-                        },
-                        id: 0,
-                        namespace: service.namespace.clone(),
-                        name: service.name.clone(),
-                        port_name: port.name.clone(),
-                        affinity_timeout_secs: service.affinity_timeout_secs,
-                        table_size: service.table_size,
-                        backends,
-                    });
+                            ipv4,
+                            affinity_timeout_secs: service.affinity_timeout_secs,
+                            table_size: service.table_size,
+                            source_ranges: service.source_ranges.clone(),
+                            drop_when_empty: node_local && serving_elsewhere,
+                            backends,
+                        });
+                    }
                 }
             }
         }
-        services.sort_by_key(|s| s.key);
+        services.sort_by_key(AppliedService::group);
         services
     }
 
@@ -359,8 +459,16 @@ impl Controller {
     pub fn apply(&mut self, cluster: &Cluster) -> Result<ApplyReport, ControllerError> {
         let mut report = ApplyReport::default();
         let old_services = self.state.services.clone();
-        let old: BTreeMap<VipKey, &AppliedService> =
-            old_services.iter().map(|s| (s.key, s)).collect();
+        let old: BTreeMap<GroupKey, &AppliedService> =
+            old_services.iter().map(|s| (s.group(), s)).collect();
+        let old_frontends: BTreeMap<VipKey, ServiceValue> = old_services
+            .iter()
+            .flat_map(|s| {
+                s.frontends
+                    .iter()
+                    .map(move |f| (f.key, s.frontend_value(f)))
+            })
+            .collect();
         let mut desired = self.desired(cluster);
 
         // Ids: kept for what stays, the lowest free one for what is new. Ids freed by this apply
@@ -380,7 +488,7 @@ impl Controller {
         let mut new_service_ids = Vec::new();
         let mut new_backend_ids = Vec::new();
         for service in &mut desired {
-            let previous = old.get(&service.key);
+            let previous = old.get(&service.group());
             service.id = match previous {
                 Some(p) => p.id,
                 None => {
@@ -414,7 +522,7 @@ impl Controller {
         // terminating keep their flag until step 2 replaced the tables that name them.
         let mut draining = Vec::new();
         for service in &desired {
-            let previous = old.get(&service.key);
+            let previous = old.get(&service.group());
             for backend in &service.backends {
                 let was = previous
                     .and_then(|p| p.backends.iter().find(|b| b.id == backend.id))
@@ -436,15 +544,12 @@ impl Controller {
         let mut tables = Vec::new();
         let mut emptied = Vec::new();
         for service in &desired {
-            let previous = old.get(&service.key).copied();
-            let table_inputs_changed = previous.is_none_or(|p| {
-                p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
-            });
-            if table_inputs_changed {
+            let previous = old.get(&service.group()).copied();
+            if table_inputs_changed(previous, service) {
                 match service.maglev_table()? {
                     Some(table) => tables.push((service.id, table)),
-                    // No backend takes new flows: without a table the data plane drops and
-                    // counts them.
+                    // No backend takes new flows: without a table the data plane refuses them
+                    // (or drops them, with `drop_when_empty`) and counts them.
                     None if previous.is_some() => emptied.push(service.id),
                     None => {}
                 }
@@ -463,27 +568,46 @@ impl Controller {
         self.step_done(ApplyStep::BackendsDraining);
         // The VIP filter lets the new addresses through before their services exist, and the
         // old ones until theirs are gone.
-        let desired_vips: Vec<[u8; 16]> = desired.iter().map(|s| addr16(s.key.vip)).collect();
+        let desired_vips: Vec<[u8; 16]> = desired
+            .iter()
+            .flat_map(|s| s.frontends.iter().map(|f| addr16(f.key.vip)))
+            .collect();
         self.dataplane.set_vip_filter(
             desired_vips
                 .iter()
                 .copied()
-                .chain(old.values().map(|s| addr16(s.key.vip))),
+                .chain(old_frontends.keys().map(|k| addr16(k.vip))),
         )?;
+        // Source ranges before the frontends that check them: a frontend flagged before its
+        // ranges exist would drop every client.
         for service in &desired {
-            let previous = old.get(&service.key).copied();
-            let table_inputs_changed = previous.is_none_or(|p| {
-                p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
-            });
-            let settings_changed =
-                previous.is_none_or(|p| p.affinity_timeout_secs != service.affinity_timeout_secs);
-            if settings_changed {
+            let previous = old.get(&service.group()).copied();
+            let ranges_changed = previous.is_none_or(|p| p.source_ranges != service.source_ranges);
+            if ranges_changed && !service.source_ranges.is_empty() {
                 self.dataplane
-                    .set_service(&service_key(&service.key), &service_value(service))?;
+                    .set_source_ranges(service.id, &source_range_prefixes(service))?;
+            }
+        }
+        for service in &desired {
+            let previous = old.get(&service.group()).copied();
+            let mut frontends_changed = false;
+            for frontend in &service.frontends {
+                let value = service.frontend_value(frontend);
+                if old_frontends.get(&frontend.key) != Some(&value) {
+                    self.dataplane
+                        .set_service(&service_key(&frontend.key), &value)?;
+                    frontends_changed = true;
+                }
             }
             match previous {
                 None => report.added += 1,
-                Some(_) if table_inputs_changed || settings_changed => report.changed += 1,
+                Some(p)
+                    if frontends_changed
+                        || p.frontends != service.frontends
+                        || table_inputs_changed(Some(p), service) =>
+                {
+                    report.changed += 1;
+                }
                 Some(_) => {}
             }
         }
@@ -491,16 +615,29 @@ impl Controller {
         self.step_done(ApplyStep::ServicesWritten);
 
         // 5. Retire what is gone, and the flows of removed backends.
-        let desired_keys: HashSet<VipKey> = desired.iter().map(|s| s.key).collect();
+        let desired_keys: HashSet<VipKey> = desired
+            .iter()
+            .flat_map(|s| s.frontends.iter().map(|f| f.key))
+            .collect();
+        for key in old_frontends.keys().filter(|k| !desired_keys.contains(k)) {
+            self.dataplane.remove_service(&service_key(key))?;
+        }
+        let desired_groups: BTreeMap<GroupKey, &AppliedService> =
+            desired.iter().map(|s| (s.group(), s)).collect();
+        for (group, service) in &old {
+            let now = desired_groups.get(group);
+            if now.is_none() {
+                let _ = self.dataplane.remove_maglev_table(service.id);
+                report.removed += 1;
+            }
+            if !service.source_ranges.is_empty() && now.is_none_or(|s| s.source_ranges.is_empty()) {
+                self.dataplane.clear_source_ranges(service.id)?;
+            }
+        }
         let kept_backends: HashSet<u32> = desired
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| b.id))
             .collect();
-        for service in old.values().filter(|s| !desired_keys.contains(&s.key)) {
-            self.dataplane.remove_service(&service_key(&service.key))?;
-            let _ = self.dataplane.remove_maglev_table(service.id);
-            report.removed += 1;
-        }
         let removed_backends: HashSet<u32> = old
             .values()
             .flat_map(|s| s.backends.iter().map(|b| b.id))
@@ -620,8 +757,8 @@ impl Controller {
             .chain(self.options.node_ips.iter().copied())
             .collect();
         let mut values: BTreeMap<IpAddr, u32> = BTreeMap::new();
-        for s in desired {
-            *values.entry(s.key.vip).or_default() += 1;
+        for frontend in desired.iter().flat_map(|s| &s.frontends) {
+            *values.entry(frontend.key.vip).or_default() += 1;
         }
         for (addr, value) in &mut values {
             if host.contains(addr) {
@@ -637,7 +774,7 @@ impl Controller {
             .state
             .services
             .iter()
-            .map(|s| s.key.vip)
+            .flat_map(|s| s.frontends.iter().map(|f| f.key.vip))
             .chain(self.vip_addrs.keys().copied())
             .filter(|addr| !values.contains_key(addr))
             .collect();
@@ -682,6 +819,22 @@ impl IdPool {
     }
 }
 
+/// Whether `service`'s Maglev table must be built anew.
+fn table_inputs_changed(previous: Option<&AppliedService>, service: &AppliedService) -> bool {
+    previous.is_none_or(|p| {
+        p.table_size != service.table_size || table_inputs(p) != table_inputs(service)
+    })
+}
+
+/// The prefixes of `service`'s source ranges, as the data plane stores them.
+fn source_range_prefixes(service: &AppliedService) -> Vec<(IpAddr, u8)> {
+    service
+        .source_ranges
+        .iter()
+        .map(|r| (r.addr, r.prefix_len))
+        .collect()
+}
+
 fn table_inputs(service: &AppliedService) -> Vec<(u32, bool, u32)> {
     service
         .backends
@@ -701,17 +854,5 @@ pub fn data_plane_backend(service: &AppliedService, backend: &AppliedBackend) ->
         port: backend.port,
         flags,
         service_id: service.id,
-    }
-}
-
-fn service_value(service: &AppliedService) -> ServiceValue {
-    ServiceValue {
-        id: service.id,
-        flags: if service.affinity_timeout_secs.is_some() {
-            SERVICE_F_AFFINITY
-        } else {
-            0
-        },
-        affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
     }
 }

@@ -692,6 +692,20 @@ impl Dataplane {
         map.insert(key, value, 0).map_err(map_error(name))
     }
 
+    /// PLACEHOLDER until the source-range map lands (branch kernel-rejects): replaced there.
+    pub fn set_source_ranges(
+        &mut self,
+        _service_id: u32,
+        _ranges: &[(std::net::IpAddr, u8)],
+    ) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
+    /// PLACEHOLDER until the source-range map lands (branch kernel-rejects): replaced there.
+    pub fn clear_source_ranges(&mut self, _service_id: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+
     /// Removes a service.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         let name = names::SERVICES;

@@ -12,6 +12,7 @@ use lb_userspace::{
     AttachMode, Dataplane, conntrack,
     controller::{AppliedState, Controller},
     dataplane::LoadOptions,
+    health::HealthChecks,
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
     pins::{self, Paths},
@@ -100,6 +101,14 @@ enum Command {
         /// the host's own traffic).
         #[arg(long)]
         allow_host_addresses: bool,
+        /// This node's name, as endpoints' `nodeName` gives it (for `Local` traffic
+        /// policies). Default: the host name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Serve cluster IPs on IFACE too (by default only load balancer IPs, external IPs
+        /// and node ports are: a cluster IP is the cluster's own address).
+        #[arg(long)]
+        serve_cluster_ips: bool,
         #[command(flatten)]
         roots: Roots,
     },
@@ -171,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
             conntrack_size,
             max_backends,
             allow_host_addresses,
+            node_name,
+            serve_cluster_ips,
             roots,
         } => {
             lb_userspace::privileges::require_for_attach()?;
@@ -182,6 +193,11 @@ async fn main() -> anyhow::Result<()> {
                     node_ips,
                     host_addresses: Vec::new(),
                     allow_host_addresses,
+                    node_name: match node_name {
+                        Some(name) => name,
+                        None => host_name()?,
+                    },
+                    serve_cluster_ips,
                 },
                 metrics_addr,
                 stats_interval,
@@ -234,6 +250,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The host name, the default node name (as the kubelet's).
+fn host_name() -> anyhow::Result<String> {
+    let name = nix::unistd::gethostname()?;
+    Ok(name.to_string_lossy().to_lowercase())
 }
 
 fn check_resource(resource: &str) -> anyhow::Result<()> {
@@ -439,6 +461,7 @@ struct Running {
     reloads: Reloads,
     changes: mpsc::Receiver<()>,
     metrics: mpsc::Receiver<MetricsRequest>,
+    health: HealthChecks,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -555,6 +578,13 @@ async fn start(
         return Ok(None);
     }
 
+    let mut health = HealthChecks::default();
+    if let Some(controller) = &setup.controller {
+        health.sync(lb_userspace::health::wanted(
+            &controller.state().cluster,
+            &options.node_name,
+        ));
+    }
     let (metrics_tx, metrics) = mpsc::channel::<MetricsRequest>(8);
     info!(%metrics_addr, "serving Prometheus metrics on /metrics");
     tokio::spawn(serve_metrics(listener, metrics_tx));
@@ -570,6 +600,7 @@ async fn start(
         reloads,
         changes,
         metrics,
+        health,
         _watcher: watcher,
     }))
 }
@@ -591,6 +622,10 @@ impl Running {
                     settle_at = None;
                     if let Some(path) = &self.config {
                         reload(controller, path, &self.options, &mut self.reloads);
+                        self.health.sync(lb_userspace::health::wanted(
+                            &controller.state().cluster,
+                            &self.options.node_name,
+                        ));
                     }
                 }
                 Some(reply) = self.metrics.recv() => {

@@ -86,7 +86,7 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
     });
     let dataplane = controller.dataplane();
     for service in &controller.state().services {
-        let port = service.key.port.to_string();
+        let port = service.port.to_string();
         let Ok(counter) = dataplane.service_counter(service.id) else {
             continue;
         };
@@ -94,7 +94,7 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
             namespace: service.namespace.clone(),
             service: service.name.clone(),
             port: port.clone(),
-            frontend: service.key.to_string(),
+            frontend: service.frontends_text(),
         };
         families[0].get_or_create(&labels).inc_by(counter.packets);
         families[1].get_or_create(&labels).inc_by(counter.bytes);

@@ -31,6 +31,9 @@ pub const ANNOTATION_TABLE_SIZE: &str = "lb.xdp.rs/maglev-table-size";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Kubernetes' default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The legacy annotation kube-proxy reads source ranges from when `spec.loadBalancerSourceRanges`
+/// is empty.
+const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// Options that are not in the manifests.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +45,115 @@ pub struct Options {
     pub host_addresses: Vec<IpAddr>,
     /// Serve VIPs that are addresses of this host.
     pub allow_host_addresses: bool,
+    /// This node's name, as endpoints' `nodeName` gives it: the endpoints of
+    /// `externalTrafficPolicy: Local` and `internalTrafficPolicy: Local` are the ones on it.
+    pub node_name: String,
+    /// Serve cluster IPs on the client-facing interface too. Off by default: a cluster IP is
+    /// the cluster's own address (kube-dns, the API server's `kubernetes` Service), not one
+    /// to expose to whoever reaches this interface (Cilium does not either).
+    pub serve_cluster_ips: bool,
+}
+
+/// How a frontend reaches its service: it decides which traffic policy and which filters
+/// apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)`: in-cluster traffic, under `internalTrafficPolicy`.
+    ClusterIp,
+    /// `spec.externalIPs`, under `externalTrafficPolicy`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress` and `spec.loadBalancerIP`, under
+    /// `externalTrafficPolicy` and `loadBalancerSourceRanges`.
+    LoadBalancer,
+    /// A node address and a `nodePort`, under `externalTrafficPolicy`.
+    NodePort,
+}
+
+impl FrontendKind {
+    /// Whether traffic through it comes from outside the cluster (`externalTrafficPolicy`
+    /// applies) rather than from inside (`internalTrafficPolicy`).
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
+/// One VIP:port:proto: where a service is reached, the data plane's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VipKey {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for VipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.vip {
+            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.protocol.name()),
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.protocol.name()),
+        }
+    }
+}
+
+/// A frontend and how it reaches its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Frontend {
+    /// Where.
+    pub key: VipKey,
+    /// How.
+    pub kind: FrontendKind,
+}
+
+/// An address of a service and the field it comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddress {
+    /// The address.
+    pub addr: IpAddr,
+    /// Which kind of frontend it makes.
+    pub kind: FrontendKind,
+}
+
+/// A client range of `loadBalancerSourceRanges`, its host bits cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourceRange {
+    /// The network address.
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix_len: u8,
+}
+
+impl SourceRange {
+    /// Parses `a.b.c.d/n` or `x::/n`, clearing host bits as the API server's CIDR parsing
+    /// does; `None` when it is not a CIDR.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, len) = text.trim().split_once('/')?;
+        let addr: IpAddr = addr.parse().ok()?;
+        let prefix_len: u8 = len.parse().ok()?;
+        let addr = match addr {
+            IpAddr::V4(v4) if prefix_len <= 32 => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) if prefix_len <= 128 => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Self { addr, prefix_len })
+    }
+}
+
+impl std::fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 /// Transport protocol of a service port.
@@ -90,6 +202,9 @@ pub struct EndpointModel {
     pub weight: u32,
     /// The pod behind it, if the manifest names it.
     pub pod: Option<String>,
+    /// The node it runs on, if the manifest says (`nodeName`).
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 /// One port of a service.
@@ -124,17 +239,97 @@ pub struct ServiceModel {
     pub selector: BTreeMap<String, String>,
     /// `spec.clusterIP`.
     pub cluster_ip: Option<String>,
-    /// Every address the service is reached on (cluster IPs, external IPs, load balancer
-    /// IPs).
-    pub vips: Vec<IpAddr>,
+    /// Every address the service is reached on (load balancer IPs, external IPs, cluster
+    /// IPs), once each, with the field it came from.
+    #[serde(default)]
+    pub addresses: Vec<ServiceAddress>,
     /// ClientIP affinity timeout in seconds, when `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
     /// `spec.externalTrafficPolicy`.
     pub external_traffic_policy: String,
+    /// `spec.internalTrafficPolicy`.
+    #[serde(default = "cluster_policy")]
+    pub internal_traffic_policy: String,
+    /// `spec.healthCheckNodePort`: answered on this node's addresses while
+    /// `externalTrafficPolicy` is `Local`.
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` (or the legacy annotation): the clients admitted
+    /// through the load balancer IPs; empty admits every client.
+    #[serde(default)]
+    pub source_ranges: Vec<SourceRange>,
+    /// `spec.ipFamilyPolicy`.
+    #[serde(default)]
+    pub ip_family_policy: Option<String>,
+    /// `spec.ipFamilies`.
+    #[serde(default)]
+    pub ip_families: Vec<String>,
+    /// `metadata.labels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// `metadata.creationTimestamp` (RFC 3339), when the manifest has it.
+    #[serde(default)]
+    pub created: Option<String>,
     /// Maglev table size.
     pub table_size: u32,
     /// The ports.
     pub ports: Vec<PortModel>,
+}
+
+fn cluster_policy() -> String {
+    "Cluster".into()
+}
+
+/// A traffic policy that keeps traffic on the node it arrived at.
+pub const POLICY_LOCAL: &str = "Local";
+
+impl ServiceModel {
+    /// The addresses of the service, whatever their kind.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses.iter().map(|a| a.addr)
+    }
+
+    /// Every frontend of `port` this node serves: the service's addresses (cluster IPs only
+    /// with `serve_cluster_ips`) at the service port, and the node addresses at the node port.
+    pub fn frontends(&self, port: &PortModel, options: &Options) -> Vec<Frontend> {
+        let at = |vip: IpAddr, number: u16, kind: FrontendKind| Frontend {
+            key: VipKey {
+                vip,
+                port: number,
+                protocol: port.protocol,
+            },
+            kind,
+        };
+        let addresses = self
+            .addresses
+            .iter()
+            .filter(|a| a.kind != FrontendKind::ClusterIp || options.serve_cluster_ips)
+            .map(|a| at(a.addr, port.port, a.kind));
+        let node_ports = port
+            .node_port
+            .map(|node_port| {
+                options
+                    .node_ips
+                    .iter()
+                    .map(move |ip| at(*ip, node_port, FrontendKind::NodePort))
+            })
+            .into_iter()
+            .flatten();
+        addresses.chain(node_ports).collect()
+    }
+
+    /// Whether traffic through frontends of `kind` goes only to this node's endpoints.
+    pub fn node_local(&self, kind: FrontendKind) -> bool {
+        let policy = if kind.is_external() {
+            &self.external_traffic_policy
+        } else {
+            &self.internal_traffic_policy
+        };
+        policy == POLICY_LOCAL
+    }
 }
 
 /// The whole desired state.
@@ -154,6 +349,7 @@ struct RawEndpoint {
     serving: bool,
     terminating: bool,
     pod: Option<String>,
+    node_name: Option<String>,
     /// (name, port, protocol) of the endpoint's ports.
     ports: Vec<(String, u16, String)>,
 }
@@ -166,7 +362,12 @@ pub fn load(path: &Path, options: &Options) -> Result<Cluster, ConfigError> {
 /// Builds and validates the desired state.
 pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, ConfigError> {
     let mut cluster = Cluster::default();
-    let mut claimed: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
+    let mut claimed: HashMap<VipKey, String> = HashMap::new();
+    // Two services on one VIP:port conflict whether or not this node serves the address.
+    let every_address = Options {
+        serve_cluster_ips: true,
+        ..options.clone()
+    };
     for located in &manifests.services {
         let Some(service) = service_model(located, manifests, options, &mut cluster.warnings)?
         else {
@@ -174,26 +375,14 @@ pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, Config
         };
         let label = format!("Service {}/{}", service.namespace, service.name);
         for port in &service.ports {
-            let node_vips = port
-                .node_port
-                .map(|node_port| options.node_ips.iter().map(move |ip| (*ip, node_port)))
-                .into_iter()
-                .flatten();
-            for (vip, vport) in service
-                .vips
-                .iter()
-                .map(|v| (*v, port.port))
-                .chain(node_vips)
-            {
-                if let Some(other) = claimed.insert((vip, vport, port.protocol), label.clone()) {
+            for frontend in service.frontends(port, &every_address) {
+                let key = frontend.key;
+                if let Some(other) = claimed.insert(key, label.clone()) {
                     return Err(ConfigError {
                         file: service.file.clone(),
                         object: label,
                         field: "spec.ports".into(),
-                        message: format!(
-                            "{vip}:{vport}/{} is already served by {other}",
-                            port.protocol.name()
-                        ),
+                        message: format!("{key} is already served by {other}"),
                     });
                 }
             }
@@ -243,28 +432,31 @@ fn service_model(
         return Ok(None);
     }
 
-    let mut vips: Vec<IpAddr> = Vec::new();
-    let mut add_vip = |field: &str, text: &str| -> Result<(), ConfigError> {
-        if text.is_empty() || text == "None" {
-            return Ok(());
-        }
-        let ip: IpAddr = text
-            .parse()
-            .map_err(|_| error(field, format!("{text:?} is not an IP address")))?;
-        if !options.allow_host_addresses && options.host_addresses.contains(&ip) {
-            return Err(error(
-                field,
-                format!(
-                    "{ip} is an address of this host: serving it would capture the host's own \
+    let mut addresses: Vec<ServiceAddress> = Vec::new();
+    let mut add_address =
+        |field: &str, text: &str, kind: FrontendKind| -> Result<(), ConfigError> {
+            if text.is_empty() || text == "None" {
+                return Ok(());
+            }
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| error(field, format!("{text:?} is not an IP address")))?;
+            if !options.allow_host_addresses && options.host_addresses.contains(&ip) {
+                return Err(error(
+                    field,
+                    format!(
+                        "{ip} is an address of this host: serving it would capture the host's own \
                      traffic (allow it with --allow-host-addresses)"
-                ),
-            ));
-        }
-        if !vips.contains(&ip) {
-            vips.push(ip);
-        }
-        Ok(())
-    };
+                    ),
+                ));
+            }
+            // An address listed twice (a load balancer IP also in externalIPs) keeps its first
+            // field: the most external one, so the stricter filters apply.
+            if !addresses.iter().any(|a| a.addr == ip) {
+                addresses.push(ServiceAddress { addr: ip, kind });
+            }
+            Ok(())
+        };
     let ingress = service
         .status
         .as_ref()
@@ -273,24 +465,36 @@ fn service_model(
         .unwrap_or_default();
     for (i, entry) in ingress.iter().enumerate() {
         if let Some(ip) = &entry.ip {
-            add_vip(&format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+            add_address(
+                &format!("status.loadBalancer.ingress[{i}].ip"),
+                ip,
+                FrontendKind::LoadBalancer,
+            )?;
         }
     }
     if let Some(ip) = &spec.load_balancer_ip {
-        add_vip("spec.loadBalancerIP", ip)?;
+        add_address("spec.loadBalancerIP", ip, FrontendKind::LoadBalancer)?;
     }
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        add_vip(&format!("spec.externalIPs[{i}]"), ip)?;
+        add_address(
+            &format!("spec.externalIPs[{i}]"),
+            ip,
+            FrontendKind::ExternalIp,
+        )?;
     }
     match &spec.cluster_ips {
         Some(ips) => {
             for (i, ip) in ips.iter().enumerate() {
-                add_vip(&format!("spec.clusterIPs[{i}]"), ip)?;
+                add_address(
+                    &format!("spec.clusterIPs[{i}]"),
+                    ip,
+                    FrontendKind::ClusterIp,
+                )?;
             }
         }
         None => {
             if let Some(ip) = &spec.cluster_ip {
-                add_vip("spec.clusterIP", ip)?;
+                add_address("spec.clusterIP", ip, FrontendKind::ClusterIp)?;
             }
         }
     }
@@ -381,6 +585,11 @@ fn service_model(
             "no port this load balancer serves: only TCP and UDP are".into(),
         ));
     }
+    let source_ranges = source_ranges(&spec, &annotations, &error)?;
+    let health_check_node_port = spec
+        .health_check_node_port
+        .map(|p| port_number(p, "spec.healthCheckNodePort", &error))
+        .transpose()?;
     Ok(Some(ServiceModel {
         namespace,
         name,
@@ -388,15 +597,71 @@ fn service_model(
         service_type,
         selector: spec.selector.clone().unwrap_or_default(),
         cluster_ip: spec.cluster_ip.clone(),
-        vips,
+        addresses,
         affinity_timeout_secs,
         external_traffic_policy: spec
             .external_traffic_policy
             .clone()
-            .unwrap_or_else(|| "Cluster".into()),
+            .unwrap_or_else(cluster_policy),
+        internal_traffic_policy: spec
+            .internal_traffic_policy
+            .clone()
+            .unwrap_or_else(cluster_policy),
+        health_check_node_port,
+        source_ranges,
+        ip_family_policy: spec.ip_family_policy.clone(),
+        ip_families: spec.ip_families.clone().unwrap_or_default(),
+        labels: service.metadata.labels.clone().unwrap_or_default(),
+        annotations,
+        created: service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
         table_size,
         ports,
     }))
+}
+
+/// `spec.loadBalancerSourceRanges`, or when it is empty the legacy annotation kube-proxy
+/// also reads.
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    annotations: &BTreeMap<String, String>,
+    error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<SourceRange>, ConfigError> {
+    let listed: Vec<(String, String)> = match spec.load_balancer_source_ranges.as_deref() {
+        Some(ranges) if !ranges.is_empty() => ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r.clone()))
+            .collect(),
+        _ => annotations
+            .get(ANNOTATION_SOURCE_RANGES)
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(|r| {
+                        (
+                            format!("metadata.annotations[{ANNOTATION_SOURCE_RANGES}]"),
+                            r.to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut ranges = Vec::new();
+    for (field, text) in listed {
+        let range = SourceRange::parse(&text)
+            .ok_or_else(|| error(&field, format!("{text:?} is not a CIDR (address/length)")))?;
+        if !ranges.contains(&range) {
+            ranges.push(range);
+        }
+    }
+    ranges.sort();
+    Ok(ranges)
 }
 
 fn port_number(
@@ -490,6 +755,7 @@ fn raw_endpoints(
                         serving: conditions.serving.unwrap_or(ready),
                         terminating: conditions.terminating.unwrap_or(false),
                         pod: endpoint.target_ref.as_ref().and_then(|t| t.name.clone()),
+                        node_name: endpoint.node_name.clone(),
                         ports: ports.clone(),
                     });
                 }
@@ -533,6 +799,7 @@ fn raw_endpoints(
                     serving: ready,
                     terminating: false,
                     pod: address.target_ref.as_ref().and_then(|t| t.name.clone()),
+                    node_name: address.node_name.clone(),
                     ports: ports.clone(),
                 });
             }
@@ -609,6 +876,7 @@ fn endpoints_for_port(
             not_ready: !serves && !endpoint.terminating,
             weight: weights.get(&endpoint.addr).copied().unwrap_or(1),
             pod: endpoint.pod.clone(),
+            node_name: endpoint.node_name.clone(),
         });
     }
     // An endpoint listed twice (two slices during a change) serves if either listing does.
@@ -663,7 +931,7 @@ mod tests {
         assert_eq!(service.name, "tomcat-load-balancer");
         assert_eq!(service.service_type, "LoadBalancer");
         assert_eq!(
-            service.vips,
+            service.vips().collect::<Vec<_>>(),
             vec!["10.96.43.114".parse::<IpAddr>().unwrap()]
         );
         let port = &service.ports[0];
@@ -699,17 +967,17 @@ mod tests {
         );
         let cluster = parse(&yaml).unwrap();
         let vips: Vec<String> = cluster.services[0]
-            .vips
+            .addresses
             .iter()
-            .map(ToString::to_string)
+            .map(|a| format!("{} {:?}", a.addr, a.kind))
             .collect();
         assert_eq!(
             vips,
             [
-                "198.18.200.3",
-                "198.18.200.1",
-                "198.18.200.2",
-                "198.18.100.1"
+                "198.18.200.3 LoadBalancer",
+                "198.18.200.1 LoadBalancer",
+                "198.18.200.2 ExternalIp",
+                "198.18.100.1 ClusterIp"
             ]
         );
     }

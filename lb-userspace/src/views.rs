@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     controller::{AppliedService, AppliedState, addr16, data_plane_backend},
-    model::{Protocol, ServiceModel},
+    model::{FrontendKind, Protocol, ServiceModel, VipKey},
 };
 
 /// Errors of reading what controllers applied.
@@ -186,11 +186,11 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
         .filter(|s| s.namespace == model.namespace && s.name == model.name)
     {
         frontends.insert(
-            applied.key.to_string(),
+            applied.frontends_text(),
             Traffic::from(sum(attached.service_stats.as_ref(), applied.id)),
         );
         let port_label = if applied.port_name.is_empty() {
-            format!("{}/{}", applied.key.port, applied.key.protocol.name())
+            format!("{}/{}", applied.port, applied.protocol.name())
         } else {
             applied.port_name.clone()
         };
@@ -238,10 +238,10 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
 /// The service's addresses other than its cluster IP (load balancer and external IPs).
 fn external_ips(service: &ServiceModel) -> Vec<String> {
     service
-        .vips
+        .addresses
         .iter()
-        .filter(|v| Some(v.to_string()) != service.cluster_ip)
-        .map(ToString::to_string)
+        .filter(|a| a.kind != FrontendKind::ClusterIp)
+        .map(|a| a.addr.to_string())
         .collect()
 }
 
@@ -506,7 +506,12 @@ pub fn explain(
             .services
             .iter()
             .find(|s| {
-                s.key.vip == vip.ip() && s.key.port == vip.port() && s.key.protocol == protocol
+                s.frontend(&VipKey {
+                    vip: vip.ip(),
+                    port: vip.port(),
+                    protocol,
+                })
+                .is_some()
             })
             .map(|s| (a, s))
     });
@@ -546,7 +551,13 @@ fn explain_flow(
             .find(|b| b.id == id)
             .map(|b| SocketAddr::new(b.addr, b.port).to_string())
     };
-    let label = format!("{}/{} ({})", service.namespace, service.name, service.key);
+    let label = format!(
+        "{}/{} ({}/{})",
+        service.namespace,
+        service.name,
+        SocketAddr::new(vip.ip(), vip.port()),
+        protocol.name()
+    );
     let src = addr16(source.ip());
     let dst = addr16(vip.ip());
     let key = FlowKey {

@@ -130,7 +130,7 @@ impl Roots {
 /// The one-service manifest [`attach_in_netns`] serves: `web` on 198.18.100.1:8080/TCP with
 /// endpoints 198.18.1.1 and 198.18.1.2.
 pub const WEB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  \
-    clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\n\
+    externalIPs: [198.18.100.1]\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\n\
     metadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n  - ip: 198.18.1.2\n";
 
 /// A controller attached to `veth-lb` in a namespace of its own (see [`netns::Netns::with_veth`])

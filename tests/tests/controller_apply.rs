@@ -20,7 +20,7 @@ use lb_userspace::{
 };
 
 fn cluster(pods: &[&str], extra: &str) -> Cluster {
-    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n".to_owned();
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  externalIPs: [198.18.100.1]\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n".to_owned();
     for pod in pods {
         yaml += &format!("  - ip: {pod}\n");
     }
@@ -150,14 +150,14 @@ fn node_ports_are_served_on_the_node_addresses() {
             node_ips: vec!["198.18.0.2".parse().unwrap()],
             ..Options::default()
         };
-        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: NodePort\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n    nodePort: 30854\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: NodePort\n  externalIPs: [198.18.100.1]\n  ports:\n  - port: 8080\n    nodePort: 30854\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
         let mut manifests = Manifests::default();
         manifest::read_text(&PathBuf::from("nodeport.yaml"), yaml, &mut manifests).unwrap();
         let cluster = model::build(&manifests, &options).unwrap();
         let mut controller = fresh_controller(options);
         controller.apply(&cluster).unwrap();
-        let frontends: Vec<String> = controller.state().services.iter().map(|s| s.key.to_string()).collect();
-        assert_eq!(frontends, ["198.18.0.2:30854/TCP", "198.18.100.1:8080/TCP"]);
+        let frontends: Vec<String> = controller.state().services.iter().map(|s| s.frontends_text()).collect();
+        assert_eq!(frontends, ["198.18.0.2:30854/TCP, 198.18.100.1:8080/TCP"], "one service port, one data-plane service");
         // A packet to the node port is DNATed to the endpoint's port.
         let frame = Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 0, 2]), 30854).build();
         let program = controller.dataplane().xdp_program().unwrap();
@@ -165,7 +165,7 @@ fn node_ports_are_served_on_the_node_addresses() {
         assert_eq!(verdict, harness::XDP_PASS);
         assert_eq!(output, Spec::tcp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from([198, 18, 1, 1]), 8080).build());
         // The node IP is the host's own: what is not its services' passes (here a fragment of
-        // the host's own traffic), while the same to the cluster IP, which the load balancer
+        // the host's own traffic), while the same to the external IP, which the load balancer
         // owns, is dropped.
         let verdict = |dst: [u8; 4]| {
             let mut spec = Spec::udp(IpAddr::from([198, 18, 0, 1]), 5555, IpAddr::from(dst), 53);
@@ -174,14 +174,14 @@ fn node_ports_are_served_on_the_node_addresses() {
             harness::run_xdp(program, &spec.build(), None).0
         };
         assert_eq!(verdict([198, 18, 0, 2]), harness::XDP_PASS, "on the node IP");
-        assert_eq!(verdict([198, 18, 100, 1]), harness::XDP_DROP, "on the cluster IP");
+        assert_eq!(verdict([198, 18, 100, 1]), harness::XDP_DROP, "on the external IP");
     })
     .unwrap();
 }
 
 /// The `web` service with an EndpointSlice: (address, terminating) per endpoint.
 fn sliced(endpoints: &[(&str, bool)]) -> Cluster {
-    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  ports:\n  - port: 8080\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- port: 8080\nendpoints:\n".to_owned();
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  externalIPs: [198.18.100.1]\n  ports:\n  - port: 8080\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- port: 8080\nendpoints:\n".to_owned();
     for (addr, terminating) in endpoints {
         yaml += &format!(
             "- addresses: [{addr}]\n  conditions: {{ready: {}, serving: true, terminating: {terminating}}}\n",

@@ -428,7 +428,7 @@ fn held_connections_survive_scaling_and_a_controller_kill() {
     for n in 0..SERVICES {
         many += &format!(
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: many-{n}\n  namespace: default\n\
-             spec:\n  clusterIP: 198.18.101.{}\n  ports:\n  - port: {}\n    protocol: TCP\n",
+             spec:\n  externalIPs: [198.18.101.{}]\n  ports:\n  - port: {}\n    protocol: TCP\n",
             n % 250 + 1,
             10000 + n
         );

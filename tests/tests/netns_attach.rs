@@ -218,7 +218,7 @@ fn keep_on_exit_then_detach_removes_everything() {
 fn write_manifests(dir: &Path) {
     std::fs::write(
         dir.join("web.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 198.18.100.1\n  \
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  externalIPs: [198.18.100.1]\n  \
          ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\n\
          subsets:\n- addresses:\n  - ip: 198.18.0.1\n  ports:\n  - port: 8080\n",
     )

@@ -31,7 +31,7 @@ const HELD: usize = 16;
 
 fn service_yaml() -> &'static str {
     "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\nspec:\n  \
-     type: LoadBalancer\n  clusterIP: 198.18.100.1\n  selector:\n    app: web\n  ports:\n  - \
+     type: LoadBalancer\n  externalIPs: [198.18.100.1]\n  selector:\n    app: web\n  ports:\n  - \
      port: 8080\n    targetPort: 8080\n    protocol: TCP\n"
 }
 

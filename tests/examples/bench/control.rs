@@ -221,7 +221,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         let mut yaml = String::new();
         for s in 0..services {
             yaml += &format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\nspec:\n  clusterIP: 198.19.{}.{}\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: svc-{s}\nsubsets:\n- addresses:\n",
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\nspec:\n  externalIPs: [198.19.{}.{}]\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: svc-{s}\nsubsets:\n- addresses:\n",
                 s >> 8,
                 s & 255
             );
