@@ -40,7 +40,8 @@ pub struct ServiceName {
 
 /// The health check node ports `cluster` asks this node (`node_name`) to serve, with their
 /// answers: one per Service with `externalTrafficPolicy: Local` and a `healthCheckNodePort`.
-/// An endpoint counts once however many ports it serves.
+/// An endpoint counts once however many ports and address families it serves: its pod when
+/// the manifest names it (a dual-stack pod has an address per family), else its address.
 pub fn wanted(cluster: &Cluster, node_name: &str) -> BTreeMap<u16, HealthStatus> {
     let mut wanted = BTreeMap::new();
     for service in &cluster.services {
@@ -55,7 +56,7 @@ pub fn wanted(cluster: &Cluster, node_name: &str) -> BTreeMap<u16, HealthStatus>
             .iter()
             .flat_map(|p| &p.endpoints)
             .filter(|e| !e.terminating && e.node_name.as_deref() == Some(node_name))
-            .map(|e| e.addr)
+            .map(|e| e.pod.clone().unwrap_or_else(|| e.addr.to_string()))
             .collect();
         local.sort_unstable();
         local.dedup();

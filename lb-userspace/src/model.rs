@@ -1062,6 +1062,149 @@ mod tests {
         assert_eq!(error.field, "spec.ports[0].targetPort");
     }
 
+    fn build_with(yaml: &str, options: &Options) -> Cluster {
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("test.yaml"), yaml, &mut manifests).unwrap();
+        build(&manifests, options).unwrap()
+    }
+
+    fn frontend_texts(cluster: &Cluster, options: &Options) -> Vec<String> {
+        let service = &cluster.services[0];
+        service
+            .ports
+            .iter()
+            .flat_map(|p| service.frontends(p, options))
+            .map(|f| format!("{} {:?}", f.key, f.kind))
+            .collect()
+    }
+
+    #[test]
+    fn cluster_ips_are_frontends_only_when_asked_for() {
+        let yaml = service(
+            "  externalIPs: [198.18.200.2]
+  ports:
+  - name: http
+    port: 8080
+    nodePort: 30080
+",
+        )
+        .replace(
+            "  ports:
+  - name: http
+    port: 8080
+    targetPort: 8080
+",
+            "",
+        );
+        let node = Options {
+            node_ips: vec!["198.18.0.2".parse().unwrap()],
+            ..Options::default()
+        };
+        let cluster = build_with(&yaml, &node);
+        assert_eq!(
+            frontend_texts(&cluster, &node),
+            [
+                "198.18.200.2:8080/TCP ExternalIp",
+                "198.18.0.2:30080/TCP NodePort"
+            ]
+        );
+        let serving = Options {
+            serve_cluster_ips: true,
+            ..node
+        };
+        assert_eq!(
+            frontend_texts(&cluster, &serving),
+            [
+                "198.18.200.2:8080/TCP ExternalIp",
+                "198.18.100.1:8080/TCP ClusterIp",
+                "198.18.0.2:30080/TCP NodePort"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cluster_ip_not_served_still_conflicts_with_another_services() {
+        let yaml = service("")
+            + "---
+" + &service("").replace("name: web", "name: other");
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("test.yaml"), &yaml, &mut manifests).unwrap();
+        let error = build(&manifests, &Options::default()).unwrap_err();
+        assert!(error.message.contains("already served by"), "{error}");
+    }
+
+    #[test]
+    fn traffic_policies_node_names_and_health_check_port_are_read() {
+        let yaml = service(
+            "  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+",
+        ) + &slice(
+            "- addresses: [198.18.1.1]
+  nodeName: node-a
+- addresses: [198.18.1.2]
+",
+        );
+        let cluster = parse(&yaml).unwrap();
+        let service = &cluster.services[0];
+        assert!(service.node_local(FrontendKind::LoadBalancer));
+        assert!(service.node_local(FrontendKind::NodePort));
+        assert!(service.node_local(FrontendKind::ClusterIp));
+        assert_eq!(service.health_check_node_port, Some(32000));
+        let nodes: Vec<Option<&str>> = service.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.node_name.as_deref())
+            .collect();
+        assert_eq!(nodes, [Some("node-a"), None]);
+        let default = parse(&service_default()).unwrap();
+        assert!(!default.services[0].node_local(FrontendKind::LoadBalancer));
+        assert!(!default.services[0].node_local(FrontendKind::ClusterIp));
+    }
+
+    fn service_default() -> String {
+        service("")
+    }
+
+    #[test]
+    fn source_ranges_come_from_the_spec_or_the_legacy_annotation() {
+        let cluster = parse(&service(
+            "  loadBalancerSourceRanges: [\"203.0.113.7/24\", \"2001:db8::1/32\", \"198.18.0.1/32\"]
+",
+        ))
+        .unwrap();
+        let ranges: Vec<String> = cluster.services[0]
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // Host bits cleared, as the API server's CIDR parsing does; sorted.
+        assert_eq!(ranges, ["198.18.0.1/32", "203.0.113.0/24", "2001:db8::/32"]);
+        let annotated = service("").replace(
+            "  name: web\n",
+            "  name: web\n  annotations:\n    service.beta.kubernetes.io/load-balancer-source-ranges: \"198.18.0.0/16, 10.0.0.0/8\"\n",
+        );
+        let ranges: Vec<String> = parse(&annotated).unwrap().services[0]
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "198.18.0.0/16"]);
+        let error = parse(&service(
+            "  loadBalancerSourceRanges: [\"203.0.113.0\"]
+",
+        ))
+        .unwrap_err();
+        assert_eq!(error.field, "spec.loadBalancerSourceRanges[0]");
+        assert!(error.message.contains("not a CIDR"), "{error}");
+        assert_eq!(SourceRange::parse("198.18.0.0/33"), None);
+        assert_eq!(
+            SourceRange::parse("0.0.0.0/0").map(|r| r.to_string()),
+            Some("0.0.0.0/0".into())
+        );
+    }
+
     #[test]
     fn weights_table_size_and_affinity_come_from_the_service() {
         let yaml = service(

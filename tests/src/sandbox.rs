@@ -46,6 +46,11 @@ pub const SERVICE: &str = "tomcat-load-balancer";
 pub const READY: &str = "controller ready";
 /// Name of the client-facing interface in the node namespace.
 pub const NODE_IFACE: &str = "veth-node";
+/// The node's name (`--node-name`), and the `nodeName` of its pods' endpoints unless
+/// [`Sandbox::pod_nodes`] says otherwise.
+pub const NODE_NAME: &str = "sandbox-node";
+/// The node's client-facing IPv4 address.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 /// The binaries the sandbox runs.
 #[derive(Debug, Clone)]
@@ -179,6 +184,12 @@ pub struct Sandbox {
     pub push_port: bool,
     /// More arguments for `lb-userspace attach`.
     pub controller_args: Vec<String>,
+    /// The service's `externalTrafficPolicy`.
+    pub external_traffic_policy: &'static str,
+    /// More lines of the service's spec (indented two spaces, each ending in a newline).
+    pub spec_extra: String,
+    /// Pods whose endpoints name another node than [`NODE_NAME`].
+    pub pod_nodes: BTreeMap<u8, String>,
     /// The MTU of the pods' links (both ends), if not the default 1500: an overlay network's
     /// pods behind the node's 1500.
     pub pod_mtu: Option<u16>,
@@ -232,6 +243,9 @@ impl Sandbox {
             controller: None,
             push_port: false,
             controller_args: Vec::new(),
+            external_traffic_policy: "Cluster",
+            spec_extra: String::new(),
+            pod_nodes: BTreeMap::new(),
             pod_mtu: None,
             binaries,
             tag: tag.to_owned(),
@@ -353,6 +367,7 @@ impl Sandbox {
         } else {
             String::new()
         };
+        let (policy, extra) = (self.external_traffic_policy, &self.spec_extra);
         let yaml = format!(
             "apiVersion: apps/v1
 kind: Deployment
@@ -385,8 +400,8 @@ spec:
     app: tomcat
   clusterIP: {CLUSTER_IP}
   clusterIPs: [{CLUSTER_IP}]
-  externalTrafficPolicy: Cluster
-{affinity}  ports:
+  externalTrafficPolicy: {policy}
+{extra}{affinity}  ports:
   - name: http
     port: {PORT}
     targetPort: {PORT}
@@ -451,8 +466,9 @@ ports:
                     }
                     EndpointState::NotReady => "{ready: false, serving: false, terminating: false}",
                 };
+                let node = self.pod_nodes.get(index).map_or(NODE_NAME, String::as_str);
                 yaml += &format!(
-                    "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",
+                    "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  nodeName: {node}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",
                     pod.name
                 );
             }
@@ -469,6 +485,7 @@ ports:
             NODE_IFACE,
             self.config.path(),
         );
+        command.args(["--node-name", NODE_NAME]);
         command.args(&self.controller_args);
         let controller = LoggedChild::spawn(command, echo)?;
         // Kept before the wait: a controller that never gets ready is still stopped on drop.
