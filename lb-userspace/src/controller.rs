@@ -235,7 +235,10 @@ impl AppliedState {
         match std::fs::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| ControllerError::State {
                 path: path.display().to_string(),
-                message: e.to_string(),
+                message: format!(
+                    "{e}: not a state this version can adopt (a data plane kept from an older \
+                     version is removed with `lb-userspace detach IFACE`)"
+                ),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(ControllerError::State {
