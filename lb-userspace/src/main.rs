@@ -109,6 +109,10 @@ enum Command {
         /// and node ports are: a cluster IP is the cluster's own address).
         #[arg(long)]
         serve_cluster_ips: bool,
+        /// The `spec.loadBalancerClass` served: Services of another class are skipped (with a
+        /// warning); Services with none are served.
+        #[arg(long, default_value = model::DEFAULT_LOAD_BALANCER_CLASS)]
+        load_balancer_class: String,
         #[command(flatten)]
         roots: Roots,
     },
@@ -182,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             allow_host_addresses,
             node_name,
             serve_cluster_ips,
+            load_balancer_class,
             roots,
         } => {
             lb_userspace::privileges::require_for_attach()?;
@@ -198,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
                         None => host_name()?,
                     },
                     serve_cluster_ips,
+                    load_balancer_class,
                 },
                 metrics_addr,
                 stats_interval,

@@ -2,12 +2,24 @@
 //! EndpointSlice`, and `v1 List`s of them, from a file or a folder of multi-document YAML (or
 //! JSON) as written by hand or by `kubectl get ... -o yaml`.
 //!
-//! Other well-known kinds (a Deployment beside its Service, say) are skipped; anything else is
-//! an error, as is a document that does not parse, naming the file, the object and the field.
+//! Other kinds (a Deployment beside its Service, a PodDisruptionBudget, a kind of a newer
+//! release) are skipped, with a warning unless they are well-known companions; a document that
+//! does not parse, is not an object or lacks `apiVersion`/`kind` is an error naming the file,
+//! the object and the field.
+//!
+//! Unknown fields: the typed deserializers ignore a field they do not know, so a typo
+//! (`sessionAfinity`) would silently change what is served. Each ignored field is reported
+//! (through `serde_ignored`): one that is a near miss of a field known at the same place (see
+//! [`fields`]) refuses the object, naming the field it probably meant; any other is a warning
+//! and the object is served, since newer API servers add fields this version does not know.
+//! An `EndpointSlice` of `addressType: FQDN` is skipped with a warning, as kube-proxy does.
+
+mod fields;
 
 use std::{
     fmt,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use k8s_openapi::api::{
@@ -49,9 +61,13 @@ pub struct Manifests {
     pub endpoints: Vec<Located<Endpoints>>,
     /// `discovery.k8s.io/v1 EndpointSlice`s.
     pub slices: Vec<Located<EndpointSlice>>,
+    /// What was read past, one line each naming file, object and field: unknown fields that
+    /// are no near miss, kinds that are not ours, slices of an address type not served.
+    pub warnings: Vec<String>,
 }
 
-/// Kinds that may sit beside services in a folder and are not ours to read.
+/// Kinds that may sit beside services in a folder and are not ours to read: skipped without a
+/// word (any other kind is skipped with a warning).
 const SKIPPED_KINDS: &[&str] = &[
     "Deployment",
     "ReplicaSet",
@@ -207,55 +223,111 @@ fn read_object(
             Ok(())
         }
         ("v1", "Service") => {
-            let object = parse(value, &error)?;
+            static KNOWN: OnceLock<fields::Table> = OnceLock::new();
+            let known = KNOWN.get_or_init(fields::table::<Service>);
+            let service = parse(value, known, file, &object, &mut manifests.warnings)?;
             manifests.services.push(Located {
                 file: file.to_path_buf(),
-                object,
+                object: service,
             });
             Ok(())
         }
         ("v1", "Endpoints") => {
-            let object = parse(value, &error)?;
+            static KNOWN: OnceLock<fields::Table> = OnceLock::new();
+            let known = KNOWN.get_or_init(fields::table::<Endpoints>);
+            let endpoints = parse(value, known, file, &object, &mut manifests.warnings)?;
             manifests.endpoints.push(Located {
                 file: file.to_path_buf(),
-                object,
+                object: endpoints,
             });
             Ok(())
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let object = parse(value, &error)?;
+            static KNOWN: OnceLock<fields::Table> = OnceLock::new();
+            let known = KNOWN.get_or_init(fields::table::<EndpointSlice>);
+            let slice: EndpointSlice = parse(value, known, file, &object, &mut manifests.warnings)?;
+            // kube-proxy reads IPv4 and IPv6 slices only; FQDN ones (and any type a newer
+            // release adds) name no address to forward to.
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                manifests.warnings.push(format!(
+                    "{}: {object}: addressType {}: not an IP address type; skipped",
+                    file.display(),
+                    slice.address_type
+                ));
+                return Ok(());
+            }
             manifests.slices.push(Located {
                 file: file.to_path_buf(),
-                object,
+                object: slice,
             });
             Ok(())
         }
-        (_, kind) if SKIPPED_KINDS.contains(&kind) => {
-            tracing::debug!(file = %file.display(), %object, "skipping a kind that is not ours");
-            Ok(())
-        }
-        (api_version, kind) => Err(error(
+        // Our kinds in a version we cannot read: served half-understood or not at all, either
+        // would be a surprise.
+        (api_version, kind @ ("Service" | "Endpoints" | "EndpointSlice" | "List")) => Err(error(
             "kind",
             format!(
                 "unknown kind {kind} ({api_version}); expected v1 Service, v1 Endpoints, \
                  discovery.k8s.io/v1 EndpointSlice or v1 List"
             ),
         )),
+        (_, kind) if SKIPPED_KINDS.contains(&kind) => {
+            tracing::debug!(file = %file.display(), %object, "skipping a kind that is not ours");
+            Ok(())
+        }
+        (api_version, kind) => {
+            manifests.warnings.push(format!(
+                "{}: {object}: kind {kind} ({api_version}) is not ours; skipped",
+                file.display()
+            ));
+            Ok(())
+        }
     }
 }
 
-/// Deserializes a typed object, reporting the path of the field that failed.
+/// Deserializes a typed object, reporting the path of the field that failed, and what it
+/// ignored: a near miss of a known field is an error, any other unknown field a warning.
 fn parse<T: serde::de::DeserializeOwned>(
     value: Value,
-    error: &dyn Fn(&str, String) -> ConfigError,
+    known: &fields::Table,
+    file: &Path,
+    object: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    let error = |field: &str, message: String| ConfigError {
+        file: file.display().to_string(),
+        object: object.to_owned(),
+        field: field.into(),
+        message,
+    };
+    let mut ignored = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| ignored.push(fields::Ignored::new(&path));
+    let typed =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note));
+    // A near miss first, even when the object does not deserialize: a required field spelt
+    // wrong (`adresses`) is then also missing, and the typo is what to fix.
+    for field in &ignored {
+        if let Some(meant) = field.near_miss(known) {
+            return Err(error(
+                &field.written,
+                format!("unknown field; did you mean {meant}?"),
+            ));
+        }
+    }
+    let typed = typed.map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "-".to_owned() } else { path };
         error(&field, e.into_inner().to_string())
-    })
+    })?;
+    warnings.extend(ignored.iter().map(|field| {
+        format!(
+            "{}: {object}: {}: unknown field (not known to this version); ignored",
+            file.display(),
+            field.written
+        )
+    }));
+    Ok(typed)
 }
-
 impl fmt::Display for Manifests {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -34,9 +34,13 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 /// The legacy annotation kube-proxy reads source ranges from when `spec.loadBalancerSourceRanges`
 /// is empty.
 const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// The `spec.loadBalancerClass` this load balancer implements unless told otherwise
+/// (`--load-balancer-class`): Services of another class are left to their own implementation;
+/// Services with no class are ours.
+pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "lb.xdp.rs/xdp";
 
 /// Options that are not in the manifests.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Node addresses on which `nodePort`s are served as VIPs too.
     pub node_ips: Vec<IpAddr>,
@@ -52,6 +56,21 @@ pub struct Options {
     /// the cluster's own address (kube-dns, the API server's `kubernetes` Service), not one
     /// to expose to whoever reaches this interface (Cilium does not either).
     pub serve_cluster_ips: bool,
+    /// The `spec.loadBalancerClass` served: a Service of another class is skipped.
+    pub load_balancer_class: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            node_ips: Vec::new(),
+            host_addresses: Vec::new(),
+            allow_host_addresses: false,
+            node_name: String::new(),
+            serve_cluster_ips: false,
+            load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
+        }
+    }
 }
 
 /// How a frontend reaches its service: it decides which traffic policy and which filters
@@ -362,6 +381,7 @@ pub fn load(path: &Path, options: &Options) -> Result<Cluster, ConfigError> {
 /// Builds and validates the desired state.
 pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, ConfigError> {
     let mut cluster = Cluster::default();
+    cluster.warnings.extend(manifests.warnings.iter().cloned());
     let mut claimed: HashMap<VipKey, String> = HashMap::new();
     // Two services on one VIP:port conflict whether or not this node serves the address.
     let every_address = Options {
@@ -428,6 +448,13 @@ fn service_model(
     if service_type == "ExternalName" {
         warnings.push(format!(
             "{file}: {object}: ExternalName services have no data plane"
+        ));
+        return Ok(None);
+    }
+    if let Some(class) = foreign_class(spec.load_balancer_class.as_deref(), options) {
+        warnings.push(format!(
+            "{file}: {object}: spec.loadBalancerClass {class}: not ours ({}); skipped",
+            options.load_balancer_class
         ));
         return Ok(None);
     }
@@ -564,7 +591,8 @@ fn service_model(
             .node_port
             .map(|p| port_number(p, &format!("{field}.nodePort"), &error))
             .transpose()?;
-        let endpoints = endpoints_for_port(port, number, protocol, &raw, &weights)
+        let mut note = |text: String| warnings.push(format!("{file}: {object}: {field}: {text}"));
+        let endpoints = endpoints_for_port(port, number, protocol, &raw, &weights, &mut note)
             .map_err(|message| error(&format!("{field}.targetPort"), message))?;
         ports.push(PortModel {
             name: port.name.clone().unwrap_or_default(),
@@ -699,8 +727,17 @@ fn parse_weights(
     Ok(weights)
 }
 
+/// The class of a Service that belongs to another load balancer implementation, if it does:
+/// one with no `spec.loadBalancerClass`, or ours, is ours.
+fn foreign_class<'a>(class: Option<&'a str>, options: &Options) -> Option<&'a str> {
+    class.filter(|class| *class != options.load_balancer_class)
+}
+
 /// The endpoints of a service: from its EndpointSlices when it has any (as kube-proxy does),
-/// else from its Endpoints object.
+/// else from its Endpoints object. Slices of an address type other than IPv4 and IPv6 (FQDN)
+/// are left out (the manifest reader warned of them), and of each slice endpoint only its
+/// first address is used, as kube-proxy does (the API makes an endpoint's addresses
+/// fungible).
 fn raw_endpoints(
     namespace: &str,
     name: &str,
@@ -718,7 +755,8 @@ fn raw_endpoints(
         .slices
         .iter()
         .filter(|s| {
-            s.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            matches!(s.object.address_type.as_str(), "IPv4" | "IPv6")
+                && s.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
                 && s.object
                     .metadata
                     .labels
@@ -740,12 +778,12 @@ fn raw_endpoints(
             for (e, endpoint) in slice.object.endpoints.iter().flatten().enumerate() {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
                 let ready = conditions.ready.unwrap_or(true);
-                for (a, text) in endpoint.addresses.iter().enumerate() {
+                if let Some(text) = endpoint.addresses.first() {
                     let addr = text.parse().map_err(|_| {
                         bad_address(
                             &slice.file,
                             format!("EndpointSlice {namespace}/{slice_name}"),
-                            format!("endpoints[{e}].addresses[{a}]"),
+                            format!("endpoints[{e}].addresses[0]"),
                             text,
                         )
                     })?;
@@ -823,28 +861,23 @@ fn endpoint_port(
 }
 
 /// The endpoints serving one service port, with resolved target ports.
+///
+/// An endpoint that has no port of the named `targetPort` (a rollout renaming it, half done)
+/// has no endpoint for this port: one warning line through `note` names them, and the service
+/// is served by the others.
 fn endpoints_for_port(
     port: &ServicePort,
     number: u16,
     protocol: Protocol,
     raw: &[RawEndpoint],
     weights: &HashMap<IpAddr, u32>,
+    note: &mut dyn FnMut(String),
 ) -> Result<Vec<EndpointModel>, String> {
-    let any_ready = raw.iter().any(|e| e.ready);
     let port_name = port.name.clone().unwrap_or_default();
-    let mut endpoints = Vec::new();
+    let mut resolved = Vec::new();
+    let mut unresolved = Vec::new();
     for endpoint in raw {
-        // Kubernetes' rule: ready endpoints serve; with none ready, serving+terminating ones do.
-        let serves = if any_ready {
-            endpoint.ready
-        } else {
-            endpoint.serving && endpoint.terminating
-        };
-        // Every other endpoint listed keeps its established flows and takes no new ones: a pod
-        // whose readiness probe fails for a moment should not have its connections cut, and
-        // kube-proxy leaves established connections alone too. Only endpoints that leave the
-        // objects lose their flows.
-        let resolved = endpoint
+        let found = endpoint
             .ports
             .iter()
             .find(|(name, _, proto)| *name == port_name && proto == protocol.name())
@@ -855,20 +888,54 @@ fn endpoints_for_port(
                 _ => None,
             })
             .map(|(_, p, _)| *p);
-        let target = match (resolved, &port.target_port) {
+        let target = match (found, &port.target_port) {
             (Some(p), _) => p,
             (None, Some(IntOrString::Int(n))) => u16::try_from(*n)
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| format!("{n} is not a port (1..=65535)"))?,
             (None, None) => number,
-            (None, Some(IntOrString::String(name))) => {
-                return Err(format!(
-                    "named port {name:?} is not among the ports of endpoint {}",
-                    endpoint.addr
-                ));
+            (None, Some(IntOrString::String(_))) => {
+                if !unresolved.contains(&endpoint.addr) {
+                    unresolved.push(endpoint.addr);
+                }
+                continue;
             }
         };
+        resolved.push((endpoint, target));
+    }
+    if let (false, Some(IntOrString::String(name))) = (unresolved.is_empty(), &port.target_port) {
+        let addresses: Vec<String> = unresolved.iter().map(ToString::to_string).collect();
+        note(format!(
+            "named targetPort {name:?} is not among the ports of endpoint {}: no endpoint there \
+             for this port",
+            addresses.join(", ")
+        ));
+    }
+    // Kubernetes' rule, per address family (a dual-stack service's IPv4 and IPv6 endpoints are
+    // two sets): ready endpoints serve; with none ready, serving+terminating ones do.
+    let any_ready = |family_v4: bool| {
+        resolved
+            .iter()
+            .any(|(e, _)| e.ready && e.addr.is_ipv4() == family_v4)
+    };
+    let (ready_v4, ready_v6) = (any_ready(true), any_ready(false));
+    let mut endpoints = Vec::new();
+    for (endpoint, target) in resolved {
+        let family_ready = if endpoint.addr.is_ipv4() {
+            ready_v4
+        } else {
+            ready_v6
+        };
+        let serves = if family_ready {
+            endpoint.ready
+        } else {
+            endpoint.serving && endpoint.terminating
+        };
+        // Every other endpoint listed keeps its established flows and takes no new ones: a pod
+        // whose readiness probe fails for a moment should not have its connections cut, and
+        // kube-proxy leaves established connections alone too. Only endpoints that leave the
+        // objects lose their flows.
         endpoints.push(EndpointModel {
             addr: endpoint.addr,
             port: target,
@@ -879,8 +946,9 @@ fn endpoints_for_port(
             node_name: endpoint.node_name.clone(),
         });
     }
-    // An endpoint listed twice (two slices during a change) serves if either listing does.
-    endpoints.sort_by_key(|e| (e.addr, e.port, e.terminating));
+    // An endpoint listed twice (two slices during a change) takes its best listing, as
+    // kube-proxy does: serving, then terminating (its pod going away), then not ready.
+    endpoints.sort_by_key(|e| (e.addr, e.port, e.terminating, e.not_ready));
     endpoints.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
     Ok(endpoints)
 }
@@ -1056,10 +1124,27 @@ mod tests {
         let cluster = parse(&(yaml.clone() + &slice)).unwrap();
         assert_eq!(cluster.services[0].ports[0].endpoints[0].port, 9999);
         assert_eq!(cluster.services[0].ports[0].target_port, "web-http");
-        // An Endpoints object without ports cannot resolve a name.
-        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n- addresses:\n  - ip: 198.18.1.1\n";
-        let error = parse(&(yaml + endpoints)).unwrap_err();
-        assert_eq!(error.field, "spec.ports[0].targetPort");
+        // An endpoint without that port (a rollout renaming it, half done) has no endpoint for
+        // this port, with a warning; the others serve. (It was an error, refusing the whole
+        // configuration for a state Kubernetes passes through.)
+        let endpoints = "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n\
+                         - addresses:\n  - ip: 198.18.1.1\n\
+                         - addresses:\n  - ip: 198.18.1.2\n  ports:\n  - {name: web-http, port: 9999}\n";
+        let cluster = parse(&(yaml + endpoints)).unwrap();
+        let port = &cluster.services[0].ports[0];
+        let served: Vec<String> = port
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.addr, e.port))
+            .collect();
+        assert_eq!(served, ["198.18.1.2:9999"]);
+        assert_eq!(
+            cluster.warnings,
+            [
+                "test.yaml: Service default/web: spec.ports[0]: named targetPort \"web-http\" is not \
+              among the ports of endpoint 198.18.1.1: no endpoint there for this port"
+            ]
+        );
     }
 
     fn build_with(yaml: &str, options: &Options) -> Cluster {
@@ -1259,9 +1344,9 @@ mod tests {
                 "invalid",
             ),
             (
-                "apiVersion: v1\nkind: Frobnicator\nmetadata: {name: x}\n".into(),
+                "apiVersion: v2\nkind: Service\nmetadata: {name: x}\n".into(),
                 "kind",
-                "unknown kind",
+                "unknown kind Service (v2)",
             ),
             (
                 "kind: Service\nmetadata: {name: x}\n".into(),
@@ -1369,6 +1454,264 @@ mod tests {
         assert!(error.message.contains("--allow-host-addresses"), "{error}");
         options.allow_host_addresses = true;
         assert_eq!(build(&manifests, &options).unwrap().services.len(), 1);
+    }
+
+    fn refused(yaml: &str) -> ConfigError {
+        parse(yaml).expect_err("refused")
+    }
+
+    #[test]
+    fn near_misses_of_known_fields_are_refused_naming_the_field_meant() {
+        for (yaml, object, field, meant) in [
+            (
+                service("  sessionAfinity: ClientIP\n"),
+                "Service default/web",
+                "spec.sessionAfinity",
+                "sessionAffinity",
+            ),
+            (
+                service("  loadBalancerIp: 198.18.200.1\n"),
+                "Service default/web",
+                "spec.loadBalancerIp",
+                "loadBalancerIP",
+            ),
+            (
+                service("  externalIPS: [198.18.200.2]\n"),
+                "Service default/web",
+                "spec.externalIPS",
+                "externalIPs",
+            ),
+            (
+                service("").replace("targetPort: 8080", "tragetPort: 8080"),
+                "Service default/web",
+                "spec.ports[0].tragetPort",
+                "targetPort",
+            ),
+            (
+                service("") + &slice("- addresses: [198.18.1.1]\n- adresses: [198.18.1.2]\n"),
+                "EndpointSlice default/web-abc",
+                "endpoints[1].adresses",
+                "addresses",
+            ),
+            (
+                service("")
+                    + "---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: web\nsubsets:\n\
+                       - addresses:\n  - ip: 198.18.1.1\n  notreadyAddresses: []\n",
+                "Endpoints default/web",
+                "subsets[0].notreadyAddresses",
+                "notReadyAddresses",
+            ),
+        ] {
+            let error = refused(&yaml);
+            assert_eq!(
+                (error.object.as_str(), error.field.as_str()),
+                (object, field),
+                "{error}"
+            );
+            assert_eq!(
+                error.message,
+                format!("unknown field; did you mean {meant}?")
+            );
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("test.yaml: {object}: {field}: unknown field")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_that_are_no_near_miss_are_warnings_and_the_object_is_served() {
+        let yaml = service("  fooBarBaz: Prefer\n")
+            + &slice("- addresses: [198.18.1.1]\n  futureCondition: {x: 1}\n");
+        let cluster = parse(&yaml).unwrap();
+        assert_eq!(cluster.services[0].ports[0].endpoints.len(), 1);
+        assert_eq!(
+            cluster.warnings,
+            [
+                "test.yaml: Service default/web: spec.fooBarBaz: unknown field (not known to this \
+                 version); ignored",
+                "test.yaml: EndpointSlice default/web-abc: endpoints[0].futureCondition: unknown \
+                 field (not known to this version); ignored",
+            ]
+        );
+    }
+
+    #[test]
+    fn fqdn_endpoint_slices_are_skipped_with_a_warning() {
+        let fqdn = slice("- addresses: [web.example.com]\n")
+            .replace("name: web-abc", "name: web-fqdn")
+            .replace("addressType: IPv4", "addressType: FQDN");
+        let cluster =
+            parse(&(service("") + &fqdn + &slice("- addresses: [198.18.1.1]\n"))).unwrap();
+        assert_eq!(states(&cluster), [("198.18.1.1".into(), false, false)]);
+        assert_eq!(
+            cluster.warnings,
+            [
+                "test.yaml: EndpointSlice default/web-fqdn: addressType FQDN: not an IP address type; \
+              skipped"
+            ]
+        );
+    }
+
+    #[test]
+    fn kinds_that_are_not_ours_are_skipped_with_a_warning() {
+        let yaml = "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: web}\n\
+                    spec: {minAvailable: 1}\n---\n\
+                    apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: reader, namespace: ops}\n---\n"
+            .to_owned()
+            + &service("");
+        let cluster = parse(&yaml).unwrap();
+        assert_eq!(cluster.services.len(), 1);
+        assert_eq!(
+            cluster.warnings,
+            [
+                "test.yaml: PodDisruptionBudget default/web: kind PodDisruptionBudget (policy/v1) \
+                 is not ours; skipped",
+                "test.yaml: Role ops/reader: kind Role (rbac.authorization.k8s.io/v1) is not ours; \
+                 skipped",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_address_listed_twice_takes_its_best_listing() {
+        let second = |conditions: &str| {
+            slice(&format!(
+                "- addresses: [198.18.1.1]\n  conditions: {conditions}\n"
+            ))
+            .replace("name: web-abc", "name: web-def")
+        };
+        for (first, other, expected) in [
+            // Ready beats terminating, whichever slice comes first.
+            (
+                "{ready: true}",
+                "{ready: false, serving: true, terminating: true}",
+                (false, false),
+            ),
+            (
+                "{ready: false, serving: true, terminating: true}",
+                "{ready: true}",
+                (false, false),
+            ),
+            // None ready: serving-terminating serves, beating a not-ready listing.
+            (
+                "{ready: false}",
+                "{ready: false, serving: true, terminating: true}",
+                (false, false),
+            ),
+            // Neither serves (another endpoint is ready): terminating beats not ready.
+            (
+                "{ready: false}",
+                "{ready: false, serving: false, terminating: true}",
+                (true, false),
+            ),
+        ] {
+            let yaml = service("")
+                + &slice(&format!(
+                    "- addresses: [198.18.1.1]\n  conditions: {first}\n- addresses: [198.18.1.9]\n  \
+                     conditions: {{ready: {}}}\n",
+                    expected == (true, false)
+                ))
+                + &second(other);
+            let cluster = parse(&yaml).unwrap();
+            let (terminating, not_ready) = expected;
+            assert_eq!(
+                states(&cluster)[0],
+                ("198.18.1.1".into(), terminating, not_ready),
+                "{first} + {other}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_first_address_of_a_slice_endpoint_is_used() {
+        let cluster = parse(
+            &(service("")
+                + &slice("- addresses: [198.18.1.1, 198.18.1.2]\n- addresses: [198.18.1.3]\n")),
+        )
+        .unwrap();
+        let addresses: Vec<String> = states(&cluster).into_iter().map(|s| s.0).collect();
+        assert_eq!(addresses, ["198.18.1.1", "198.18.1.3"]);
+    }
+
+    #[test]
+    fn the_terminating_fallback_is_decided_per_address_family() {
+        // IPv4 has a ready endpoint; IPv6 has only a serving+terminating one, which serves.
+        let v6 = slice("- addresses: [\"2001:db8::1\"]\n  conditions: {ready: false, serving: true, terminating: true}\n")
+            .replace("name: web-abc", "name: web-v6")
+            .replace("addressType: IPv4", "addressType: IPv6");
+        let v4 = slice(
+            "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n\
+             - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+        );
+        let cluster = parse(&(service("") + &v4 + &v6)).unwrap();
+        assert_eq!(
+            states(&cluster),
+            [
+                ("198.18.1.1".into(), false, false),
+                ("198.18.1.2".into(), true, false), // IPv4 has a ready one: existing flows only
+                ("2001:db8::1".into(), false, false), // IPv6 has none: it serves
+            ]
+        );
+    }
+
+    #[test]
+    fn services_of_another_load_balancer_class_are_skipped() {
+        let ours = service(&format!(
+            "  loadBalancerClass: {DEFAULT_LOAD_BALANCER_CLASS}\n"
+        ));
+        assert_eq!(parse(&ours).unwrap().services.len(), 1);
+        assert_eq!(parse(&service("")).unwrap().services.len(), 1);
+        let theirs = service("  loadBalancerClass: example.com/other\n");
+        let cluster = parse(&theirs).unwrap();
+        assert!(cluster.services.is_empty());
+        assert_eq!(
+            cluster.warnings,
+            [
+                "test.yaml: Service default/web: spec.loadBalancerClass example.com/other: not ours \
+              (lb.xdp.rs/xdp); skipped"
+            ]
+        );
+        // Told to serve that class: the service is ours, and one of the default class is not.
+        let mut manifests = Manifests::default();
+        manifest::read_text(&PathBuf::from("test.yaml"), &theirs, &mut manifests).unwrap();
+        manifest::read_text(
+            &PathBuf::from("b.yaml"),
+            &ours
+                .replace("198.18.100.1", "198.18.100.2")
+                .replace("name: web", "name: mine"),
+            &mut manifests,
+        )
+        .unwrap();
+        let options = Options {
+            load_balancer_class: "example.com/other".into(),
+            ..Options::default()
+        };
+        let cluster = build(&manifests, &options).unwrap();
+        let names: Vec<&str> = cluster.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web"]);
+        assert_eq!(cluster.warnings.len(), 1, "{:?}", cluster.warnings);
+    }
+
+    /// Real `kubectl -o yaml` output carries fields we do not use (managedFields, uid,
+    /// resourceVersion, status.conditions): all are known to the typed structs, so loading it
+    /// warns of nothing.
+    #[test]
+    fn kubectl_output_in_the_test_data_loads_without_warnings() {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data"));
+        let mut read = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let cluster = load(&path, &Options::default()).unwrap();
+                assert!(!cluster.services.is_empty(), "{}", path.display());
+                assert_eq!(cluster.warnings, Vec::<String>::new(), "{}", path.display());
+                read += 1;
+            }
+        }
+        assert!(read >= 2, "{read} files");
     }
 
     #[test]
