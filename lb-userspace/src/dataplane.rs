@@ -1110,13 +1110,18 @@ impl Dataplane {
         map.remove(key).map_err(map_error(name))
     }
 
-    /// Counters summed over all CPUs, one per [`Reason`], in index order.
+    /// Counters summed over all CPUs, one per [`Reason`], in index order. A reason past the
+    /// end of a `STATS` pinned by an older version (fewer reasons) reads as zero: the kernel
+    /// cannot count it there until the data plane is detached and loaded afresh.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
         let name = names::STATS;
         let stats: PerCpuArray<_, Counter> = self.map(name)?.try_into().map_err(map_error(name))?;
         Reason::ALL
             .iter()
             .map(|&reason| {
+                if reason as u32 >= stats.len() {
+                    return Ok((reason, Counter::default()));
+                }
                 let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
                 Ok((
                     reason,
