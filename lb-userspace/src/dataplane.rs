@@ -868,7 +868,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes every source range of `service_id`.
+    /// Removes every source range of `service_id`. Call it when the id is freed too: an id
+    /// handed out again would otherwise inherit the ranges (harmless without
+    /// `SERVICE_F_SOURCE_RANGES`, which alone makes the data plane look).
     pub fn clear_source_ranges(&mut self, service_id: u32) -> Result<(), DataplaneError> {
         self.set_source_ranges(service_id, &[])
     }
