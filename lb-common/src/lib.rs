@@ -16,6 +16,6 @@ pub mod stats;
 
 pub use maps::{
     AffinityKey, AffinityValue, Backend, FlowKey, FlowValue, FragmentKey, FragmentPorts,
-    PodHandoff, ReverseValue, ServiceKey, ServiceValue,
+    PodHandoff, ReverseValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 pub use stats::{Counter, Event, FlowCounter, Reason};

@@ -47,6 +47,12 @@ pub const AFFINITY_SIZE: u32 = 65_536;
 pub const MAX_TX_PORTS: u32 = 256;
 /// Capacity of the pod-interface table: local pods the data plane delivers to directly.
 pub const MAX_POD_PORTS: u32 = 4096;
+/// Capacity of the source-range trie: `loadBalancerSourceRanges` entries of all services
+/// together.
+pub const SOURCE_RANGES_SIZE: u32 = 16_384;
+/// `BPF_F_NO_PREALLOC`: the kernel takes LPM tries only with it (nodes are allocated as
+/// entries are inserted).
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Names of the maps in the eBPF object.
 pub mod names {
@@ -70,6 +76,9 @@ pub mod names {
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Host-side interfaces of local pods (ifindex -> 0, reserved for flags).
     pub const POD_PORTS: &str = "POD_PORTS";
+    /// LPM trie: [`super::SourceRangeKey`] -> 0 (reserved): the client ranges a service with
+    /// [`super::SERVICE_F_SOURCE_RANGES`] admits.
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     /// Per-CPU [`super::super::Counter`] per [`super::super::Reason`].
     pub const STATS: &str = "STATS";
     /// Per-CPU count per [`super::super::Event`].
@@ -154,10 +163,66 @@ pub struct ServiceKey {
 /// `ServiceValue::flags`: new connections of a client stick to its previous backend.
 pub const SERVICE_F_AFFINITY: u32 = 1;
 /// `ServiceValue::flags`: this frontend admits only clients in the ranges stored under its
-/// service id.
+/// service id in `SOURCE_RANGES` (`loadBalancerSourceRanges`); every other client's packets
+/// are dropped, those of established flows included.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 2;
-/// `ServiceValue::flags`: with no backend taking new flows, drop them instead of refusing them.
+/// `ServiceValue::flags`: a packet this frontend has no backend for is dropped, not answered
+/// with a TCP reset or an ICMP port unreachable (`externalTrafficPolicy: Local` frontends
+/// without a local endpoint, which kube-proxy drops).
 pub const SERVICE_F_DROP_EMPTY: u32 = 4;
+
+/// A key of the source-range trie (`SOURCE_RANGES`, an LPM trie): the service id then the
+/// client address, matched over their first `prefixlen` bits. The service id is always matched
+/// whole, so a service's ranges never admit another's clients.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    /// Bits matched: 32 (the service id) plus the range's prefix length within the 16-byte
+    /// address (96 + n for an IPv4 /n, as addresses are IPv4-mapped).
+    pub prefixlen: u32,
+    /// The service id, big-endian (the trie matches bytes in order).
+    pub service_id: [u8; 4],
+    /// The range's address (IPv4-mapped for IPv4), its bits past the prefix zero.
+    pub addr: [u8; 16],
+}
+
+/// The prefix length of a lookup: the service id and the whole client address.
+pub const SOURCE_RANGE_FULL_PREFIX: u32 = 32 + 128;
+
+impl SourceRangeKey {
+    /// The bytes the trie matches (everything after `prefixlen`), as the kernel and aya's
+    /// `lpm_trie::Key<[u8; 20]>` hold them.
+    #[inline(always)]
+    #[must_use]
+    pub const fn data(&self) -> [u8; 20] {
+        let (id, a) = (self.service_id, self.addr);
+        [
+            id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9],
+            a[10], a[11], a[12], a[13], a[14], a[15],
+        ]
+    }
+}
+
+/// The trie key of the range `addr`/`prefix` of service `service_id`, where `addr` is 16 bytes
+/// (IPv4-mapped for IPv4) and `prefix` counts bits within those 16 bytes (96 + n for an IPv4
+/// /n); a `prefix` over 128 is taken as 128. The address's bits past the prefix are cleared, so
+/// one range has one key however it was written.
+#[must_use]
+pub fn source_range_key(service_id: u32, addr: &[u8; 16], prefix: u32) -> SourceRangeKey {
+    let prefix = prefix.min(128);
+    let mut masked = [0u8; 16];
+    for (i, (to, from)) in masked.iter_mut().zip(addr).enumerate() {
+        let bits = prefix.saturating_sub(8 * i as u32).min(8);
+        // `bits` leading ones of the byte: 0xff << (8 - bits), 0 when no bit is kept.
+        let mask = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+        *to = from & mask;
+    }
+    SourceRangeKey {
+        prefixlen: 32 + prefix,
+        service_id: service_id.to_be_bytes(),
+        addr: masked,
+    }
+}
 
 /// What the data plane needs to know of a service.
 #[repr(C)]
@@ -333,6 +398,34 @@ pub struct PodHandoff {
 /// [`PodHandoff::magic`].
 pub const POD_HANDOFF_MAGIC: u32 = 0x4c42_5044;
 
+/// The trie key of the range `addr`/`len` of service `service_id` as written in a Service
+/// (`10.0.0.0/8`, `2001:db8::/32`); `None` when `len` is longer than the family's addresses.
+#[must_use]
+pub fn source_range_key_of(
+    service_id: u32,
+    addr: core::net::IpAddr,
+    len: u8,
+) -> Option<SourceRangeKey> {
+    let (addr, prefix) = match addr {
+        core::net::IpAddr::V4(v4) if len <= 32 => (ipv4_mapped(v4.octets()), 96 + u32::from(len)),
+        core::net::IpAddr::V6(v6) if len <= 128 => (v6.octets(), u32::from(len)),
+        _ => return None,
+    };
+    Some(source_range_key(service_id, &addr, prefix))
+}
+
+/// The range a trie key holds, as a Service writes it: an IPv4 range for an IPv4-mapped key at
+/// least 96 bits long, else IPv6; `None` for a key of no range (shorter than a service id).
+#[must_use]
+pub fn source_range_of(key: &SourceRangeKey) -> Option<(core::net::IpAddr, u8)> {
+    let prefix = key.prefixlen.checked_sub(32)?.min(128);
+    if prefix >= 96 && is_ipv4_mapped(&key.addr) {
+        let v4 = [key.addr[12], key.addr[13], key.addr[14], key.addr[15]];
+        return Some((core::net::IpAddr::from(v4), (prefix - 96) as u8));
+    }
+    Some((core::net::IpAddr::from(key.addr), prefix as u8))
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all): `repr(C)`, explicit padding fields, any bit pattern valid.
@@ -347,6 +440,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentPorts {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -367,6 +461,54 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<FragmentPorts>(), 4);
+        // As the kernel's `struct bpf_lpm_trie_key_u8` with 20 bytes of data.
+        assert_eq!(size_of::<SourceRangeKey>(), 24);
+    }
+
+    #[test]
+    fn source_range_keys_mask_the_address_past_the_prefix() {
+        // 10.1.2.3/16 of service 7: the service id and 96 + 16 bits of the mapped address.
+        let key = source_range_key(7, &ipv4_mapped([10, 1, 2, 3]), 96 + 16);
+        assert_eq!(key.prefixlen, 32 + 96 + 16);
+        assert_eq!(key.service_id, [0, 0, 0, 7]);
+        assert_eq!(key.addr, ipv4_mapped([10, 1, 0, 0]));
+        assert_eq!(key.data()[..4], [0, 0, 0, 7]);
+        assert_eq!(key.data()[4..], key.addr);
+        // A prefix inside a byte: 192.168.77.0/20 keeps the high nibble of the third byte.
+        let key = source_range_key(1, &ipv4_mapped([192, 168, 77, 9]), 96 + 20);
+        assert_eq!(key.addr, ipv4_mapped([192, 168, 64, 0]));
+        // IPv6 /0 (everyone) keeps nothing of the address; /128 keeps all; more is 128.
+        let v6 = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(source_range_key(1, &v6, 0).addr, [0; 16]);
+        assert_eq!(source_range_key(1, &v6, 0).prefixlen, 32);
+        assert_eq!(source_range_key(1, &v6, 128).addr, v6);
+        assert_eq!(source_range_key(1, &v6, 200), source_range_key(1, &v6, 128));
+        assert_eq!(SOURCE_RANGE_FULL_PREFIX, 32 + 128);
+        // From a Service's own notation, and back.
+        let v4 = core::net::IpAddr::from([10, 1, 2, 3]);
+        let key = source_range_key_of(7, v4, 16).unwrap();
+        assert_eq!(key, source_range_key(7, &ipv4_mapped([10, 1, 0, 0]), 112));
+        assert_eq!(
+            source_range_of(&key),
+            Some((core::net::IpAddr::from([10, 1, 0, 0]), 16))
+        );
+        assert_eq!(source_range_key_of(7, v4, 33), None);
+        let v6 = core::net::IpAddr::from(v6);
+        let key = source_range_key_of(7, v6, 32).unwrap();
+        assert_eq!(key.prefixlen, 64);
+        assert_eq!(
+            source_range_of(&key),
+            Some((
+                core::net::IpAddr::from([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                32
+            ))
+        );
+        assert_eq!(source_range_key_of(7, v6, 129), None);
+        // Written two ways, one range.
+        assert_eq!(
+            source_range_key(3, &ipv4_mapped([10, 0, 0, 1]), 104),
+            source_range_key(3, &ipv4_mapped([10, 0, 0, 0]), 104)
+        );
     }
 
     #[test]

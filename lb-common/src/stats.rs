@@ -94,7 +94,8 @@ named_enum! {
         /// XDP, dropped: to a VIP address with what the program does not parse (IPv6
         /// extension headers).
         DropUnsupported = "drop_unsupported",
-        /// XDP, dropped: to a service with no usable backend.
+        /// XDP, dropped: to a service with no usable backend, and nothing to answer (a TCP
+        /// segment without SYN, a fragment), or too short to answer.
         DropNoBackend = "drop_no_backend",
         /// XDP, dropped: an ICMP error to a VIP about a flow the connection table does not
         /// know, or too short to tell which.
@@ -130,6 +131,18 @@ named_enum! {
         /// TC ingress of a pod's interface, passed: not a reply of a tracked flow, or one the
         /// kernel must route (its reverse NAT happens on the client-facing egress).
         PodPass = "pod_pass",
+        /// XDP, dropped: to a frontend with `loadBalancerSourceRanges` from a client outside
+        /// them (every packet, those of established flows too).
+        DropSourceRange = "drop_source_range",
+        /// XDP, dropped: to a frontend that drops rather than rejects (`externalTrafficPolicy:
+        /// Local` without a local endpoint) with no usable backend.
+        DropNoLocalBackend = "drop_no_local_backend",
+        /// XDP, answered: a TCP SYN to a service with no usable backend, answered with an RST
+        /// (XDP_TX), as kube-proxy rejects it.
+        RejectTcp = "reject_tcp",
+        /// XDP, answered: a UDP datagram to a service with no usable backend, answered with an
+        /// ICMP / ICMPv6 port unreachable (XDP_TX), as kube-proxy rejects it.
+        RejectUdp = "reject_udp",
     }
 }
 

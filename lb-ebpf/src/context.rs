@@ -38,6 +38,26 @@ impl Frame for TcContext {
     }
 }
 
+/// Moves the start of an XDP frame by `delta` bytes (`bpf_xdp_adjust_head`): a negative
+/// `delta` makes room in front of the data, a positive one drops bytes from the front. False
+/// when the kernel refuses (not enough headroom, or a frame shorter than an Ethernet header
+/// left). Every pointer into the frame is stale afterwards: `Frame::ptr_at` reads the new
+/// bounds.
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> bool {
+    // SAFETY: `ctx` is the program's valid xdp_md; the helper only moves `data`.
+    unsafe { aya_ebpf::helpers::generated::bpf_xdp_adjust_head(ctx.ctx, delta) == 0 }
+}
+
+/// Moves the end of an XDP frame by `delta` bytes (`bpf_xdp_adjust_tail`): a negative `delta`
+/// cuts the frame short. False when the kernel refuses. Pointers are stale afterwards, as with
+/// [`adjust_head`].
+#[inline(always)]
+pub fn adjust_tail(ctx: &XdpContext, delta: i32) -> bool {
+    // SAFETY: `ctx` is the program's valid xdp_md; the helper only moves `data_end`.
+    unsafe { aya_ebpf::helpers::generated::bpf_xdp_adjust_tail(ctx.ctx, delta) == 0 }
+}
+
 /// Room for a `T` made in front of an XDP frame's data (`bpf_xdp_adjust_meta`), for the TC
 /// program that sees the frame next. `None` when the driver keeps no metadata.
 #[inline(always)]

@@ -56,6 +56,19 @@ pub fn read<T: Copy>(frame: &impl Frame, offset: usize) -> Result<T, OutOfBounds
     Ok(unsafe { ptr.read_unaligned() })
 }
 
+/// Writes `bytes` at `offset` (one byte store at a time, see [`copy_bytes`]).
+#[inline(always)]
+pub fn write<const N: usize>(
+    frame: &impl Frame,
+    offset: usize,
+    bytes: &[u8; N],
+) -> Result<(), OutOfBounds> {
+    let ptr = frame.ptr_at::<[u8; N]>(offset)?;
+    // SAFETY: `ptr_at` checked the bytes lie within the frame; byte arrays have no alignment.
+    copy_bytes(unsafe { &mut *ptr }, bytes);
+    Ok(())
+}
+
 /// Copies `src` into `dst` one byte store at a time.
 ///
 /// A plain assignment of a byte array here compiles to a call of the byte-at-a-time `memmove`

@@ -1,8 +1,9 @@
 //! The load balancer's kernel programs. Entry points only dispatch and count; the work lives in
 //! the modules, split by concern like Katran's `lib/bpf/`:
-//! `parse` (headers), `select` (conntrack, affinity, Maglev), `nat` (rewrites and checksums),
-//! `forward` (route lookup, TX/redirect), `pods` (local pods past the host's stack), `stats`
-//! (counters), `maps`.
+//! `parse` (headers), `ranges` (`loadBalancerSourceRanges`), `select` (conntrack, affinity,
+//! Maglev), `reject` (no usable backend: RST, ICMP port unreachable or drop), `nat` (rewrites and
+//! checksums), `forward` (route lookup, TX/redirect), `pods` (local pods past the host's stack),
+//! `stats` (counters), `maps`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys and values are passed by reference on purpose: passing them by value copies them
@@ -32,6 +33,10 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod pods;
 #[cfg(target_arch = "bpf")]
+mod ranges;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod stats;
@@ -53,7 +58,7 @@ mod programs {
         nat,
         parse::{self, Kind},
         pods::{self, Delivery},
-        select, stats,
+        ranges, reject, select, stats,
     };
 
     /// Bytes of headers the TC program wants in the linear part of a socket buffer: Ethernet,
@@ -109,8 +114,12 @@ mod programs {
             | Reason::DropFragment
             | Reason::DropUnsupported
             | Reason::DropNoBackend
-            | Reason::DropIcmpUnknownFlow => xdp_action::XDP_DROP,
-            Reason::DnatTx | Reason::IcmpEchoReply => xdp_action::XDP_TX,
+            | Reason::DropIcmpUnknownFlow
+            | Reason::DropSourceRange
+            | Reason::DropNoLocalBackend => xdp_action::XDP_DROP,
+            Reason::DnatTx | Reason::IcmpEchoReply | Reason::RejectTcp | Reason::RejectUdp => {
+                xdp_action::XDP_TX
+            }
             Reason::DnatRedirect => xdp_action::XDP_REDIRECT,
             _ => xdp_action::XDP_PASS,
         }
@@ -174,11 +183,15 @@ mod programs {
         let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
             return Reason::PassNotVip;
         };
+        // Every packet, so that removing a range cuts established flows too.
+        if !ranges::admitted(&service, &packet.src) {
+            return Reason::DropSourceRange;
+        }
         // Read once, for the connection table and the next-hop cache alike; not for packets
         // that are not ours.
         packet.now_ns = conntrack::now_ns();
         if !select::backend(packet, &service, selected) {
-            return Reason::DropNoBackend;
+            return reject::no_backend(ctx, packet, &service);
         }
         fragments::remember(packet);
         if nat::dnat(ctx, packet, &selected.backend).is_err() {

@@ -1,6 +1,6 @@
 //! The maps shared with userspace; their names are the contract in `lb_common::maps::names`.
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -9,7 +9,7 @@ use lb_common::{
     maps::{
         AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, FRAGMENTS_SIZE,
         MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TX_PORTS,
-        NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, VIP_FILTER_WORDS,
+        NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, SOURCE_RANGES_SIZE, VIP_FILTER_WORDS,
     },
     stats::{EVENT_COUNT, REASON_COUNT},
 };
@@ -71,6 +71,12 @@ pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 /// into the pod's namespace by the TC ingress program, not routed by the host's stack.
 #[btf_map]
 pub static POD_PORTS: HashMap<u32, u32, { MAX_POD_PORTS as usize }> = HashMap::new();
+
+/// The client ranges of services with `SERVICE_F_SOURCE_RANGES`: an LPM trie over
+/// [`lb_common::SourceRangeKey::data`] (the service id, big-endian, then the client address),
+/// value 0 (reserved). Created with `BPF_F_NO_PREALLOC`, which LPM tries require.
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<[u8; 20], u32, { SOURCE_RANGES_SIZE as usize }> = LpmTrie::new();
 
 /// Per-packet working state, kept off the 512-byte stack.
 #[derive(Default)]

@@ -4,6 +4,8 @@
 
 /// Ethernet: the EtherType (after two MAC addresses).
 pub const ETHER_TYPE: usize = 12;
+/// Ethernet: the two MAC addresses (destination, then source), 6 bytes each.
+pub const ETH_MACS_LEN: usize = 12;
 
 /// IPv4: the version and header length byte.
 pub const IPV4_VIHL: usize = 0;
@@ -33,6 +35,8 @@ pub const IPV6_LEN: usize = 40;
 
 /// TCP and UDP: the destination port (the source port is at 0).
 pub const L4_DPORT: usize = 2;
+/// TCP: the sequence number.
+pub const TCP_SEQ: usize = 4;
 /// TCP: the data offset (its high nibble, in 32-bit words).
 pub const TCP_DATA_OFFSET: usize = 12;
 /// TCP: the flags.
@@ -41,10 +45,15 @@ pub const TCP_FLAGS: usize = 13;
 pub const UDP_LEN: usize = 4;
 /// TCP: the checksum.
 pub const TCP_CHECK: usize = 16;
+/// TCP: the header without options.
+pub const TCP_MIN_LEN: usize = 20;
+/// UDP: the header.
+pub const UDP_HEADER_LEN: usize = 8;
 /// UDP: the checksum.
 pub const UDP_CHECK: usize = 6;
 
 /// ICMP and ICMPv6: the checksum (the type is at 0).
 pub const ICMP_CHECK: usize = 2;
-/// ICMP and ICMPv6 error: where the quoted packet starts.
+/// ICMP and ICMPv6 error: where the quoted packet starts (after type, code, checksum and 4
+/// bytes unused by "destination unreachable").
 pub const ICMP_QUOTE: usize = 8;

@@ -13,7 +13,10 @@
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::Key,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -21,14 +24,19 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
-    ReverseValue, ServiceKey, ServiceValue,
+    ReverseValue, ServiceKey, ServiceValue, SourceRangeKey,
     maps::{
         DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
-        VIP_FILTER_WORDS, lru_entries_for, names, vip_filter_bit,
+        VIP_FILTER_WORDS, lru_entries_for, names, source_range_key_of, source_range_of,
+        vip_filter_bit,
     },
 };
 use tracing::{info, warn};
@@ -120,6 +128,14 @@ pub enum DataplaneError {
     /// A Maglev table was empty or larger than the data plane takes.
     #[error("a Maglev table of {0} slots: tables have 1 to {MAGLEV_MAX_SIZE} slots")]
     TableSize(usize),
+    /// A source range's prefix is longer than its family's addresses.
+    #[error("source range {addr}/{len}: the prefix is longer than the address")]
+    SourceRange {
+        /// The range's address.
+        addr: IpAddr,
+        /// Its prefix length.
+        len: u8,
+    },
 }
 
 /// How to attach the XDP program.
@@ -171,6 +187,7 @@ pub const PINNED_MAPS: &[&str] = &[
     names::AFFINITY,
     names::TX_PORTS,
     names::POD_PORTS,
+    names::SOURCE_RANGES,
     names::STATS,
     names::EVENTS,
     names::SERVICE_STATS,
@@ -216,6 +233,10 @@ pub struct Dataplane {
     vip_filter: Option<Vec<u64>>,
     /// Room in the backends array, as created (a pinned one keeps its own).
     max_backends: u32,
+    /// The source-range trie's keys by service id, as last written or read (read on first
+    /// use: a pinned trie holds what an earlier controller wrote), so that a service's old
+    /// ranges are known without walking the whole trie.
+    source_ranges: Option<BTreeMap<u32, BTreeSet<SourceRangeKey>>>,
 }
 
 impl Dataplane {
@@ -282,6 +303,7 @@ impl Dataplane {
             pin_dir: options.pin_dir,
             vip_filter: None,
             max_backends,
+            source_ranges: None,
         };
         dataplane.allow_adopted_vips()?;
         Ok(dataplane)
@@ -692,20 +714,6 @@ impl Dataplane {
         map.insert(key, value, 0).map_err(map_error(name))
     }
 
-    /// PLACEHOLDER until the source-range map lands (branch kernel-rejects): replaced there.
-    pub fn set_source_ranges(
-        &mut self,
-        _service_id: u32,
-        _ranges: &[(std::net::IpAddr, u8)],
-    ) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-
-    /// PLACEHOLDER until the source-range map lands (branch kernel-rejects): replaced there.
-    pub fn clear_source_ranges(&mut self, _service_id: u32) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-
     /// Removes a service.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         let name = names::SERVICES;
@@ -830,6 +838,111 @@ impl Dataplane {
             map.set(*index, word, 0).map_err(map_error(name))?;
         }
         Ok(())
+    }
+
+    /// Makes the source-range trie hold exactly `ranges` (address, prefix length) for
+    /// `service_id`: the clients a frontend with `SERVICE_F_SOURCE_RANGES` and this id admits.
+    /// The new ranges are inserted before the old ones are removed, so a client in both is
+    /// never cut off meanwhile. Ranges written twice, or with host bits set, count once.
+    /// Nothing is written when a range is invalid (a prefix longer than its address).
+    pub fn set_source_ranges(
+        &mut self,
+        service_id: u32,
+        ranges: &[(IpAddr, u8)],
+    ) -> Result<(), DataplaneError> {
+        let wanted = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                source_range_key_of(service_id, addr, len)
+                    .ok_or(DataplaneError::SourceRange { addr, len })
+            })
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let mut written = self.source_range_keys()?;
+        let current = written.remove(&service_id).unwrap_or_default();
+        // On failure the cache is dropped: the next call reads the kernel's keys again.
+        self.write_source_ranges(&current, &wanted)?;
+        if !wanted.is_empty() {
+            written.insert(service_id, wanted);
+        }
+        self.source_ranges = Some(written);
+        Ok(())
+    }
+
+    /// Removes every source range of `service_id`. Call it when the id is freed too: an id
+    /// handed out again would otherwise inherit the ranges (harmless without
+    /// `SERVICE_F_SOURCE_RANGES`, which alone makes the data plane look).
+    pub fn clear_source_ranges(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        self.set_source_ranges(service_id, &[])
+    }
+
+    /// The source ranges the kernel holds for `service_id` (address, prefix length), read from
+    /// the trie itself.
+    pub fn source_ranges(&self, service_id: u32) -> Result<Vec<(IpAddr, u8)>, DataplaneError> {
+        Ok(self
+            .read_source_range_keys()?
+            .remove(&service_id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(source_range_of)
+            .collect())
+    }
+
+    /// Inserts the keys of `wanted` not in `current`, then removes those of `current` not in
+    /// `wanted`.
+    fn write_source_ranges(
+        &mut self,
+        current: &BTreeSet<SourceRangeKey>,
+        wanted: &BTreeSet<SourceRangeKey>,
+    ) -> Result<(), DataplaneError> {
+        let name = names::SOURCE_RANGES;
+        let mut trie: LpmTrie<_, [u8; 20], u32> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        for key in wanted.difference(current) {
+            trie.insert(&Key::new(key.prefixlen, key.data()), 0, 0)
+                .map_err(map_error(name))?;
+        }
+        for key in current.difference(wanted) {
+            match trie.remove(&Key::new(key.prefixlen, key.data())) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DataplaneError::Map { name, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// The trie's keys by service id as last written (read from the kernel the first time).
+    fn source_range_keys(
+        &mut self,
+    ) -> Result<BTreeMap<u32, BTreeSet<SourceRangeKey>>, DataplaneError> {
+        match self.source_ranges.take() {
+            Some(keys) => Ok(keys),
+            None => self.read_source_range_keys(),
+        }
+    }
+
+    /// The trie's keys by service id, read from the kernel.
+    fn read_source_range_keys(
+        &self,
+    ) -> Result<BTreeMap<u32, BTreeSet<SourceRangeKey>>, DataplaneError> {
+        let name = names::SOURCE_RANGES;
+        let trie: LpmTrie<_, [u8; 20], u32> =
+            self.map(name)?.try_into().map_err(map_error(name))?;
+        let mut keys: BTreeMap<u32, BTreeSet<SourceRangeKey>> = BTreeMap::new();
+        for key in trie.keys() {
+            let key = key.map_err(map_error(name))?;
+            let data = key.data();
+            let mut addr = [0; 16];
+            addr.copy_from_slice(&data[4..]);
+            let service_id = [data[0], data[1], data[2], data[3]];
+            keys.entry(u32::from_be_bytes(service_id))
+                .or_default()
+                .insert(SourceRangeKey {
+                    prefixlen: key.prefix_len(),
+                    service_id,
+                    addr,
+                });
+        }
+        Ok(keys)
     }
 
     /// Writes backend slot `id` (a zero `flags` empties it).
@@ -999,13 +1112,18 @@ impl Dataplane {
         map.remove(key).map_err(map_error(name))
     }
 
-    /// Counters summed over all CPUs, one per [`Reason`], in index order.
+    /// Counters summed over all CPUs, one per [`Reason`], in index order. A reason past the
+    /// end of a `STATS` pinned by an older version (fewer reasons) reads as zero: the kernel
+    /// cannot count it there until the data plane is detached and loaded afresh.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
         let name = names::STATS;
         let stats: PerCpuArray<_, Counter> = self.map(name)?.try_into().map_err(map_error(name))?;
         Reason::ALL
             .iter()
             .map(|&reason| {
+                if reason as u32 >= stats.len() {
+                    return Ok((reason, Counter::default()));
+                }
                 let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
                 Ok((
                     reason,

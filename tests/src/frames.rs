@@ -171,9 +171,9 @@ pub enum ChecksumError {
     Wrong(&'static str),
 }
 
-/// Checks the IPv4 header checksum and the TCP/UDP checksum of `frame` from scratch. Fragments'
-/// transport checksums (which cover bytes the frame lacks) and IPv4 UDP checksums of 0 (none)
-/// are not checked.
+/// Checks the IPv4 header checksum and the TCP/UDP or ICMP/ICMPv6 checksum of `frame` from
+/// scratch. Fragments' transport checksums (which cover bytes the frame lacks) and IPv4 UDP
+/// checksums of 0 (none) are not checked.
 pub fn check_checksums(frame: &[u8]) -> Result<(), ChecksumError> {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let sliced =
@@ -235,6 +235,24 @@ pub fn check_checksums(frame: &[u8]) -> Result<(), ChecksumError> {
                 ),
                 _ => Ok(()),
             }
+        }
+        _ => Ok(()),
+    }?;
+    match (&net, &sliced.transport) {
+        // An ICMP message sums to zero with its checksum; ICMPv6's with its pseudo-header too.
+        (NetSlice::Ipv4(_), Some(TransportSlice::Icmpv4(icmp))) => {
+            check(lb_common::checksum::compute(icmp.slice()) == 0, "ICMP")
+        }
+        (NetSlice::Ipv6(ip), Some(TransportSlice::Icmpv6(icmp))) => {
+            let header = ip.header();
+            let message = icmp.slice();
+            let mut pseudo = Vec::with_capacity(40 + message.len());
+            pseudo.extend_from_slice(&header.source());
+            pseudo.extend_from_slice(&header.destination());
+            pseudo.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(message);
+            check(lb_common::checksum::compute(&pseudo) == 0, "ICMPv6")
         }
         _ => Ok(()),
     }

@@ -193,6 +193,8 @@ pub struct Sandbox {
     /// The MTU of the pods' links (both ends), if not the default 1500: an overlay network's
     /// pods behind the node's 1500.
     pub pod_mtu: Option<u16>,
+    /// What tests gave it to keep until the end (see [`Sandbox::hold`]).
+    held: Vec<Box<dyn std::any::Any + Send + Sync>>,
     binaries: Binaries,
     tag: String,
 }
@@ -247,9 +249,16 @@ impl Sandbox {
             spec_extra: String::new(),
             pod_nodes: BTreeMap::new(),
             pod_mtu: None,
+            held: Vec::new(),
             binaries,
             tag: tag.to_owned(),
         })
+    }
+
+    /// Keeps `thing` until the sandbox is taken down, and drops it before the namespaces: a
+    /// data plane a test loaded to hold an XDP program on one of the sandbox's links, say.
+    pub fn hold(&mut self, thing: Box<dyn std::any::Any + Send + Sync>) {
+        self.held.push(thing);
     }
 
     /// Starts pod `index`: its namespace, its link to the node and its server.
@@ -615,6 +624,7 @@ impl Drop for Sandbox {
             }
         }
         self.pods.clear();
+        self.held.clear();
     }
 }
 

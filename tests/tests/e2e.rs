@@ -351,33 +351,6 @@ fn client_ip_affinity_holds_across_connections() {
     );
 }
 
-#[test]
-fn a_vip_without_endpoints_answers_nothing_and_counts_the_drops() {
-    let sandbox = sandbox("e2en", 1);
-    sandbox.write_endpoints(&[]).unwrap();
-    sandbox.wait_applied(2).unwrap();
-    let before = metric(
-        &sandbox.scrape_metrics().unwrap(),
-        "lb_packets_total{reason=\"drop_no_backend\"}",
-    );
-    let connected = sandbox
-        .client
-        .enter(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::new(IpAddr::V4(VIP4), PORT),
-                Duration::from_millis(1500),
-            )
-        })
-        .unwrap();
-    assert!(connected.is_err(), "no endpoint, no answer");
-    let after = wait_for_metric(
-        &sandbox,
-        "lb_packets_total{reason=\"drop_no_backend\"}",
-        before + 1,
-    );
-    assert!(after > before, "drop counter moved: {before} -> {after}");
-}
-
 /// Held connections, both client-first (HTTP) and server-first (push), survive scaling, a
 /// pod turning terminating, `kill -9` of the controller and its restart, and a controller
 /// killed in the middle of a large apply.

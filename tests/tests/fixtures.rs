@@ -8,9 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     Backend, Event, PodHandoff, Reason, ServiceKey, ServiceValue,
+    conntrack::{TCP_ACK, TCP_RST, TCP_SYN},
     maps::{
         BACKEND_F_TERMINATING, BACKEND_F_VALID, POD_HANDOFF_MAGIC, PROTO_TCP, PROTO_UDP,
-        SERVICE_F_AFFINITY,
+        SERVICE_F_AFFINITY, SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES,
     },
 };
 use lb_tests::{
@@ -32,6 +33,9 @@ enum Expect {
     Dnat(Vec<u8>),
     /// Answered with this frame (XDP_TX).
     Answered(Vec<u8>),
+    /// Refused with this frame (XDP_TX): an RST or an ICMP port unreachable, counted under the
+    /// reason.
+    Refused(Reason, Vec<u8>),
 }
 
 struct Case {
@@ -47,13 +51,17 @@ fn check(lb: &Lb, case: &Case) {
         Expect::Dropped(reason) => (*reason, XDP_DROP, &case.input),
         Expect::Dnat(output) => (Reason::DnatFibFallback, XDP_PASS, output),
         Expect::Answered(output) => (Reason::IcmpEchoReply, XDP_TX, output),
+        Expect::Refused(reason, output) => (*reason, XDP_TX, output),
     };
     let (got_verdict, got_output) = lb.run(&case.input);
     assert_eq!(got_verdict, verdict, "{name}: verdict");
     if verdict != XDP_DROP {
         assert_eq!(&got_output, output, "{name}: output bytes");
     }
-    if matches!(case.expect, Expect::Dnat(_) | Expect::Answered(_)) {
+    if matches!(
+        case.expect,
+        Expect::Dnat(_) | Expect::Answered(_) | Expect::Refused(..)
+    ) {
         assert_checksums_valid(&got_output);
     }
     assert_eq!(lb.last_reason(), reason, "{name}: counted under");
@@ -489,27 +497,266 @@ fn stateless_fixtures() {
     }
 }
 
+/// The RST+ACK that refuses `syn` (a TCP segment with SYN from the client): from VIP:port, seq
+/// 0, ack the SYN's sequence number (1000 in `Spec`) + 1 + its payload, window 0, no options;
+/// a fresh IP header (IPv4: DF, id 0), TTL 64, the MACs swapped and the VLAN tags kept.
+fn reset_for(syn: &Spec) -> Vec<u8> {
+    let ack = 1000 + 1 + syn.payload.len() as u32;
+    let eth = etherparse::PacketBuilder::ethernet2(syn.dst_mac, syn.src_mac);
+    let vlan = |id| etherparse::VlanId::try_new(id).unwrap();
+    let ip = match (syn.dst, syn.src) {
+        (IpAddr::V4(vip), IpAddr::V4(client)) => etherparse::IpHeaders::Ipv4(
+            etherparse::Ipv4Header::new(
+                0,
+                64,
+                etherparse::IpNumber::TCP,
+                vip.octets(),
+                client.octets(),
+            )
+            .unwrap(),
+            Default::default(),
+        ),
+        (IpAddr::V6(vip), IpAddr::V6(client)) => etherparse::IpHeaders::Ipv6(
+            etherparse::Ipv6Header {
+                hop_limit: 64,
+                next_header: etherparse::IpNumber::TCP,
+                source: vip.octets(),
+                destination: client.octets(),
+                ..Default::default()
+            },
+            Default::default(),
+        ),
+        _ => unreachable!(),
+    };
+    let with_ip = match syn.vlans {
+        0 => eth.ip(ip),
+        1 => eth.single_vlan(vlan(100)).ip(ip),
+        _ => eth.double_vlan(vlan(200), vlan(100)).ip(ip),
+    };
+    let mut frame = Vec::new();
+    with_ip
+        .tcp(syn.dport, syn.sport, 0, 0)
+        .rst()
+        .ack(ack)
+        .write(&mut frame, &[])
+        .unwrap();
+    frame
+}
+
+/// The ICMP (type 3 code 3) or ICMPv6 (type 1 code 4) port unreachable that refuses the UDP
+/// datagram `input` (untagged): from the VIP, quoting the datagram's IP header(s) as received
+/// and 8 bytes of UDP; IPv4 with DF clear and id 0, TTL 64, the MACs swapped.
+fn port_unreachable_for(input: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, IpHeaders, NetSlice, SlicedPacket, icmpv4, icmpv6};
+    let sliced = SlicedPacket::from_ethernet(input).unwrap();
+    let udp_at = input.len()
+        - sliced.transport.as_ref().map_or(0, |t| match t {
+            etherparse::TransportSlice::Udp(udp) => udp.slice().len(),
+            _ => panic!("not UDP"),
+        });
+    let quote = &input[14..udp_at + 8];
+    let (dst_mac, src_mac) = (&input[0..6], &input[6..12]);
+    let eth = etherparse::PacketBuilder::ethernet2(
+        dst_mac.try_into().unwrap(),
+        src_mac.try_into().unwrap(),
+    );
+    let mut frame = Vec::new();
+    match sliced.net.unwrap() {
+        NetSlice::Ipv4(ip) => {
+            let header = ip.header();
+            let mut out = etherparse::Ipv4Header::new(
+                0,
+                64,
+                etherparse::IpNumber::ICMP,
+                header.destination(),
+                header.source(),
+            )
+            .unwrap();
+            out.dont_fragment = false;
+            eth.ip(IpHeaders::Ipv4(out, Default::default()))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::Port,
+                ))
+                .write(&mut frame, quote)
+                .unwrap();
+        }
+        NetSlice::Ipv6(ip) => {
+            let header = ip.header();
+            eth.ipv6(header.destination(), header.source(), 64)
+                .icmpv6(Icmpv6Type::DestinationUnreachable(
+                    icmpv6::DestUnreachableCode::Port,
+                ))
+                .write(&mut frame, quote)
+                .unwrap();
+        }
+        NetSlice::Arp(_) => unreachable!(),
+    }
+    frame
+}
+
+/// A service with no usable backend refuses what opens a flow as kube-proxy does (a TCP SYN
+/// gets an RST, a UDP datagram an ICMP port unreachable) and drops what it cannot answer.
 #[test]
-fn no_backend_drops() {
+fn no_backend_rejects_syns_and_datagrams_and_drops_the_rest() {
     in_fresh_netns("nob", |_| {
         let mut lb = Lb::new();
         // A service with no table at all, and one whose only backend was removed.
         lb.service(1, VIP4, PROTO_TCP, 0, &[]);
         lb.service(2, VIP4, PROTO_UDP, 0, &[(2, backend4(2), BACKEND_F_VALID)]);
         lb.dataplane.set_backend(2, &Backend::default()).unwrap();
-        for (name, spec) in [
-            ("no table", Spec::tcp(CLIENT4, 1, VIP4, PORT)),
-            ("backend removed", Spec::udp(CLIENT4, 1, VIP4, PORT)),
+        lb.service(3, VIP6, PROTO_TCP, 0, &[]);
+        lb.service(4, VIP6, PROTO_UDP, 0, &[]);
+        let syn4 = Spec::tcp(CLIENT4, 40000, VIP4, PORT);
+        let syn6 = Spec::tcp(CLIENT6, 40001, VIP6, PORT);
+        let udp4 = Spec::udp(CLIENT4, 40002, VIP4, PORT);
+        let udp6 = Spec::udp(CLIENT6, 40003, VIP6, PORT);
+        let with = |spec: &Spec, f: &dyn Fn(&mut Spec)| {
+            let mut spec = spec.clone();
+            f(&mut spec);
+            spec
+        };
+        let refused = |spec: &Spec| Expect::Refused(Reason::RejectTcp, reset_for(spec));
+        let unreachable =
+            |input: Vec<u8>| Expect::Refused(Reason::RejectUdp, port_unreachable_for(&input));
+        let no_payload = with(&syn4, &|s| s.payload.clear());
+        let options4 = with(&syn4, &|s| s.ipv4_options = 12);
+        let tagged6 = with(&syn6, &|s| s.vlans = 1);
+        let qinq4 = with(&syn4, &|s| s.vlans = 2);
+        let udp4_options = with(&udp4, &|s| {
+            s.ipv4_options = 8;
+            s.payload = vec![0x5a; 600];
+        });
+        let udp6_large = with(&udp6, &|s| s.payload = vec![0xa5; 1200]);
+        let cases = vec![
+            Case {
+                name: "tcp4 SYN with a payload: RST+ACK",
+                input: syn4.build(),
+                expect: refused(&syn4),
+            },
+            Case {
+                name: "tcp4 SYN without payload: RST+ACK",
+                input: no_payload.build(),
+                expect: refused(&no_payload),
+            },
+            Case {
+                name: "tcp4 SYN with IPv4 options: RST+ACK without them",
+                input: options4.build(),
+                expect: refused(&options4),
+            },
+            Case {
+                name: "QinQ tcp4 SYN: RST+ACK with the tags kept",
+                input: qinq4.build(),
+                expect: refused(&qinq4),
+            },
+            Case {
+                name: "tcp6 SYN: RST+ACK",
+                input: syn6.build(),
+                expect: refused(&syn6),
+            },
+            Case {
+                name: "802.1Q tcp6 SYN: RST+ACK with the tag kept",
+                input: tagged6.build(),
+                expect: refused(&tagged6),
+            },
+            Case {
+                name: "tcp4 ACK without a flow: dropped",
+                input: syn4.ack().build(),
+                expect: Expect::Dropped(Reason::DropNoBackend),
+            },
+            Case {
+                name: "tcp6 SYN+ACK: dropped",
+                input: syn6.with_flags(TCP_SYN | TCP_ACK).build(),
+                expect: Expect::Dropped(Reason::DropNoBackend),
+            },
+            Case {
+                name: "tcp4 SYN+RST: dropped",
+                input: syn4.with_flags(TCP_SYN | TCP_RST).build(),
+                expect: Expect::Dropped(Reason::DropNoBackend),
+            },
+            Case {
+                name: "udp4 (backend removed): port unreachable",
+                input: udp4.build(),
+                expect: unreachable(udp4.build()),
+            },
+            Case {
+                name: "udp4 with IPv4 options and 600 bytes: port unreachable quoting the options",
+                input: udp4_options.build(),
+                expect: unreachable(udp4_options.build()),
+            },
+            Case {
+                name: "udp6: port unreachable",
+                input: udp6.build(),
+                expect: unreachable(udp6.build()),
+            },
+            Case {
+                name: "udp6 with 1200 bytes: port unreachable",
+                input: udp6_large.build(),
+                expect: unreachable(udp6_large.build()),
+            },
+            Case {
+                name: "udp6 with a hop-by-hop header: port unreachable quoting it",
+                input: with_hop_by_hop(udp6.build()),
+                expect: unreachable(with_hop_by_hop(udp6.build())),
+            },
+            Case {
+                name: "udp4 first fragment: dropped",
+                input: with(&udp4, &|s| s.more_fragments = true).build(),
+                expect: Expect::Dropped(Reason::DropNoBackend),
+            },
+        ];
+        for case in &cases {
+            check(&lb, case);
+        }
+        // The answers are no larger than the questions plus the ICMPv6 headers.
+        for case in &cases {
+            if let Expect::Refused(_, answer) = &case.expect {
+                assert!(answer.len() <= case.input.len() + 48, "{}", case.name);
+            }
+        }
+        // Nothing was placed or tracked for them.
+        assert!(lb.dataplane.flows().unwrap().is_empty());
+    });
+}
+
+/// A frontend flagged to drop (`externalTrafficPolicy: Local` without a local endpoint) drops
+/// what it has no backend for, SYNs and datagrams included; its tracked flows still pass.
+#[test]
+fn a_frontend_that_drops_when_empty_answers_nothing() {
+    in_fresh_netns("nolocal", |_| {
+        let mut lb = Lb::new();
+        lb.service(1, VIP4, PROTO_TCP, SERVICE_F_DROP_EMPTY, &[]);
+        lb.service(2, VIP6, PROTO_UDP, SERVICE_F_DROP_EMPTY, &[]);
+        lb.service(
+            3,
+            VIP6,
+            PROTO_TCP,
+            SERVICE_F_DROP_EMPTY,
+            &[(3, backend6(3), BACKEND_F_VALID)],
+        );
+        for (name, input) in [
+            ("tcp4 SYN", Spec::tcp(CLIENT4, 1, VIP4, PORT).build()),
+            ("tcp4 ACK", Spec::tcp(CLIENT4, 1, VIP4, PORT).ack().build()),
+            ("udp6", Spec::udp(CLIENT6, 1, VIP6, PORT).build()),
         ] {
             check(
                 &lb,
                 &Case {
                     name,
-                    input: spec.build(),
-                    expect: Expect::Dropped(Reason::DropNoBackend),
+                    input,
+                    expect: Expect::Dropped(Reason::DropNoLocalBackend),
                 },
             );
         }
+        // With a backend the flag changes nothing.
+        let syn = Spec::tcp(CLIENT6, 2, VIP6, PORT);
+        check(
+            &lb,
+            &Case {
+                name: "tcp6 SYN with a backend",
+                input: syn.build(),
+                expect: Expect::Dnat(syn.to(backend6(3), TARGET_PORT).build()),
+            },
+        );
     });
 }
 
@@ -1403,5 +1650,173 @@ fn the_vip_filter_decides_which_packets_reach_the_service_lookup() {
             (XDP_PASS, Reason::DnatFibFallback)
         );
         assert_eq!(backend_of(&output), 1);
+    });
+}
+
+/// `loadBalancerSourceRanges`: a frontend with `SERVICE_F_SOURCE_RANGES` admits only clients in
+/// its own ranges, on every packet (removing a range cuts established flows); a frontend
+/// without the flag ignores the trie.
+#[test]
+fn source_ranges_admit_only_their_clients() {
+    in_fresh_netns("ranges", |_| {
+        let mut lb = Lb::new();
+        let ranged = SERVICE_F_SOURCE_RANGES;
+        lb.service(
+            1,
+            VIP4,
+            PROTO_TCP,
+            ranged,
+            &[(1, backend4(1), BACKEND_F_VALID)],
+        );
+        lb.service(2, VIP4, PROTO_UDP, 0, &[(2, backend4(2), BACKEND_F_VALID)]);
+        lb.service(
+            3,
+            VIP6,
+            PROTO_TCP,
+            ranged,
+            &[(3, backend6(3), BACKEND_F_VALID)],
+        );
+        // Flagged with no range at all: nobody is admitted.
+        lb.service(
+            4,
+            VIP6,
+            PROTO_UDP,
+            ranged,
+            &[(4, backend6(4), BACKEND_F_VALID)],
+        );
+        let outside4 = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5));
+        let outside6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1));
+        let dp = &mut lb.dataplane;
+        // CLIENT4 is 198.18.0.10, CLIENT6 2001:db8::10. Host bits and repeats count once.
+        dp.set_source_ranges(
+            1,
+            &[
+                (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 77)), 24),
+                (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 0)), 24),
+                (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 25),
+            ],
+        )
+        .unwrap();
+        // Ranges for the unflagged service 2 that would exclude everyone it serves.
+        dp.set_source_ranges(2, &[(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 8)])
+            .unwrap();
+        dp.set_source_ranges(
+            3,
+            &[(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
+                64,
+            )],
+        )
+        .unwrap();
+        let mut got = dp.source_ranges(1).unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 25),
+                (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 0)), 24),
+            ]
+        );
+        assert!(
+            dp.set_source_ranges(1, &[(outside4, 33)]).is_err(),
+            "a /33 is refused"
+        );
+        assert_eq!(dp.source_ranges(1).unwrap().len(), 2, "nothing written");
+
+        let inside4 = Spec::tcp(CLIENT4, 41000, VIP4, PORT);
+        let inside6 = Spec::tcp(CLIENT6, 41001, VIP6, PORT);
+        let dnat = |spec: &Spec, backend| Expect::Dnat(spec.to(backend, TARGET_PORT).build());
+        let dropped = Expect::Dropped;
+        let cases = vec![
+            Case {
+                name: "tcp4 from inside a range: DNAT",
+                input: inside4.build(),
+                expect: dnat(&inside4, backend4(1)),
+            },
+            Case {
+                name: "tcp4 from outside: dropped",
+                input: Spec::tcp(outside4, 41002, VIP4, PORT).build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+            Case {
+                name: "tcp4 ACK from outside (a flow's packet): dropped",
+                input: Spec::tcp(outside4, 41002, VIP4, PORT).ack().build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+            Case {
+                name: "udp4 to an unflagged frontend from outside its ranges: DNAT",
+                input: Spec::udp(outside4, 41003, VIP4, PORT).build(),
+                expect: dnat(&Spec::udp(outside4, 41003, VIP4, PORT), backend4(2)),
+            },
+            Case {
+                name: "tcp6 from inside: DNAT",
+                input: inside6.build(),
+                expect: dnat(&inside6, backend6(3)),
+            },
+            Case {
+                name: "tcp6 from outside: dropped",
+                input: Spec::tcp(outside6, 41004, VIP6, PORT).build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+            Case {
+                name: "udp6 to a flagged frontend without ranges: dropped",
+                input: Spec::udp(CLIENT6, 41005, VIP6, PORT).build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+        ];
+        for case in &cases {
+            check(&lb, case);
+        }
+        // Another service's ranges never admit a client: service 4 still admits nobody.
+        lb.dataplane
+            .set_source_ranges(3, &[(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)])
+            .unwrap();
+        check(
+            &lb,
+            &Case {
+                name: "udp6 to service 4 with ::/0 on service 3: dropped",
+                input: Spec::udp(CLIENT6, 41005, VIP6, PORT).build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+        );
+
+        // A live edit that drops CLIENT4's range cuts its established flow at once.
+        lb.dataplane
+            .set_source_ranges(1, &[(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 25)])
+            .unwrap();
+        assert_eq!(
+            lb.dataplane.source_ranges(1).unwrap(),
+            [(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 25)]
+        );
+        check(
+            &lb,
+            &Case {
+                name: "tcp4 ACK of a tracked flow after its range was removed: dropped",
+                input: inside4.ack().build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+        );
+        // Cleared: the flagged frontend admits nobody; the other services keep theirs.
+        lb.dataplane.clear_source_ranges(1).unwrap();
+        assert!(lb.dataplane.source_ranges(1).unwrap().is_empty());
+        assert_eq!(lb.dataplane.source_ranges(2).unwrap().len(), 1);
+        check(
+            &lb,
+            &Case {
+                name: "tcp4 from a former range after the clear: dropped",
+                input: Spec::tcp(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 1, VIP4, PORT).build(),
+                expect: dropped(Reason::DropSourceRange),
+            },
+        );
+        // Set again: the flow is admitted again (its entry outlived the cut).
+        lb.dataplane.set_source_ranges(1, &[(CLIENT4, 32)]).unwrap();
+        check(
+            &lb,
+            &Case {
+                name: "tcp4 ACK from a /32 range: DNAT again",
+                input: inside4.ack().build(),
+                expect: dnat(&inside4.ack(), backend4(1)),
+            },
+        );
     });
 }

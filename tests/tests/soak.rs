@@ -223,9 +223,15 @@ fn endpoints_churning_ten_times_a_second_never_misroute_or_break_surviving_flows
     assert!(answers.len() > 50, "{} requests answered", answers.len());
     assert!(changes >= 5, "only {changes} changes applied");
 
-    // Nothing was dropped for want of a backend, or as malformed.
+    // Nothing was dropped or refused for want of a backend, or dropped as malformed.
     let metrics = sandbox.scrape_metrics().unwrap();
-    for reason in ["drop_no_backend", "drop_malformed", "reverse_nat_failed"] {
+    for reason in [
+        "drop_no_backend",
+        "reject_tcp",
+        "reject_udp",
+        "drop_malformed",
+        "reverse_nat_failed",
+    ] {
         let line = format!("lb_packets_total{{reason=\"{reason}\"}} 0");
         assert!(metrics.contains(&line), "{reason} moved:\n{metrics}");
     }

@@ -51,6 +51,7 @@ fn map_memory_mib(before: &HashSet<u32>) -> anyhow::Result<f64> {
         "AFFINITY",
         "FRAGMENTS",
         "TX_PORTS",
+        "SOURCE_RANGES",
         "SCRATCH",
         "FIB_PARAMS",
         "NEXT_HOPS",
