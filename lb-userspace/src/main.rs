@@ -45,6 +45,15 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Lines for people (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
     /// Tables, as kubectl prints them.
@@ -82,6 +91,13 @@ enum Command {
         /// Where Prometheus metrics are served (loopback by default).
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: SocketAddr,
+        /// Serve per-endpoint series too (`lb_endpoint_*`, one per endpoint and family: as many
+        /// as the endpoints, renewed by every rollout). Without it, series are per Service port.
+        #[arg(long)]
+        metrics_endpoints: bool,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
         /// Seconds between counter summaries in the log (0: only at exit).
         #[arg(long, default_value_t = 10)]
         stats_interval: u64,
@@ -165,20 +181,21 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Colours only for a person at a terminal: a log file or a collector gets plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Attach { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(log_format);
+    match cli.command {
         Command::Attach {
             iface,
             config,
             mode,
             node_ips,
             metrics_addr,
+            metrics_endpoints,
+            log_format: _,
             stats_interval,
             keep_on_exit,
             conntrack_size,
@@ -206,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
                     load_balancer_class,
                 },
                 metrics_addr,
+                metrics_endpoints,
                 stats_interval,
                 keep_on_exit,
                 conntrack_size,
@@ -258,6 +276,20 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Logs to standard output, filtered by `RUST_LOG` (default `info`).
+fn init_tracing(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        // Colours only for a person at a terminal: a log file or a collector gets plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
 /// The host name, the default node name (as the kubelet's).
 fn host_name() -> anyhow::Result<String> {
     let name = nix::unistd::gethostname()?;
@@ -278,6 +310,7 @@ struct AttachSettings {
     mode: AttachMode,
     options: Options,
     metrics_addr: SocketAddr,
+    metrics_endpoints: bool,
     stats_interval: u64,
     keep_on_exit: bool,
     conntrack_size: u32,
@@ -464,6 +497,7 @@ struct Running {
     config: Option<PathBuf>,
     options: Options,
     stats_interval: u64,
+    metrics_endpoints: bool,
     reloads: Reloads,
     changes: mpsc::Receiver<()>,
     metrics: mpsc::Receiver<MetricsRequest>,
@@ -485,6 +519,7 @@ async fn start(
         mode,
         options,
         metrics_addr,
+        metrics_endpoints,
         stats_interval,
         keep_on_exit: _,
         conntrack_size,
@@ -568,16 +603,17 @@ async fn start(
             }
             log_warnings(&cluster);
             let mut controller = setup.controller.take().expect("loaded");
-            let (controller, applied) = setup
+            let (controller, applied, took) = setup
                 .step(stop, "the first apply", move || {
+                    let started = std::time::Instant::now();
                     let applied = controller.apply(&cluster);
-                    (controller, applied)
+                    (controller, applied, started.elapsed())
                 })
                 .await?;
             setup.controller = Some(controller);
+            reloads.applied(took, applied.is_ok());
             applied?;
             setup.complete = !setup.stopped;
-            reloads.succeeded += 1;
         }
     }
     if setup.should_stop(stop).await {
@@ -603,6 +639,7 @@ async fn start(
         config,
         options,
         stats_interval,
+        metrics_endpoints,
         reloads,
         changes,
         metrics,
@@ -635,7 +672,7 @@ impl Running {
                     }
                 }
                 Some(reply) = self.metrics.recv() => {
-                    let _ = reply.send(metrics::render(controller, self.reloads));
+                    let _ = reply.send(metrics::render(controller, &self.reloads, self.metrics_endpoints));
                 }
                 _ = ticker.tick(), if self.stats_interval > 0 => log_counters(controller.dataplane()),
                 _ = local_pods.tick() => {
@@ -665,21 +702,21 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
     let cluster = match model::load(path, &with_host_addresses(options)) {
         Ok(cluster) => cluster,
         Err(e) => {
-            reloads.failed += 1;
+            reloads.rejected();
             error!(error = %e, "configuration rejected; the previous state keeps serving");
             return;
         }
     };
     if cluster == controller.state().cluster {
+        reloads.unchanged();
         return;
     }
     log_warnings(&cluster);
-    match controller.apply(&cluster) {
-        Ok(_) => reloads.succeeded += 1,
-        Err(e) => {
-            reloads.failed += 1;
-            error!(error = %e, "applying the configuration failed");
-        }
+    let started = std::time::Instant::now();
+    let applied = controller.apply(&cluster);
+    reloads.applied(started.elapsed(), applied.is_ok());
+    if let Err(e) = applied {
+        error!(error = %e, "applying the configuration failed");
     }
 }
 
@@ -734,13 +771,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender
                     } else {
                         String::new()
                     };
-                    // prometheus-client writes OpenMetrics (`_total` suffixes, `# EOF`): say so, or
-                    // a scraper would read it as the older Prometheus text format.
                     (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
                         body,
                     )
                 }

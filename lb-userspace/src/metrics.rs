@@ -1,20 +1,44 @@
-//! Prometheus text exposition of the data plane's counters, rendered with prometheus-client
-//! from a fresh registry at every scrape, so the figures are the maps' own.
+//! Prometheus metrics: the data plane's counters, read from its maps at every scrape into a fresh
+//! prometheus-client registry (so the figures are the maps' own), and the controller's own
+//! figures (reloads, apply durations, build).
+//!
+//! Served in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]), the format every Prometheus
+//! scrapes and `promtool check metrics` reads. prometheus-client writes OpenMetrics, whose
+//! counter families are named without their samples' `_total`: read as the text format, every
+//! counter sample is then a family of its own with no HELP or TYPE. [`to_text_format`] names
+//! them as the text format does.
+//!
+//! Service series are one per Kubernetes Service port and address family; per-endpoint series
+//! only when asked (`--metrics-endpoints`): they are as many as the endpoints, and change with
+//! every rollout.
+
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::controller::Controller;
+use crate::controller::{AppliedService, Controller};
+
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Upper bounds of `lb_apply_duration_seconds`' buckets: 1 ms to 10 s.
+const APPLY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The commit built, when the build gave one (`LB_GIT_COMMIT=$(git rev-parse --short HEAD)`).
+const COMMIT: Option<&str> = option_env!("LB_GIT_COMMIT");
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     namespace: String,
     service: String,
     port: String,
-    frontend: String,
+    family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,30 +64,87 @@ struct ResultLabels {
     result: String,
 }
 
-/// Reload outcomes counted by the controller loop.
-#[derive(Debug, Default, Clone, Copy)]
+/// Configuration loads and applies, as the controller loop saw them.
+#[derive(Debug, Clone)]
 pub struct Reloads {
     /// Configurations applied.
-    pub succeeded: u64,
-    /// Configurations rejected.
-    pub failed: u64,
+    succeeded: u64,
+    /// Configurations rejected, or whose apply failed.
+    failed: u64,
+    /// The last configuration read is the one in force: it was applied, or it was the one
+    /// applied already. True before any (nothing failed).
+    last_successful: bool,
+    /// When a configuration was last applied.
+    last_success: Option<SystemTime>,
+    /// How long applies took (all of them: the first, reloads, failed ones).
+    apply_duration: Histogram,
 }
 
-/// Renders every metric of `controller` in the Prometheus text format.
-pub fn render(controller: &Controller, reloads: Reloads) -> String {
+impl Default for Reloads {
+    fn default() -> Self {
+        Self {
+            succeeded: 0,
+            failed: 0,
+            last_successful: true,
+            last_success: None,
+            apply_duration: Histogram::new(APPLY_BUCKETS),
+        }
+    }
+}
+
+impl Reloads {
+    /// An apply that took `took`, and succeeded or not.
+    pub fn applied(&mut self, took: Duration, succeeded: bool) {
+        self.apply_duration.observe(took.as_secs_f64());
+        if succeeded {
+            self.succeeded += 1;
+            self.last_successful = true;
+            self.last_success = Some(SystemTime::now());
+        } else {
+            self.failed += 1;
+            self.last_successful = false;
+        }
+    }
+
+    /// A configuration that did not load (it does not validate): nothing was applied.
+    pub fn rejected(&mut self) {
+        self.failed += 1;
+        self.last_successful = false;
+    }
+
+    /// A configuration that loaded and is the one applied already: nothing to apply, and the
+    /// configuration in force is the file's again (say, a broken edit reverted).
+    pub fn unchanged(&mut self) {
+        self.last_successful = true;
+    }
+}
+
+/// The label of a Service port: its name, or `8080/TCP` when it has none (a Service's only
+/// port may be unnamed).
+fn port_label(service: &AppliedService) -> String {
+    if service.port_name.is_empty() {
+        format!("{}/{}", service.port, service.protocol.name())
+    } else {
+        service.port_name.clone()
+    }
+}
+
+/// Every metric of `controller` and `reloads`, in the Prometheus text format 0.0.4 (served as
+/// [`CONTENT_TYPE`]); per-endpoint families only with `endpoints`.
+pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> String {
     let mut registry = Registry::with_prefix("lb");
     let families = [
         (
             "service_packets",
-            "Packets forwarded for a service frontend (both directions)",
+            "Packets forwarded for a Service port and address family (both directions)",
         ),
         (
             "service_bytes",
-            "Bytes forwarded for a service frontend (both directions)",
+            "Bytes forwarded for a Service port and address family (both directions)",
         ),
         (
             "service_new_flows",
-            "New flows placed for a service frontend",
+            "New flows placed for a Service port and address family",
         ),
     ]
     .map(|(name, help)| {
@@ -71,22 +152,32 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
         registry.register(name, help, family.clone());
         family
     });
-    let endpoint_families = [
-        (
-            "endpoint_packets",
-            "Packets forwarded to and from an endpoint",
-        ),
-        ("endpoint_bytes", "Bytes forwarded to and from an endpoint"),
-        ("endpoint_new_flows", "New flows placed on an endpoint"),
-    ]
-    .map(|(name, help)| {
-        let family = Family::<EndpointLabels, Counter>::default();
-        registry.register(name, help, family.clone());
-        family
+    let endpoint_families = endpoints.then(|| {
+        [
+            (
+                "endpoint_packets",
+                "Packets forwarded to and from an endpoint (--metrics-endpoints)",
+            ),
+            (
+                "endpoint_bytes",
+                "Bytes forwarded to and from an endpoint (--metrics-endpoints)",
+            ),
+            (
+                "endpoint_new_flows",
+                "New flows placed on an endpoint (--metrics-endpoints)",
+            ),
+        ]
+        .map(|(name, help)| {
+            let family = Family::<EndpointLabels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        })
     });
     let dataplane = controller.dataplane();
+    // A Service port with a `Local` traffic policy is two data-plane services (its external and
+    // its internal frontends): their counters add up in the port's one series.
     for service in &controller.state().services {
-        let port = service.port.to_string();
+        let port = port_label(service);
         let Ok(counter) = dataplane.service_counter(service.id) else {
             continue;
         };
@@ -94,11 +185,14 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
             namespace: service.namespace.clone(),
             service: service.name.clone(),
             port: port.clone(),
-            frontend: service.frontends_text(),
+            family: if service.ipv4 { "IPv4" } else { "IPv6" }.into(),
         };
         families[0].get_or_create(&labels).inc_by(counter.packets);
         families[1].get_or_create(&labels).inc_by(counter.bytes);
         families[2].get_or_create(&labels).inc_by(counter.new_flows);
+        let Some(endpoint_families) = &endpoint_families else {
+            continue;
+        };
         for backend in &service.backends {
             let Ok(counter) = dataplane.backend_counter(backend.id) else {
                 continue;
@@ -148,19 +242,7 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
             })
             .inc_by(count);
     }
-    let reload_family = Family::<ResultLabels, Counter>::default();
-    registry.register(
-        "reloads",
-        "Configuration reloads by result",
-        reload_family.clone(),
-    );
-    for (result, count) in [("success", reloads.succeeded), ("failure", reloads.failed)] {
-        reload_family
-            .get_or_create(&ResultLabels {
-                result: result.into(),
-            })
-            .inc_by(count);
-    }
+    register_reloads(&mut registry, reloads);
     let generation = Gauge::<i64>::default();
     registry.register(
         "config_generation",
@@ -168,8 +250,149 @@ pub fn render(controller: &Controller, reloads: Reloads) -> String {
         generation.clone(),
     );
     generation.set(controller.state().generation as i64);
+    let build = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    registry.register(
+        "build_info",
+        "Always 1: the version (and commit, when the build gave one) of the running controller",
+        build.clone(),
+    );
+    let mut labels = vec![("version", env!("CARGO_PKG_VERSION"))];
+    labels.extend(COMMIT.map(|commit| ("commit", commit)));
+    build.get_or_create(&labels).set(1);
     let mut text = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &registry);
+    to_text_format(&text)
+}
+
+fn register_reloads(registry: &mut Registry, reloads: &Reloads) {
+    let results = Family::<ResultLabels, Counter>::default();
+    registry.register(
+        "reloads",
+        "Configuration reloads by result",
+        results.clone(),
+    );
+    for (result, count) in [("success", reloads.succeeded), ("failure", reloads.failed)] {
+        results
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc_by(count);
+    }
+    let successful = Gauge::<i64>::default();
+    registry.register(
+        "config_last_reload_successful",
+        "1 when the last configuration read is the one in force, 0 when it was rejected or \
+         failed to apply (the previous one serves)",
+        successful.clone(),
+    );
+    successful.set(i64::from(reloads.last_successful));
+    let timestamp = Gauge::<i64>::default();
+    registry.register(
+        "config_last_reload_success_timestamp_seconds",
+        "When a configuration was last applied, in Unix seconds (0: none yet)",
+        timestamp.clone(),
+    );
+    timestamp.set(
+        reloads
+            .last_success
+            .and_then(|at| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_secs() as i64),
+    );
+    registry.register(
+        "apply_duration_seconds",
+        "How long applying a configuration to the data plane took (the first and every reload)",
+        reloads.apply_duration.clone(),
+    );
+}
+
+/// prometheus-client's OpenMetrics text as the Prometheus text format 0.0.4. For what it
+/// writes here they differ in three ways only: a counter family's HELP and TYPE name it with
+/// its samples' `_total`; there is no `# UNIT`; there is no `# EOF`. Samples, label escaping
+/// and histograms are written alike.
+fn to_text_format(openmetrics: &str) -> String {
+    let mut text = String::with_capacity(openmetrics.len() + 1024);
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        // HELP comes right before its TYPE.
+        let renamed = if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = lines
+                .peek()
+                .and_then(|next| next.strip_prefix("# TYPE "))
+                .is_some_and(|next| next.strip_suffix(" counter") == Some(name));
+            counter.then(|| format!("# HELP {name}_total {help}"))
+        } else {
+            line.strip_prefix("# TYPE ")
+                .and_then(|rest| rest.strip_suffix(" counter"))
+                .map(|name| format!("# TYPE {name}_total counter"))
+        };
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_their_help_and_type_and_there_is_no_eof() {
+        let mut registry = Registry::with_prefix("lb");
+        let counter = Family::<ResultLabels, Counter>::default();
+        registry.register("reloads", "Reloads", counter.clone());
+        counter
+            .get_or_create(&ResultLabels {
+                result: "a \"quoted\\\" one\nand more".into(),
+            })
+            .inc_by(3);
+        let gauge = Gauge::<i64>::default();
+        registry.register("config_generation", "Generation", gauge.clone());
+        gauge.set(2);
+        let histogram = Histogram::new([0.001, 1.0]);
+        registry.register("apply_duration_seconds", "Applies", histogram.clone());
+        histogram.observe(0.5);
+        let mut openmetrics = String::new();
+        encode(&mut openmetrics, &registry).unwrap();
+        assert_eq!(
+            to_text_format(&openmetrics),
+            "# HELP lb_reloads_total Reloads.\n\
+             # TYPE lb_reloads_total counter\n\
+             lb_reloads_total{result=\"a \\\"quoted\\\\\\\" one\\nand more\"} 3\n\
+             # HELP lb_config_generation Generation.\n\
+             # TYPE lb_config_generation gauge\n\
+             lb_config_generation 2\n\
+             # HELP lb_apply_duration_seconds Applies.\n\
+             # TYPE lb_apply_duration_seconds histogram\n\
+             lb_apply_duration_seconds_sum 0.5\n\
+             lb_apply_duration_seconds_count 1\n\
+             lb_apply_duration_seconds_bucket{le=\"0.001\"} 0\n\
+             lb_apply_duration_seconds_bucket{le=\"1.0\"} 1\n\
+             lb_apply_duration_seconds_bucket{le=\"+Inf\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn reloads_say_whether_the_configuration_read_last_is_in_force() {
+        let mut reloads = Reloads::default();
+        assert!(reloads.last_successful && reloads.last_success.is_none());
+        reloads.applied(Duration::from_millis(3), true);
+        let applied_at = reloads.last_success.expect("applied");
+        reloads.rejected();
+        assert!(!reloads.last_successful);
+        reloads.unchanged();
+        assert!(reloads.last_successful);
+        assert_eq!(
+            reloads.last_success,
+            Some(applied_at),
+            "nothing applied since"
+        );
+        reloads.applied(Duration::from_secs(20), false);
+        assert!(!reloads.last_successful);
+        assert_eq!((reloads.succeeded, reloads.failed), (1, 2));
+    }
 }

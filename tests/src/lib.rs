@@ -149,6 +149,15 @@ pub struct NetnsController {
 /// Starts a [`NetnsController`] tagged `tag`; `wrapper` (a program and its arguments, e.g.
 /// `setpriv` and the capabilities to keep) runs the binary when not empty.
 pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsController> {
+    attach_in_netns_with(tag, wrapper, &[])
+}
+
+/// [`attach_in_netns`], with `args` added to `attach`'s.
+pub fn attach_in_netns_with(
+    tag: &str,
+    wrapper: &[&str],
+    args: &[&str],
+) -> anyhow::Result<NetnsController> {
     let ns = netns::Netns::with_veth(tag, "veth-lb", "veth-peer")?;
     let roots = Roots::new(tag);
     let config = tempfile::tempdir()?;
@@ -164,6 +173,8 @@ pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsContr
         }
         None => roots.attach_command(&ns, &lb_userspace_bin(), "veth-lb", config.path()),
     };
+    let mut command = command;
+    command.args(args);
     let controller = sandbox::LoggedChild::spawn(command, false)?;
     controller.wait_ready(std::time::Duration::from_secs(10))?;
     Ok(NetnsController {
@@ -175,6 +186,16 @@ pub fn attach_in_netns(tag: &str, wrapper: &[&str]) -> anyhow::Result<NetnsContr
 }
 
 impl NetnsController {
+    /// The folder of manifests it serves (holding `web.yaml`).
+    pub fn config_dir(&self) -> &std::path::Path {
+        self._config.path()
+    }
+
+    /// The running controller and its log.
+    pub fn controller(&self) -> &sandbox::LoggedChild {
+        self.controller.as_ref().expect("running until stopped")
+    }
+
     /// Stops the controller (SIGTERM) and checks that its own detach removed everything
     /// ([`Roots::assert_detached`]) before the roots' drop removes the folders, which would hide
     /// a leak; returns its exit status.

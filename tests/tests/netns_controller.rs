@@ -251,7 +251,7 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     assert_eq!(json[0]["service"]["name"], "web");
     let metrics = lb_tests::scrape_metrics(&node).unwrap();
     assert!(
-        metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080\",frontend=\"198.18.100.1:8080/TCP\"}"),
+        metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080/TCP\",family=\"IPv4\"}"),
         "{metrics}"
     );
     assert!(

@@ -30,6 +30,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "wrk",
     "iperf3",
+    // `promtool check metrics`: the metrics test checks `/metrics` with Prometheus' own linter.
+    "prometheus",
 ];
 
 /// Runs every step.
