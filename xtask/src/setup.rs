@@ -153,5 +153,14 @@ fn debian_packages() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing),
-    )
+    )?;
+    if missing.contains(&"prometheus") {
+        // Only its promtool is wanted: on a machine with an init system the package would
+        // also leave a Prometheus server running on :9090.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "prometheus"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    Ok(())
 }
