@@ -262,8 +262,8 @@ fn endpoints_churning_ten_times_a_second_never_misroute_or_break_surviving_flows
     let removed: BTreeSet<u64> = before.difference(&pod1_only).copied().collect();
     assert_eq!(
         pod1_only.len(),
-        6,
-        "3 VIPs (cluster IP, load balancer IPv4 and IPv6) x TCP and UDP, pod 1 only"
+        4,
+        "one data-plane service per Service port (TCP and UDP) and family, pod 1 only"
     );
     assert!(
         tracked_before.iter().any(|id| removed.contains(id)),
