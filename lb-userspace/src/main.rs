@@ -12,6 +12,7 @@ use lb_userspace::{
     AttachMode, Dataplane, conntrack,
     controller::{AppliedState, Controller},
     dataplane::LoadOptions,
+    events::{ServiceEvent, now_timestamp},
     health::HealthChecks,
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
@@ -47,10 +48,22 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
-    /// Tables, as kubectl prints them.
+    /// Tables and fields, as kubectl prints them, with our live columns.
     Wide,
-    /// JSON, for scripts.
+    /// Kubernetes objects in JSON (`v1 Service`, `v1 List`), the live state in `lbXdpRs`.
     Json,
+    /// Kubernetes objects in YAML, as `-o json`.
+    Yaml,
+}
+
+impl From<Output> for views::Format {
+    fn from(output: Output) -> Self {
+        match output {
+            Output::Wide => Self::Wide,
+            Output::Json => Self::Json,
+            Output::Yaml => Self::Yaml,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,10 +133,18 @@ enum Command {
         #[command(flatten)]
         roots: Roots,
     },
-    /// List services, as `kubectl get services`, with live packet counts.
+    /// List services, as `kubectl get services`, with live endpoint and packet counts.
     Get {
         /// What to list: `services` (or `svc`).
         resource: String,
+        /// Only this service.
+        name: Option<String>,
+        /// The namespace listed.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Every namespace (a NAMESPACE column first).
+        #[arg(short = 'A', long, conflicts_with_all = ["name", "namespace"])]
+        all_namespaces: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "wide")]
         output: Output,
@@ -210,15 +231,30 @@ async fn main() -> anyhow::Result<()> {
         Command::Detach { iface, roots } => detach(&iface, &roots),
         Command::Get {
             resource,
+            name,
+            namespace,
+            all_namespaces,
             output,
             roots,
         } => {
             check_resource(&resource)?;
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
-            print!(
-                "{}",
-                views::get_services(&all, matches!(output, Output::Json))
-            );
+            let namespaces = if all_namespaces {
+                views::Namespaces::All
+            } else {
+                views::Namespaces::One(&namespace)
+            };
+            let text = views::get_services(
+                &all,
+                namespaces,
+                name.as_deref(),
+                output.into(),
+                now_timestamp(),
+            )?;
+            if text.is_empty() {
+                eprintln!("{}", views::no_resources(namespaces));
+            }
+            print!("{text}");
             Ok(())
         }
         Command::Describe {
@@ -232,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
             print!(
                 "{}",
-                views::describe_service(&all, &namespace, &name, matches!(output, Output::Json))?
+                views::describe_service(&all, &namespace, &name, output.into(), now_timestamp())?
             );
             Ok(())
         }
@@ -245,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
             print!(
                 "{}",
-                views::explain(&all, &source, &frontend, matches!(output, Output::Json))?
+                views::explain(&all, &source, &frontend, output.into())?
             );
             Ok(())
         }
@@ -661,6 +697,18 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
         Err(e) => {
             reloads.failed += 1;
             error!(error = %e, "configuration rejected; the previous state keeps serving");
+            // Told to the Service the error names, as a `Warning` event `describe` shows.
+            let services = controller
+                .state()
+                .cluster
+                .services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()));
+            if let Some(event) = ServiceEvent::rejected(&e, services, now_timestamp())
+                && let Err(e) = controller.record_event(event)
+            {
+                warn!(error = %e, "saving the rejection's event");
+            }
             return;
         }
     };

@@ -236,6 +236,9 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
         "198.18.1.1:8080,198.18.2.1:8080",
         "Session Affinity:",
         "External Traffic Policy:",
+        "Internal Traffic Policy:",
+        "Applied",
+        "lb-userspace",
     ] {
         assert!(described.contains(needle), "{needle} missing:\n{described}");
     }
@@ -248,7 +251,9 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     assert!(explained.contains("maglev"), "{explained}");
     let json: serde_json::Value =
         serde_json::from_str(&cli(&roots, &["get", "services", "-o", "json"])).unwrap();
-    assert_eq!(json[0]["service"]["name"], "web");
+    assert_eq!(json["kind"], "List");
+    assert_eq!(json["items"][0]["metadata"]["name"], "web");
+    assert_eq!(json["items"][0]["spec"]["type"], "LoadBalancer");
     let metrics = lb_tests::scrape_metrics(&node).unwrap();
     assert!(
         metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080\",frontend=\"198.18.100.1:8080/TCP\"}"),
