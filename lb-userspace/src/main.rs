@@ -696,8 +696,8 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
         Ok(cluster) => cluster,
         Err(e) => {
             reloads.failed += 1;
-            error!(error = %e, "configuration rejected; the previous state keeps serving");
-            // Told to the Service the error names, as a `Warning` event `describe` shows.
+            // Told to the Service the error names, as a `Warning` event `describe` shows (saved
+            // before the log line, which whoever waits for the rejection waits for).
             let services = controller
                 .state()
                 .cluster
@@ -709,6 +709,7 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
             {
                 warn!(error = %e, "saving the rejection's event");
             }
+            error!(error = %e, "configuration rejected; the previous state keeps serving");
             return;
         }
     };

@@ -214,6 +214,11 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
             .iter()
             .all(|p| p == "pod-1" || p == "pod-2")
     );
+    // One naming its Service is told to it, as a Warning event.
+    write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "not-an-ip"]));
+    controller
+        .wait_for("configuration rejected", 2, WAIT)
+        .unwrap();
     write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "198.18.2.1"]));
 
     // The operator's views, from another process, and the metrics.
@@ -239,6 +244,9 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
         "Internal Traffic Policy:",
         "Applied",
         "lb-userspace",
+        "Warning",
+        "Rejected",
+        "Endpoints default/web: subsets[0].addresses[1].ip: \"not-an-ip\" is not an IP address",
     ] {
         assert!(described.contains(needle), "{needle} missing:\n{described}");
     }
@@ -260,7 +268,7 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("lb_reloads_total{result=\"failure\"} 1"),
+        metrics.contains("lb_reloads_total{result=\"failure\"} 2"),
         "{metrics}"
     );
     println!(
