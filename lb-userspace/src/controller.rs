@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    events::{self, ServiceEvent},
     maglev::{self, MaglevBackend},
     model::{Cluster, EndpointModel, Frontend, FrontendKind, Options, Protocol, SourceRange},
     pods::Discovery,
@@ -161,6 +162,10 @@ pub struct AppliedState {
     /// host-side interfaces.
     #[serde(default)]
     pub local_pods: BTreeMap<IpAddr, String>,
+    /// What happened to each Service (`describe` shows them): a few per Service, repeats
+    /// counted.
+    #[serde(default)]
+    pub events: Vec<ServiceEvent>,
 }
 
 impl AppliedService {
@@ -382,6 +387,16 @@ impl Controller {
     /// What is applied.
     pub fn state(&self) -> &AppliedState {
         &self.state
+    }
+
+    /// Records `event` with the applied state, and saves it (a rejected configuration leaves
+    /// the state as it was, its event included).
+    pub fn record_event(&mut self, event: ServiceEvent) -> Result<(), ControllerError> {
+        events::record(&mut self.state.events, event);
+        match &self.state_path {
+            Some(path) => self.state.write(path),
+            None => Ok(()),
+        }
     }
 
     /// The data plane services `cluster` asks for, with ids still unassigned (0).
@@ -655,11 +670,17 @@ impl Controller {
         self.step_done(ApplyStep::Retired);
         let local_pods = self.sync_pod_interfaces(backend_addresses(&desired));
 
+        let events = events::after_apply(
+            std::mem::take(&mut self.state.events),
+            &self.state.cluster,
+            cluster,
+        );
         self.state = AppliedState {
             generation: self.state.generation + 1,
             cluster: cluster.clone(),
             services: desired,
             local_pods,
+            events,
         };
         if let Some(path) = &self.state_path {
             self.state.write(path)?;

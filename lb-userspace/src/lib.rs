@@ -4,6 +4,7 @@
 pub mod conntrack;
 pub mod controller;
 pub mod dataplane;
+pub mod events;
 pub mod health;
 pub mod host;
 pub mod maglev;

@@ -12,6 +12,7 @@ use lb_userspace::{
     AttachMode, Dataplane, conntrack,
     controller::{AppliedState, Controller},
     dataplane::LoadOptions,
+    events::{ServiceEvent, now_timestamp},
     health::HealthChecks,
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
@@ -56,10 +57,22 @@ enum LogFormat {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
-    /// Tables, as kubectl prints them.
+    /// Tables and fields, as kubectl prints them, with our live columns.
     Wide,
-    /// JSON, for scripts.
+    /// Kubernetes objects in JSON (`v1 Service`, `v1 List`), the live state in `lbXdpRs`.
     Json,
+    /// Kubernetes objects in YAML, as `-o json`.
+    Yaml,
+}
+
+impl From<Output> for views::Format {
+    fn from(output: Output) -> Self {
+        match output {
+            Output::Wide => Self::Wide,
+            Output::Json => Self::Json,
+            Output::Yaml => Self::Yaml,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,10 +153,18 @@ enum Command {
         #[command(flatten)]
         roots: Roots,
     },
-    /// List services, as `kubectl get services`, with live packet counts.
+    /// List services, as `kubectl get services`, with live endpoint and packet counts.
     Get {
         /// What to list: `services` (or `svc`).
         resource: String,
+        /// Only this service.
+        name: Option<String>,
+        /// The namespace listed.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Every namespace (a NAMESPACE column first).
+        #[arg(short = 'A', long, conflicts_with_all = ["name", "namespace"])]
+        all_namespaces: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "wide")]
         output: Output,
@@ -234,15 +255,30 @@ async fn main() -> anyhow::Result<()> {
         Command::Detach { iface, roots } => detach(&iface, &roots),
         Command::Get {
             resource,
+            name,
+            namespace,
+            all_namespaces,
             output,
             roots,
         } => {
             check_resource(&resource)?;
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
-            print!(
-                "{}",
-                views::get_services(&all, matches!(output, Output::Json))
-            );
+            let namespaces = if all_namespaces {
+                views::Namespaces::All
+            } else {
+                views::Namespaces::One(&namespace)
+            };
+            let text = views::get_services(
+                &all,
+                namespaces,
+                name.as_deref(),
+                output.into(),
+                now_timestamp(),
+            )?;
+            if text.is_empty() {
+                eprintln!("{}", views::no_resources(namespaces));
+            }
+            print!("{text}");
             Ok(())
         }
         Command::Describe {
@@ -256,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
             print!(
                 "{}",
-                views::describe_service(&all, &namespace, &name, matches!(output, Output::Json))?
+                views::describe_service(&all, &namespace, &name, output.into(), now_timestamp())?
             );
             Ok(())
         }
@@ -269,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
             let all = views::read_all(&roots.state_root, &roots.pin_root)?;
             print!(
                 "{}",
-                views::explain(&all, &source, &frontend, matches!(output, Output::Json))?
+                views::explain(&all, &source, &frontend, output.into())?
             );
             Ok(())
         }
@@ -703,6 +739,19 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
         Ok(cluster) => cluster,
         Err(e) => {
             reloads.rejected();
+            // Told to the Service the error names, as a `Warning` event `describe` shows (saved
+            // before the log line, which whoever waits for the rejection waits for).
+            let services = controller
+                .state()
+                .cluster
+                .services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()));
+            if let Some(event) = ServiceEvent::rejected(&e, services, now_timestamp())
+                && let Err(e) = controller.record_event(event)
+            {
+                warn!(error = %e, "saving the rejection's event");
+            }
             error!(error = %e, "configuration rejected; the previous state keeps serving");
             return;
         }

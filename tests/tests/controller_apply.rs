@@ -404,7 +404,7 @@ fn explain_names_the_backend_the_data_plane_picks() {
                 &all,
                 &format!("{client}:{port}"),
                 "198.18.100.1:8080/TCP",
-                true,
+                lb_userspace::views::Format::Json,
             )
             .unwrap();
             let value: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -431,7 +431,7 @@ fn held_connections_survive_scaling_and_a_controller_kill() {
     let services: serde_json::Value =
         serde_json::from_str(&sandbox.cli(&["get", "services", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(
-        services.as_array().map(Vec::len),
+        services["items"].as_array().map(Vec::len),
         Some(SERVICES + 1),
         "the restarted controller applied every service"
     );
@@ -512,7 +512,7 @@ fn a_not_ready_endpoint_keeps_its_connections_and_gets_no_new_ones() {
             .unwrap(),
     )
     .unwrap();
-    let flows_on_pod2: u64 = json["endpoints"]
+    let flows_on_pod2: u64 = json["lbXdpRs"]["endpoints"]
         .as_object()
         .unwrap()
         .values()

@@ -214,6 +214,11 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
             .iter()
             .all(|p| p == "pod-1" || p == "pod-2")
     );
+    // One naming its Service is told to it, as a Warning event.
+    write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "not-an-ip"]));
+    controller
+        .wait_for("configuration rejected", 2, WAIT)
+        .unwrap();
     write_atomically(&endpoints, &endpoints_yaml(&["198.18.1.1", "198.18.2.1"]));
 
     // The operator's views, from another process, and the metrics.
@@ -236,6 +241,12 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
         "198.18.1.1:8080,198.18.2.1:8080",
         "Session Affinity:",
         "External Traffic Policy:",
+        "Internal Traffic Policy:",
+        "Applied",
+        "lb-userspace",
+        "Warning",
+        "Rejected",
+        "Endpoints default/web: subsets[0].addresses[1].ip: \"not-an-ip\" is not an IP address",
     ] {
         assert!(described.contains(needle), "{needle} missing:\n{described}");
     }
@@ -248,14 +259,16 @@ fn manifests_drive_the_data_plane_and_flows_survive_kill_and_restart() {
     assert!(explained.contains("maglev"), "{explained}");
     let json: serde_json::Value =
         serde_json::from_str(&cli(&roots, &["get", "services", "-o", "json"])).unwrap();
-    assert_eq!(json[0]["service"]["name"], "web");
+    assert_eq!(json["kind"], "List");
+    assert_eq!(json["items"][0]["metadata"]["name"], "web");
+    assert_eq!(json["items"][0]["spec"]["type"], "LoadBalancer");
     let metrics = lb_tests::scrape_metrics(&node).unwrap();
     assert!(
         metrics.contains("lb_service_new_flows_total{namespace=\"default\",service=\"web\",port=\"8080/TCP\",family=\"IPv4\"}"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("lb_reloads_total{result=\"failure\"} 1"),
+        metrics.contains("lb_reloads_total{result=\"failure\"} 2"),
         "{metrics}"
     );
     println!(
