@@ -138,7 +138,12 @@ pub struct AppliedService {
     pub affinity_timeout_secs: Option<u32>,
     /// Maglev table size.
     pub table_size: u32,
-    /// Clients admitted through its load balancer IPs (empty: every client).
+    /// Its load balancer IPs admit only the clients of `source_ranges` (the Service has
+    /// `loadBalancerSourceRanges`).
+    #[serde(default)]
+    pub source_restricted: bool,
+    /// The Service's source ranges of this family: none admits nobody of this family through
+    /// the load balancer IPs, when `source_restricted`.
     #[serde(default)]
     pub source_ranges: Vec<SourceRange>,
     /// New flows are dropped, not refused, when no backend takes them: the Service has
@@ -199,7 +204,7 @@ impl AppliedService {
         if self.affinity_timeout_secs.is_some() {
             flags |= SERVICE_F_AFFINITY;
         }
-        if frontend.kind == FrontendKind::LoadBalancer && !self.source_ranges.is_empty() {
+        if frontend.kind == FrontendKind::LoadBalancer && self.source_restricted {
             flags |= SERVICE_F_SOURCE_RANGES;
         }
         if self.drop_when_empty {
@@ -461,7 +466,13 @@ impl Controller {
                             ipv4,
                             affinity_timeout_secs: service.affinity_timeout_secs,
                             table_size: service.table_size,
-                            source_ranges: service.source_ranges.clone(),
+                            source_restricted: !service.source_ranges.is_empty(),
+                            source_ranges: service
+                                .source_ranges
+                                .iter()
+                                .filter(|r| r.addr.is_ipv4() == ipv4)
+                                .copied()
+                                .collect(),
                             drop_when_empty: node_local && serving_elsewhere,
                             backends,
                         });
@@ -600,8 +611,9 @@ impl Controller {
         // ranges exist would drop every client.
         for service in &desired {
             let previous = old.get(&service.group()).copied();
-            let ranges_changed = previous.is_none_or(|p| p.source_ranges != service.source_ranges);
-            if ranges_changed && !service.source_ranges.is_empty() {
+            let ranges_changed = previous
+                .is_none_or(|p| !p.source_restricted || p.source_ranges != service.source_ranges);
+            if ranges_changed && service.source_restricted {
                 self.dataplane
                     .set_source_ranges(service.id, &source_range_prefixes(service))?;
             }
@@ -648,7 +660,7 @@ impl Controller {
                 let _ = self.dataplane.remove_maglev_table(service.id);
                 report.removed += 1;
             }
-            if !service.source_ranges.is_empty() && now.is_none_or(|s| s.source_ranges.is_empty()) {
+            if service.source_restricted && now.is_none_or(|s| !s.source_restricted) {
                 self.dataplane.clear_source_ranges(service.id)?;
             }
         }

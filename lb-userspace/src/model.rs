@@ -169,6 +169,27 @@ impl SourceRange {
     }
 }
 
+impl SourceRange {
+    /// Whether `addr` is in the range (never across address families).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.addr, addr) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(a) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for SourceRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
@@ -1284,6 +1305,23 @@ mod tests {
         assert_eq!(error.field, "spec.loadBalancerSourceRanges[0]");
         assert!(error.message.contains("not a CIDR"), "{error}");
         assert_eq!(SourceRange::parse("198.18.0.0/33"), None);
+        let range = SourceRange::parse("198.18.0.0/24").unwrap();
+        assert!(range.contains("198.18.0.77".parse().unwrap()));
+        assert!(!range.contains("198.18.1.1".parse().unwrap()));
+        assert!(
+            !range.contains("::ffff:198.18.0.1".parse().unwrap()),
+            "families apart"
+        );
+        assert!(
+            SourceRange::parse("::/0")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
+        assert!(
+            SourceRange::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("203.0.113.1".parse().unwrap())
+        );
         assert_eq!(
             SourceRange::parse("0.0.0.0/0").map(|r| r.to_string()),
             Some("0.0.0.0/0".into())

@@ -21,7 +21,7 @@ use lb_common::{
     AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue,
     conntrack::{self, Found},
     hash::{client_hash, flow_hash},
-    maps::names,
+    maps::{SERVICE_F_SOURCE_RANGES, names},
 };
 use serde::Serialize;
 
@@ -1084,6 +1084,27 @@ fn explain_flow(
         SocketAddr::new(vip.ip(), vip.port()),
         protocol.name()
     );
+    let frontend = service.frontend(&VipKey {
+        vip: vip.ip(),
+        port: vip.port(),
+        protocol,
+    });
+    let value = frontend.map(|f| service.frontend_value(f));
+    if value.is_some_and(|v| v.flags & SERVICE_F_SOURCE_RANGES != 0)
+        && !service
+            .source_ranges
+            .iter()
+            .any(|r| r.contains(source.ip()))
+    {
+        return Explanation {
+            service: label,
+            endpoint: None,
+            decided_by: "source ranges".into(),
+            detail: "the client is outside the Service's loadBalancerSourceRanges: every \
+                     packet is dropped and counted (drop_source_range)"
+                .into(),
+        };
+    }
     let src = addr16(source.ip());
     let dst = addr16(vip.ip());
     let key = FlowKey {
@@ -1162,7 +1183,16 @@ fn explain_flow(
             service: label,
             endpoint: None,
             decided_by: "no backend".into(),
-            detail: "no endpoint takes new flows: the packet is dropped and counted".into(),
+            detail: if service.drop_when_empty {
+                "no endpoint on this node takes new flows (a Local traffic policy): the \
+                 packet is dropped and counted (drop_no_local_backend)"
+                    .into()
+            } else {
+                "no endpoint takes new flows: a TCP SYN is refused with a reset, a UDP \
+                 datagram with ICMP port unreachable (reject_tcp, reject_udp); other packets \
+                 are dropped and counted (drop_no_backend)"
+                    .into()
+            },
         };
     };
     let hash = if service.affinity_timeout_secs.is_some() {

@@ -246,3 +246,60 @@ fn cluster_ips_are_not_served_unless_asked_for() {
         assert_eq!(reached(dataplane, LB_IP, 8080), addrs(&["198.18.1.1"]));
     });
 }
+
+/// `loadBalancerSourceRanges` restrict the load balancer IPs only (not the external IPs, the
+/// cluster IP or the node port, as kube-proxy's filter rules), family by family: a Service
+/// whose ranges are all IPv4 admits no IPv6 client through its IPv6 load balancer IP.
+#[test]
+fn source_ranges_restrict_load_balancer_ips_family_by_family() {
+    harness::in_fresh_netns("ranges", |_| {
+        let yaml = web(
+            "  loadBalancerSourceRanges: [198.18.5.0/24]\n",
+            &[("198.18.1.1", "node-a")],
+        )
+        .replace(
+            "    - ip: 198.18.200.1\n",
+            "    - ip: 198.18.200.1\n    - ip: 2001:db8:200::1\n",
+        ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-2\n  \
+           labels:\n    kubernetes.io/service-name: web\naddressType: IPv6\nports:\n- name: http\n  \
+           port: 8080\nendpoints:\n- addresses: [\"2001:db8:1::1\"]\n  nodeName: node-a\n";
+        let mut controller = controller(options());
+        controller.apply(&build(&yaml, &options())).unwrap();
+        let dataplane = controller.dataplane();
+        let dropped = || {
+            dataplane
+                .reason_counter(Reason::DropSourceRange)
+                .unwrap()
+                .packets
+        };
+        let before = dropped();
+        let inside = [198, 18, 5, 9];
+        let outside = [198, 18, 6, 9];
+        assert!(syn(dataplane, inside, 40_000, LB_IP, 8080).1.is_some());
+        assert_eq!(
+            syn(dataplane, outside, 40_001, LB_IP, 8080).0,
+            harness::XDP_DROP
+        );
+        assert_eq!(dropped(), before + 1);
+        for (vip, port) in [
+            (EXTERNAL_IP, 8080),
+            (CLUSTER_IP, 8080),
+            (NODE_IP, NODE_PORT),
+        ] {
+            assert!(
+                syn(dataplane, outside, 40_002, vip, port).1.is_some(),
+                "{vip:?}:{port} is not a load balancer IP"
+            );
+        }
+        let v6 = Spec::tcp(
+            "2001:db8:5::9".parse().unwrap(),
+            40_003,
+            "2001:db8:200::1".parse().unwrap(),
+            8080,
+        )
+        .build();
+        let (verdict, _) = harness::run_xdp(dataplane.xdp_program().unwrap(), &v6, None);
+        assert_eq!(verdict, harness::XDP_DROP, "no IPv6 range: no IPv6 client");
+        assert_eq!(dropped(), before + 2);
+    });
+}
