@@ -18,7 +18,7 @@ use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{
         BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY,
-        SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST, ipv4_mapped,
+        SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -152,6 +152,10 @@ pub struct AppliedService {
     pub drop_when_empty: bool,
     /// Backends, sorted by address and port.
     pub backends: Vec<AppliedBackend>,
+    /// The digest of its Maglev table ([`maglev::digest`]): equal on every node serving the
+    /// same endpoints. `None` without a table (no backend takes new flows).
+    #[serde(default)]
+    pub table_digest: Option<String>,
 }
 
 /// Everything applied, saved beside the pinned maps so a restarted controller knows the ids.
@@ -221,21 +225,22 @@ impl AppliedService {
     /// and port (so every load balancer builds the same table whatever ids it gave); `None`
     /// when no backend takes new flows.
     pub fn maglev_table(&self) -> Result<Option<Vec<u32>>, maglev::MaglevError> {
-        let placed: Vec<MaglevBackend> = self
-            .backends
+        maglev::build(&self.placed_backends(), self.table_size)
+    }
+
+    /// The backends its Maglev table places: those that take new flows.
+    fn placed_backends(&self) -> Vec<MaglevBackend> {
+        self.backends
             .iter()
             .filter(|b| !b.terminating)
-            .map(|b| {
-                let mut identity = addr16(b.addr).to_vec();
-                identity.extend_from_slice(&b.port.to_be_bytes());
-                MaglevBackend {
-                    id: b.id,
-                    identity,
-                    weight: b.weight,
-                }
-            })
-            .collect();
-        maglev::build(&placed, self.table_size)
+            .map(|b| MaglevBackend::at(b.id, b.addr, b.port, b.weight))
+            .collect()
+    }
+
+    /// The digest of `table` (its Maglev table), naming backends by address and port: equal
+    /// on every node that serves the same endpoints (see [`maglev::digest`]).
+    pub fn table_digest(&self, table: &[u32]) -> String {
+        maglev::digest(&self.placed_backends(), table)
     }
 }
 
@@ -286,13 +291,7 @@ pub struct ApplyReport {
     pub flows_cleared: usize,
 }
 
-/// The 16-byte form of an address the data plane uses.
-pub fn addr16(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+pub use lb_common::maps::addr16;
 
 /// Every backend address of `services`, once per backend (the discovery skips repeats).
 fn backend_addresses(services: &[AppliedService]) -> Vec<IpAddr> {
@@ -475,6 +474,7 @@ impl Controller {
                                 .collect(),
                             drop_when_empty: node_local && serving_elsewhere,
                             backends,
+                            table_digest: None,
                         });
                     }
                 }
@@ -572,10 +572,19 @@ impl Controller {
         // terminating, and 4. the services themselves.
         let mut tables = Vec::new();
         let mut emptied = Vec::new();
-        for service in &desired {
+        for service in &mut desired {
             let previous = old.get(&service.group()).copied();
-            if table_inputs_changed(previous, service) {
-                match service.maglev_table()? {
+            service.table_digest = previous.and_then(|p| p.table_digest.clone());
+            let changed = table_inputs_changed(previous, service);
+            if !changed && service.table_digest.is_none() {
+                // A state saved before digests existed: the table is not rewritten, only
+                // described.
+                service.table_digest = service.maglev_table()?.map(|t| service.table_digest(&t));
+            }
+            if changed {
+                let table = service.maglev_table()?;
+                service.table_digest = table.as_deref().map(|t| service.table_digest(t));
+                match table {
                     Some(table) => tables.push((service.id, table)),
                     // No backend takes new flows: without a table the data plane refuses them
                     // (or drops them, with `drop_when_empty`) and counts them.

@@ -5,7 +5,10 @@
 //! order the endpoints were listed in, and several load balancers behind ECMP agree on every
 //! flow.
 
+use std::net::IpAddr;
+
 use lb_common::hash::bytes_hash;
+use sha2::{Digest as _, Sha256};
 
 /// Seeds of the two hashes that give a backend its offset and skip.
 const OFFSET_SEED: u32 = 0x5f3c_9d21;
@@ -20,6 +23,53 @@ pub struct MaglevBackend {
     pub identity: Vec<u8>,
     /// Relative weight; 0 takes no slots.
     pub weight: u32,
+}
+
+impl MaglevBackend {
+    /// A backend at `addr`:`port`, placed by that identity (the same bytes on every node).
+    pub fn at(id: u32, addr: IpAddr, port: u16, weight: u32) -> Self {
+        Self {
+            id,
+            identity: identity(addr, port),
+            weight,
+        }
+    }
+}
+
+/// The identity bytes of the backend at `addr`:`port`: the 16-byte address (IPv4-mapped for
+/// IPv4) then the port, big-endian. They alone decide where a backend lands in a table.
+pub fn identity(addr: IpAddr, port: u16) -> Vec<u8> {
+    let mut identity = lb_common::maps::addr16(addr).to_vec();
+    identity.extend_from_slice(&port.to_be_bytes());
+    identity
+}
+
+/// A digest of `table` (backend ids, as [`build`] made it from `backends`) that names each
+/// slot's backend by its identity, not its id: two nodes that build the same table for the
+/// same endpoints report the same digest whatever ids they gave. `sha256:` and the first 16
+/// hex digits of SHA-256 over the table size, the identities in order, and each slot's rank
+/// among them.
+pub fn digest(backends: &[MaglevBackend], table: &[u32]) -> String {
+    let mut placed: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+    placed.sort_by(|a, b| a.identity.cmp(&b.identity));
+    let mut hasher = Sha256::new();
+    hasher.update((table.len() as u64).to_be_bytes());
+    for backend in &placed {
+        hasher.update((backend.identity.len() as u32).to_be_bytes());
+        hasher.update(&backend.identity);
+        hasher.update(backend.weight.to_be_bytes());
+    }
+    let ranks: std::collections::HashMap<u32, u32> = placed
+        .iter()
+        .enumerate()
+        .map(|(rank, b)| (b.id, rank as u32))
+        .collect();
+    for id in table {
+        hasher.update(ranks.get(id).copied().unwrap_or(u32::MAX).to_be_bytes());
+    }
+    let sum = hasher.finalize();
+    let hex: String = sum[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// Errors of table building.
@@ -98,6 +148,30 @@ pub fn build(backends: &[MaglevBackend], size: u32) -> Result<Option<Vec<u32>>, 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn digests_name_backends_by_identity_not_by_id() {
+        let addr = |i: u8| std::net::IpAddr::from([198, 18, 1, i]);
+        let on_a: Vec<MaglevBackend> = (1..=5)
+            .map(|i| MaglevBackend::at(u32::from(i), addr(i), 80, 1))
+            .collect();
+        let on_b: Vec<MaglevBackend> = (1..=5)
+            .rev()
+            .map(|i| MaglevBackend::at(100 + u32::from(i) * 7, addr(i), 80, 1))
+            .collect();
+        let table_a = build(&on_a, 251).unwrap().unwrap();
+        let table_b = build(&on_b, 251).unwrap().unwrap();
+        assert_ne!(table_a, table_b, "different ids in the slots");
+        assert_eq!(digest(&on_a, &table_a), digest(&on_b, &table_b));
+        let fewer = &on_a[..4];
+        let table = build(fewer, 251).unwrap().unwrap();
+        assert_ne!(digest(fewer, &table), digest(&on_a, &table_a));
+        let mut heavier = on_a.clone();
+        heavier[0].weight = 2;
+        let table = build(&heavier, 251).unwrap().unwrap();
+        assert_ne!(digest(&heavier, &table), digest(&on_a, &table_a));
+    }
+
     use std::collections::HashMap;
 
     use super::*;

@@ -42,6 +42,16 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    family: String,
+    scope: String,
+    digest: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     namespace: String,
     service: String,
@@ -173,6 +183,13 @@ pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> St
             family
         })
     });
+    let tables = Family::<TableLabels, Gauge>::default();
+    registry.register(
+        "service_table_info",
+        "The digest of a Service port's Maglev table (backends named by address and port): \
+         equal on every node serving the same endpoints; scope all, external or internal",
+        tables.clone(),
+    );
     let dataplane = controller.dataplane();
     // A Service port with a `Local` traffic policy is two data-plane services (its external and
     // its internal frontends): their counters add up in the port's one series.
@@ -187,6 +204,18 @@ pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> St
             port: port.clone(),
             family: if service.ipv4 { "IPv4" } else { "IPv6" }.into(),
         };
+        if let Some(digest) = &service.table_digest {
+            tables
+                .get_or_create(&TableLabels {
+                    namespace: service.namespace.clone(),
+                    service: service.name.clone(),
+                    port: port.clone(),
+                    family: labels.family.clone(),
+                    scope: format!("{:?}", service.scope).to_lowercase(),
+                    digest: digest.clone(),
+                })
+                .set(1);
+        }
         families[0].get_or_create(&labels).inc_by(counter.packets);
         families[1].get_or_create(&labels).inc_by(counter.bytes);
         families[2].get_or_create(&labels).inc_by(counter.new_flows);

@@ -170,6 +170,9 @@ pub struct ServiceView {
     pub service: ServiceModel,
     /// Per VIP:port/proto: packets, bytes, new flows.
     pub frontends: BTreeMap<String, Traffic>,
+    /// Per frontend (as `frontends`): the digest of its Maglev table, equal on every node
+    /// serving the same endpoints (`None`: no table, no backend takes new flows).
+    pub table_digests: BTreeMap<String, Option<String>>,
     /// Per service port name (or number): its endpoints' traffic.
     pub endpoints: BTreeMap<String, Vec<EndpointView>>,
 }
@@ -193,6 +196,7 @@ fn live_flows(attached: &Attached) -> BTreeMap<u32, u64> {
 fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
     let live = live_flows(attached);
     let mut frontends = BTreeMap::new();
+    let mut table_digests = BTreeMap::new();
     let mut endpoints: BTreeMap<String, BTreeMap<String, EndpointView>> = BTreeMap::new();
     for applied in attached
         .state
@@ -200,6 +204,7 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
         .iter()
         .filter(|s| s.namespace == model.namespace && s.name == model.name)
     {
+        table_digests.insert(applied.frontends_text(), applied.table_digest.clone());
         frontends.insert(
             applied.frontends_text(),
             Traffic::from(sum(attached.service_stats.as_ref(), applied.id)),
@@ -243,6 +248,7 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
         interface: attached.iface.clone(),
         service: model.clone(),
         frontends,
+        table_digests,
         endpoints: endpoints
             .into_iter()
             .map(|(port, views)| (port, views.into_values().collect()))
@@ -298,6 +304,9 @@ pub struct Live {
     /// Per frontend (the VIP:port/protocol of one data-plane service, several joined by `, `
     /// when they share it): packets, bytes, new flows.
     pub frontends: BTreeMap<String, Traffic>,
+    /// Per frontend (as `frontends`): the digest of its Maglev table, naming backends by
+    /// address and port, so equal on every node serving the same endpoints.
+    pub table_digests: BTreeMap<String, Option<String>>,
     /// Per service port name (or `port/protocol`): its endpoints' traffic.
     pub endpoints: BTreeMap<String, Vec<EndpointView>>,
     /// Its events, oldest first (`describe` only).
@@ -488,6 +497,7 @@ fn service_object(view: ServiceView, events: &[ServiceEvent]) -> ServiceObject {
             interface: view.interface,
             table_size: view.service.table_size,
             frontends: view.frontends,
+            table_digests: view.table_digests,
             endpoints: view.endpoints,
             events: events
                 .iter()

@@ -249,6 +249,7 @@ fn default_kinds() -> BTreeMap<&'static str, &'static str> {
         ("lb_service_bytes_total", counter),
         ("lb_service_new_flows_total", counter),
         ("lb_service_packets_total", counter),
+        ("lb_service_table_info", gauge),
     ])
 }
 
@@ -285,6 +286,20 @@ fn metrics_parse_as_the_text_format_with_the_promised_families_and_labels() {
             "{family}"
         );
     }
+    // The table's digest, one series per data-plane service with a table.
+    let tables = series(&families, "lb_service_table_info", "lb_service_table_info");
+    let [(table_labels, 1.0)] = &tables[..] else {
+        panic!("one table: {tables:?}")
+    };
+    let digest = table_labels
+        .iter()
+        .find(|(k, _)| k == "digest")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 23,
+        "{digest}"
+    );
     // Every reason and every event, once each.
     for (family, label, names) in [
         (
