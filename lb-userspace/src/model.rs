@@ -1956,6 +1956,182 @@ mod tests {
         assert!(read >= 2, "{read} files");
     }
 
+    /// `n` Services, each on its own VIP with one slice; `bad` (if any) has a port of 0.
+    fn services(n: usize, bad: Option<usize>) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let port = if Some(i) == bad { 0 } else { 8080 };
+                service("")
+                    .replace("name: web\n", &format!("name: web{i}\n"))
+                    .replace("198.18.100.1", &format!("198.18.100.{}", i + 1))
+                    .replace(
+                        "port: 8080\n    targetPort",
+                        &format!("port: {port}\n    targetPort"),
+                    )
+                    + &slice(&format!("- addresses: [198.18.1.{}]\n", i + 1))
+                        .replace("name: web-abc", &format!("name: web{i}-abc"))
+                        .replace("service-name: web\n", &format!("service-name: web{i}\n"))
+            })
+            .collect()
+    }
+
+    fn read(documents: &[String]) -> Manifests {
+        let mut manifests = Manifests::default();
+        let text = documents.join("---\n");
+        manifest::read_text(&PathBuf::from("test.yaml"), &text, &mut manifests).unwrap();
+        manifests
+    }
+
+    fn names(cluster: &Cluster) -> Vec<&str> {
+        cluster.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn one_bad_service_among_ten_is_refused_alone() {
+        let manifests = read(&services(10, Some(4)));
+        let outcome = build_each(&manifests, &Options::default(), &Cluster::default());
+        assert_eq!(outcome.cluster.services.len(), 9);
+        assert!(!names(&outcome.cluster).contains(&"web4"));
+        let [refused] = &outcome.refused[..] else {
+            panic!("one refusal: {:?}", outcome.refused)
+        };
+        assert_eq!(refused.reason, ConfigReason::InvalidValue);
+        assert_eq!(
+            (
+                refused.object.kind.as_str(),
+                refused.object.namespace.as_str(),
+                refused.object.name.as_str()
+            ),
+            ("Service", "default", "web4")
+        );
+        assert_eq!(refused.field, "spec.ports[0].port");
+        assert_eq!(
+            refused.to_string(),
+            "test.yaml: Service default/web4: spec.ports[0].port: 0 is not a port (1..=65535)"
+        );
+        // All or nothing, that one refuses everything.
+        assert_eq!(build(&manifests, &Options::default()), Err(refused.clone()));
+    }
+
+    #[test]
+    fn a_refused_service_keeps_its_previous_version() {
+        let previous = build(&read(&services(3, None)), &Options::default()).unwrap();
+        let outcome = build_each(&read(&services(3, Some(1))), &Options::default(), &previous);
+        assert_eq!(outcome.refused.len(), 1);
+        assert_eq!(outcome.cluster.services, previous.services);
+        // A near miss found while reading: the same.
+        let mut documents = services(3, None);
+        documents[1] = documents[1].replace("targetPort: 8080", "tragetPort: 9090");
+        let outcome = build_each(&read(&documents), &Options::default(), &previous);
+        assert_eq!(outcome.refused[0].reason, ConfigReason::UnknownField);
+        assert_eq!(outcome.cluster.services, previous.services);
+    }
+
+    #[test]
+    fn a_bad_slice_takes_only_its_own_endpoints_away() {
+        let yaml = service("")
+            + &slice("- addresses: [198.18.1.1]\n")
+            + &slice("- addresses: [198.18.1.x]\n").replace("name: web-abc", "name: web-def");
+        let manifests = read(&[yaml]);
+        let outcome = build_each(&manifests, &Options::default(), &Cluster::default());
+        assert_eq!(
+            states(&outcome.cluster),
+            [("198.18.1.1".into(), false, false)]
+        );
+        let [refused] = &outcome.refused[..] else {
+            panic!("one refusal: {:?}", outcome.refused)
+        };
+        assert_eq!(refused.object.to_string(), "EndpointSlice default/web-def");
+        assert_eq!(refused.object.service.as_deref(), Some("web"));
+        // Served before: its Service keeps that version, the bad slice's endpoints and all.
+        let mut previous = outcome.cluster.clone();
+        previous.services[0].ports[0].endpoints[0].weight = 7;
+        let outcome = build_each(&manifests, &Options::default(), &previous);
+        assert_eq!(outcome.cluster.services, previous.services);
+    }
+
+    #[test]
+    fn the_oldest_service_wins_a_conflict_whatever_the_order() {
+        let at = |name: &str, created: &str| {
+            service("").replace(
+                "name: web\n",
+                &format!("name: {name}\n  creationTimestamp: \"{created}\"\n"),
+            )
+        };
+        let old = at("zeta", "2024-01-01T00:00:00Z");
+        let young = at("alpha", "2024-06-01T00:00:00Z");
+        for documents in [[old.clone(), young.clone()], [young.clone(), old.clone()]] {
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(names(&outcome.cluster), ["zeta"]);
+            assert_eq!(outcome.refused.len(), 1);
+            assert_eq!(outcome.refused[0].reason, ConfigReason::Conflict);
+            assert_eq!(outcome.refused[0].object.name, "alpha");
+            assert!(
+                outcome.refused[0]
+                    .message
+                    .ends_with("already served by Service default/zeta"),
+                "{}",
+                outcome.refused[0]
+            );
+        }
+        // No timestamps: namespace and name decide.
+        let a = service("").replace("name: web\n", "name: a\n");
+        let b = service("").replace("name: web\n", "name: b\n");
+        for documents in [[a.clone(), b.clone()], [b, a]] {
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(names(&outcome.cluster), ["a"]);
+        }
+    }
+
+    #[test]
+    fn shuffled_input_builds_the_same_cluster() {
+        let mut documents = services(6, None);
+        // Duplicated endpoints across slices and a conflicting pair.
+        documents.push(
+            slice("- addresses: [198.18.1.1]\n  conditions: {ready: false}\n")
+                .replace("name: web-abc", "name: web0-dup")
+                .replace("service-name: web\n", "service-name: web0\n"),
+        );
+        documents.push(service("").replace("name: web\n", "name: clash\n"));
+        let expected = build_each(&read(&documents), &Options::default(), &Cluster::default());
+        assert_eq!(expected.refused.len(), 1, "{:?}", expected.refused);
+        // A fixed sequence of rotations and swaps: every order the same cluster.
+        for round in 0..documents.len() {
+            documents.rotate_left(3);
+            documents.swap(0, round);
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(outcome.cluster, expected.cluster, "round {round}");
+        }
+    }
+
+    #[test]
+    fn host_addresses_are_refused_by_the_projection_not_the_build() {
+        let manifests = read(&services(2, None));
+        let options = Options {
+            host_addresses: vec!["198.18.100.2".parse().unwrap()],
+            ..Options::default()
+        };
+        let shared = build_each(&manifests, &options, &Cluster::default());
+        assert!(shared.refused.is_empty());
+        assert_eq!(shared.cluster.services.len(), 2);
+        let projected = project(&shared.cluster, &options);
+        assert_eq!(names(&projected.cluster), ["web0"]);
+        let [refused] = &projected.refused[..] else {
+            panic!("one refusal: {:?}", projected.refused)
+        };
+        assert_eq!(refused.reason, ConfigReason::HostAddress);
+        assert_eq!(refused.field, "spec.clusterIP");
+    }
+
+    #[test]
+    fn an_endpoint_port_of_zero_is_no_port() {
+        let yaml = service("").replace("targetPort: 8080", "targetPort: http")
+            + &slice("- addresses: [198.18.1.1]\n")
+                .replace("port: 8080\n  protocol", "port: 0\n  protocol");
+        let cluster = parse(&yaml).unwrap();
+        assert!(cluster.services[0].ports[0].endpoints.is_empty());
+    }
+
     #[test]
     fn other_kinds_beside_services_are_skipped() {
         let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: tomcat-deployment}\nspec: {replicas: 4}\n---\n"
