@@ -106,6 +106,15 @@ pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// The 16-byte form of an address the data plane uses: IPv4 as an IPv4-mapped IPv6 address.
+#[must_use]
+pub const fn addr16(addr: core::net::IpAddr) -> [u8; 16] {
+    match addr {
+        core::net::IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 /// Whether a 16-byte address is an IPv4-mapped IPv4 address.
 #[must_use]
 pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {

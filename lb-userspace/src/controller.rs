@@ -18,7 +18,7 @@ use lb_common::{
     Backend, ServiceKey, ServiceValue,
     maps::{
         BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY,
-        SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST, ipv4_mapped,
+        SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -286,13 +286,8 @@ pub struct ApplyReport {
     pub flows_cleared: usize,
 }
 
-/// The 16-byte form of an address the data plane uses.
-pub fn addr16(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+/// The 16-byte form of an address the data plane uses (kept here for the views).
+pub use lb_common::maps::addr16;
 
 /// Every backend address of `services`, once per backend (the discovery skips repeats).
 fn backend_addresses(services: &[AppliedService]) -> Vec<IpAddr> {

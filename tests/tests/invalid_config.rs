@@ -170,11 +170,7 @@ fn invalid_manifests_arriving_live_never_disturb_what_is_serving() {
             invalid.path.display()
         );
     }
-    assert_eq!(
-        applied_part(),
-        applied,
-        "what served before never changed"
-    );
+    assert_eq!(applied_part(), applied, "what served before never changed");
     let answers = sandbox.http_batch(vip, 10).unwrap();
     assert!(
         answers

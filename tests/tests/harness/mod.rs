@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
     Backend, Event, Reason, ServiceKey, ServiceValue,
-    maps::{BACKEND_F_TERMINATING, BACKEND_F_VALID, ipv4_mapped},
+    maps::{BACKEND_F_TERMINATING, BACKEND_F_VALID},
 };
 use lb_tests::netns::Netns;
 use lb_userspace::{
@@ -31,12 +31,7 @@ pub const PORT: u16 = 8080;
 pub const TARGET_PORT: u16 = 9090;
 pub const TABLE_SIZE: u32 = 1021;
 
-pub fn addr16(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+pub use lb_common::maps::addr16;
 
 pub fn backend4(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, 1, i))
