@@ -754,7 +754,7 @@ fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: 
     };
     for e in &outcome.refused {
         tell_rejection(controller, e);
-        error!(error = %e, "configuration rejected for this object; its Service keeps its previous state, the others are applied");
+        error!(error = %e, "configuration rejected for this object; its Service keeps its previous state, the other objects go ahead");
     }
     let refused_some = !outcome.refused.is_empty();
     let cluster = outcome.cluster;
