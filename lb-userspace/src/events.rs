@@ -464,6 +464,13 @@ mod tests {
             named("default", "web-api")
         );
         assert_eq!(rejected("EndpointSlice other/web-x7k2p"), None);
+        // A slice naming its Service by label is told to that Service, whatever its name.
+        let mut labelled = error("EndpointSlice default/abc-x7k2p");
+        labelled.object.service = Some("web".into());
+        assert_eq!(
+            ServiceEvent::rejected(&labelled, services, at(0)).map(|e| (e.namespace, e.name)),
+            named("default", "web")
+        );
         assert_eq!(rejected("document 2"), None);
         assert_eq!(rejected("Service (document 1)"), None);
         let event = ServiceEvent::rejected(&error("Service default/web"), services, at(0)).unwrap();

@@ -39,7 +39,9 @@ const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer
 /// Services with no class are ours.
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "lb.xdp.rs/xdp";
 
-/// Options that are not in the manifests.
+/// Options that are not in the manifests. The build ([`build_each`]) reads only
+/// `load_balancer_class`, shared by every node; the others are this node's, read by its
+/// projection ([`project`], [`ServiceModel::frontends`]).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Node addresses on which `nodePort`s are served as VIPs too.
