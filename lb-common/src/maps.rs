@@ -106,7 +106,7 @@ pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// The 16-byte form of an address the data plane uses (IPv4-mapped for IPv4).
+/// The 16-byte form of an address the data plane uses: IPv4 as an IPv4-mapped IPv6 address.
 #[must_use]
 pub const fn addr16(addr: core::net::IpAddr) -> [u8; 16] {
     match addr {

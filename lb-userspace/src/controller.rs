@@ -291,6 +291,7 @@ pub struct ApplyReport {
     pub flows_cleared: usize,
 }
 
+/// The 16-byte form of an address the data plane uses (kept here for the views).
 pub use lb_common::maps::addr16;
 
 /// Every backend address of `services`, once per backend (the discovery skips repeats).

@@ -90,15 +90,21 @@ impl ServiceEvent {
         services: impl IntoIterator<Item = (&'a str, &'a str)>,
         now: Timestamp,
     ) -> Option<Self> {
-        let (kind, rest) = error.object.split_once(' ')?;
-        let (namespace, object) = rest.split_once('/')?;
-        let name = match kind {
-            "Service" | "Endpoints" => object.to_owned(),
-            "EndpointSlice" => services
+        let object = &error.object;
+        let (kind, namespace) = (object.kind.as_str(), object.namespace.as_str());
+        if object.name.is_empty() {
+            return None;
+        }
+        let name = match (kind, &object.service) {
+            ("Service" | "Endpoints", _) => object.name.clone(),
+            ("EndpointSlice", Some(service)) => service.clone(),
+            // A slice without its label: the Service whose name its own begins with.
+            ("EndpointSlice", None) => services
                 .into_iter()
                 .filter(|(ns, name)| {
                     *ns == namespace
                         && object
+                            .name
                             .strip_prefix(*name)
                             .is_some_and(|tail| tail.starts_with('-'))
                 })
@@ -289,6 +295,7 @@ pub fn human_age(then: Timestamp, now: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::{ConfigReason, ObjectRef};
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + second).unwrap()
@@ -430,7 +437,18 @@ mod tests {
     fn a_rejection_is_told_to_the_service_it_names() {
         let error = |object: &str| ConfigError {
             file: "cfg/web.yaml".into(),
-            object: object.into(),
+            object: Box::new(match object.split_once(' ') {
+                Some((kind, rest)) => match rest.split_once('/') {
+                    Some((namespace, name)) => ObjectRef::named(kind, namespace, name),
+                    None => ObjectRef {
+                        kind: kind.into(),
+                        place: rest.trim_matches(['(', ')']).into(),
+                        ..ObjectRef::default()
+                    },
+                },
+                None => ObjectRef::at(object),
+            }),
+            reason: ConfigReason::InvalidValue,
             field: "spec.ports[0].port".into(),
             message: "0 is not a port (1..=65535)".into(),
         };
@@ -446,6 +464,13 @@ mod tests {
             named("default", "web-api")
         );
         assert_eq!(rejected("EndpointSlice other/web-x7k2p"), None);
+        // A slice naming its Service by label is told to that Service, whatever its name.
+        let mut labelled = error("EndpointSlice default/abc-x7k2p");
+        labelled.object.service = Some("web".into());
+        assert_eq!(
+            ServiceEvent::rejected(&labelled, services, at(0)).map(|e| (e.namespace, e.name)),
+            named("default", "web")
+        );
         assert_eq!(rejected("document 2"), None);
         assert_eq!(rejected("Service (document 1)"), None);
         let event = ServiceEvent::rejected(&error("Service default/web"), services, at(0)).unwrap();

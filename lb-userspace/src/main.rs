@@ -734,38 +734,63 @@ fn with_host_addresses(options: &Options) -> Options {
     options
 }
 
+/// Reads the configuration again, object by object: a refused object is logged and told to its
+/// Service, whose previous version keeps serving; the other objects are applied. A reload with
+/// a refused object counts as failed (`lb_config_last_reload_successful` 0) even though the
+/// rest was applied.
 fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: &mut Reloads) {
-    let cluster = match model::load(path, &with_host_addresses(options)) {
-        Ok(cluster) => cluster,
+    let outcome = match model::load_each(
+        path,
+        &with_host_addresses(options),
+        &controller.state().cluster,
+    ) {
+        Ok(outcome) => outcome,
         Err(e) => {
             reloads.rejected();
-            // Told to the Service the error names, as a `Warning` event `describe` shows (saved
-            // before the log line, which whoever waits for the rejection waits for).
-            let services = controller
-                .state()
-                .cluster
-                .services
-                .iter()
-                .map(|s| (s.namespace.as_str(), s.name.as_str()));
-            if let Some(event) = ServiceEvent::rejected(&e, services, now_timestamp())
-                && let Err(e) = controller.record_event(event)
-            {
-                warn!(error = %e, "saving the rejection's event");
-            }
+            tell_rejection(controller, &e);
             error!(error = %e, "configuration rejected; the previous state keeps serving");
             return;
         }
     };
+    for e in &outcome.refused {
+        tell_rejection(controller, e);
+        error!(error = %e, "configuration rejected for this object; its Service keeps its previous state, the other objects go ahead");
+    }
+    let refused_some = !outcome.refused.is_empty();
+    let cluster = outcome.cluster;
     if cluster == controller.state().cluster {
-        reloads.unchanged();
+        if refused_some {
+            reloads.rejected();
+        } else {
+            reloads.unchanged();
+        }
         return;
     }
     log_warnings(&cluster);
     let started = std::time::Instant::now();
     let applied = controller.apply(&cluster);
     reloads.applied(started.elapsed(), applied.is_ok());
+    if refused_some {
+        reloads.rejected();
+    }
     if let Err(e) = applied {
         error!(error = %e, "applying the configuration failed");
+    }
+}
+
+/// Tells a rejection to the Service it concerns, as a `Warning` event `describe` shows (saved
+/// before the log line, which whoever waits for the rejection waits for).
+fn tell_rejection(controller: &mut Controller, e: &lb_userspace::manifest::ConfigError) {
+    let services = controller
+        .state()
+        .cluster
+        .services
+        .iter()
+        .map(|s| (s.namespace.as_str(), s.name.as_str()));
+    if let Some(event) = ServiceEvent::rejected(e, services, now_timestamp())
+        && let Err(e) = controller.record_event(event)
+    {
+        warn!(error = %e, "saving the rejection's event");
     }
 }
 

@@ -29,16 +29,117 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
+/// Why a manifest (or an object of it) cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConfigReason {
+    /// The file could not be read.
+    Unreadable,
+    /// The file is empty: taken as being written.
+    Empty,
+    /// A document is not YAML (or JSON).
+    NotYaml,
+    /// A document is not a Kubernetes object (a mapping with `apiVersion` and `kind`).
+    NotAnObject,
+    /// A required field is missing (`apiVersion`, `kind`, `metadata.name`).
+    MissingField,
+    /// One of our kinds in an API version this load balancer does not read.
+    UnknownKind,
+    /// A near miss of a known field (a typo).
+    UnknownField,
+    /// A field's value is wrong (not a port, not an IP address, not a prime ...).
+    InvalidValue,
+    /// A VIP:port/protocol another Service has (the older one keeps it).
+    Conflict,
+    /// A VIP that is an address of this host (refused unless `--allow-host-addresses`).
+    HostAddress,
+}
+
+impl ConfigReason {
+    /// Whether the whole configuration is refused, not one object: the file cannot be read,
+    /// is being written, or holds a document whose kind and name cannot be told (whose
+    /// Service, then, cannot be kept as it was).
+    pub fn refuses_everything(self) -> bool {
+        matches!(
+            self,
+            Self::Unreadable | Self::Empty | Self::NotYaml | Self::NotAnObject
+        )
+    }
+}
+
+/// The object a [`ConfigError`] is about, as precisely as the reader could tell it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ObjectRef {
+    /// `Service`, `Endpoints`, `EndpointSlice`, another kind, or empty when not known.
+    pub kind: String,
+    /// The namespace (`default` when the object gives none).
+    pub namespace: String,
+    /// The name; empty when the object has none.
+    pub name: String,
+    /// Where in its file it is, for an object without a name: `document 2`, `document 1,
+    /// item 3`.
+    pub place: String,
+    /// The Service it serves: a Service's or an Endpoints' own name, an EndpointSlice's
+    /// `kubernetes.io/service-name` label; `None` when not known.
+    pub service: Option<String>,
+}
+
+impl ObjectRef {
+    /// A named object of `kind`.
+    pub fn named(kind: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            service: matches!(kind, "Service" | "Endpoints").then(|| name.into()),
+            ..Self::default()
+        }
+    }
+
+    /// An object known only by its place in its file.
+    pub fn at(place: &str) -> Self {
+        Self {
+            place: place.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    /// `Kind namespace/name`; `Kind (document N)` or `document N` when it has no name; `-` when
+    /// no object is concerned.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind.as_str(), self.name.as_str(), self.place.as_str()) {
+            (kind, name, _) if !name.is_empty() => {
+                write!(f, "{kind} {}/{name}", self.namespace)
+            }
+            ("", _, "") => f.write_str("-"),
+            ("", _, place) => f.write_str(place),
+            (kind, _, "") => f.write_str(kind),
+            (kind, _, place) => write!(f, "{kind} ({place})"),
+        }
+    }
+}
+
+/// The namespace of an object that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// An object's namespace, [`DEFAULT_NAMESPACE`] when it names none.
+pub fn namespace_of(namespace: Option<&str>) -> &str {
+    namespace.unwrap_or(DEFAULT_NAMESPACE)
+}
+
 /// A manifest that cannot be used, located as precisely as the reader could.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {object}: {field}: {message}")]
 pub struct ConfigError {
     /// The file.
     pub file: String,
-    /// The object: `Kind namespace/name`, or `document N` when it has no name.
-    pub object: String,
+    /// The object.
+    pub object: Box<ObjectRef>,
     /// The field path, `-` when the whole object is concerned.
     pub field: String,
+    /// Why, as a type.
+    pub reason: ConfigReason,
     /// What is wrong.
     pub message: String,
 }
@@ -64,6 +165,9 @@ pub struct Manifests {
     /// What was read past, one line each naming file, object and field: unknown fields that
     /// are no near miss, kinds that are not ours, slices of an address type not served.
     pub warnings: Vec<String>,
+    /// Objects of our kinds refused as they were read (a near miss of a field, a value of the
+    /// wrong type, an API version not read): left out, the others read on.
+    pub refused: Vec<ConfigError>,
 }
 
 /// Kinds that may sit beside services in a folder and are not ours to read: skipped without a
@@ -119,8 +223,9 @@ pub fn load(path: &Path) -> Result<Manifests, ConfigError> {
 fn io_error(path: &Path, error: &std::io::Error) -> ConfigError {
     ConfigError {
         file: path.display().to_string(),
-        object: "-".into(),
+        object: Box::new(ObjectRef::default()),
         field: "-".into(),
+        reason: ConfigReason::Unreadable,
         message: error.to_string(),
     }
 }
@@ -135,8 +240,9 @@ pub fn read_text(file: &Path, text: &str, manifests: &mut Manifests) -> Result<(
     if text.trim().is_empty() {
         return Err(ConfigError {
             file: file.display().to_string(),
-            object: "-".into(),
+            object: Box::new(ObjectRef::default()),
             field: "-".into(),
+            reason: ConfigReason::Empty,
             message:
                 "empty: taken as being written (a file's services are removed by removing the file)"
                     .into(),
@@ -146,8 +252,9 @@ pub fn read_text(file: &Path, text: &str, manifests: &mut Manifests) -> Result<(
         let object = format!("document {}", index + 1);
         let value = Value::deserialize(document).map_err(|e| ConfigError {
             file: file.display().to_string(),
-            object: object.clone(),
+            object: Box::new(ObjectRef::at(&object)),
             field: "-".into(),
+            reason: ConfigReason::NotYaml,
             message: format!("not valid YAML: {e}"),
         })?;
         if value.is_null() {
@@ -158,23 +265,43 @@ pub fn read_text(file: &Path, text: &str, manifests: &mut Manifests) -> Result<(
     Ok(())
 }
 
-/// `Kind namespace/name` of a raw object, for messages.
-fn describe(value: &Value, fallback: &str) -> String {
+/// The identity of a raw object, for messages and for telling which Service it serves.
+fn describe(value: &Value, fallback: &str) -> ObjectRef {
     let kind = value
         .get("kind")
         .and_then(Value::as_str)
         .unwrap_or("object");
     let metadata = value.get("metadata");
-    let name = metadata.and_then(|m| m.get("name")).and_then(Value::as_str);
-    let namespace = metadata
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    match name {
-        Some(name) => format!("{kind} {namespace}/{name}"),
-        None => format!("{kind} ({fallback})"),
+    let text = |key: &str| {
+        metadata
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let namespace = namespace_of(text("namespace").as_deref()).to_owned();
+    match text("name") {
+        Some(name) => {
+            let mut object = ObjectRef::named(kind, &namespace, &name);
+            if kind == "EndpointSlice" {
+                object.service = metadata
+                    .and_then(|m| m.get("labels"))
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+            }
+            object
+        }
+        None => ObjectRef {
+            kind: kind.into(),
+            namespace,
+            place: fallback.into(),
+            ..ObjectRef::default()
+        },
     }
 }
+
+/// The EndpointSlice label naming the Service it belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 fn read_object(
     file: &Path,
@@ -183,27 +310,32 @@ fn read_object(
     manifests: &mut Manifests,
 ) -> Result<(), ConfigError> {
     let object = describe(&value, fallback);
-    let error = |field: &str, message: String| ConfigError {
+    let error = |field: &str, reason: ConfigReason, message: String| ConfigError {
         file: file.display().to_string(),
-        object: object.clone(),
+        object: Box::new(object.clone()),
         field: field.into(),
+        reason,
         message,
     };
+    // Without a mapping, an apiVersion and a kind the object cannot be told, nor whose
+    // Service it serves: the whole configuration is refused (see `ConfigReason`).
     if !value.is_mapping() {
         return Err(error(
             "-",
+            ConfigReason::NotAnObject,
             "expected a Kubernetes object (a mapping)".into(),
         ));
     }
+    let missing = |field: &str| error(field, ConfigReason::NotAnObject, "missing".into());
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
-        .ok_or_else(|| error("apiVersion", "missing".into()))?
+        .ok_or_else(|| missing("apiVersion"))?
         .to_owned();
     let kind = value
         .get("kind")
         .and_then(Value::as_str)
-        .ok_or_else(|| error("kind", "missing".into()))?
+        .ok_or_else(|| missing("kind"))?
         .to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
@@ -225,27 +357,38 @@ fn read_object(
         ("v1", "Service") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<Service>);
-            let service = parse(value, known, file, &object, &mut manifests.warnings)?;
-            manifests.services.push(Located {
-                file: file.to_path_buf(),
-                object: service,
-            });
+            match parse(value, known, file, &object, &mut manifests.warnings) {
+                Ok(service) => manifests.services.push(Located {
+                    file: file.to_path_buf(),
+                    object: service,
+                }),
+                Err(refused) => manifests.refused.push(refused),
+            }
             Ok(())
         }
         ("v1", "Endpoints") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<Endpoints>);
-            let endpoints = parse(value, known, file, &object, &mut manifests.warnings)?;
-            manifests.endpoints.push(Located {
-                file: file.to_path_buf(),
-                object: endpoints,
-            });
+            match parse(value, known, file, &object, &mut manifests.warnings) {
+                Ok(endpoints) => manifests.endpoints.push(Located {
+                    file: file.to_path_buf(),
+                    object: endpoints,
+                }),
+                Err(refused) => manifests.refused.push(refused),
+            }
             Ok(())
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<EndpointSlice>);
-            let slice: EndpointSlice = parse(value, known, file, &object, &mut manifests.warnings)?;
+            let slice: EndpointSlice =
+                match parse(value, known, file, &object, &mut manifests.warnings) {
+                    Ok(slice) => slice,
+                    Err(refused) => {
+                        manifests.refused.push(refused);
+                        return Ok(());
+                    }
+                };
             // kube-proxy reads IPv4 and IPv6 slices only; FQDN ones (and any type a newer
             // release adds) name no address to forward to.
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -264,13 +407,17 @@ fn read_object(
         }
         // Our kinds in a version we cannot read: served half-understood or not at all, either
         // would be a surprise.
-        (api_version, kind @ ("Service" | "Endpoints" | "EndpointSlice" | "List")) => Err(error(
-            "kind",
-            format!(
-                "unknown kind {kind} ({api_version}); expected v1 Service, v1 Endpoints, \
-                 discovery.k8s.io/v1 EndpointSlice or v1 List"
-            ),
-        )),
+        (api_version, kind @ ("Service" | "Endpoints" | "EndpointSlice" | "List")) => {
+            manifests.refused.push(error(
+                "kind",
+                ConfigReason::UnknownKind,
+                format!(
+                    "unknown kind {kind} ({api_version}); expected v1 Service, v1 Endpoints, \
+                     discovery.k8s.io/v1 EndpointSlice or v1 List"
+                ),
+            ));
+            Ok(())
+        }
         (_, kind) if SKIPPED_KINDS.contains(&kind) => {
             tracing::debug!(file = %file.display(), %object, "skipping a kind that is not ours");
             Ok(())
@@ -291,13 +438,14 @@ fn parse<T: serde::de::DeserializeOwned>(
     value: Value,
     known: &fields::Table,
     file: &Path,
-    object: &str,
+    object: &ObjectRef,
     warnings: &mut Vec<String>,
 ) -> Result<T, ConfigError> {
-    let error = |field: &str, message: String| ConfigError {
+    let error = |field: &str, reason: ConfigReason, message: String| ConfigError {
         file: file.display().to_string(),
-        object: object.to_owned(),
+        object: Box::new(object.clone()),
         field: field.into(),
+        reason,
         message,
     };
     let mut ignored = Vec::new();
@@ -310,6 +458,7 @@ fn parse<T: serde::de::DeserializeOwned>(
         if let Some(meant) = field.near_miss(known) {
             return Err(error(
                 &field.written,
+                ConfigReason::UnknownField,
                 format!("unknown field; did you mean {meant}?"),
             ));
         }
@@ -317,7 +466,13 @@ fn parse<T: serde::de::DeserializeOwned>(
     let typed = typed.map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "-".to_owned() } else { path };
-        error(&field, e.into_inner().to_string())
+        let message = e.into_inner().to_string();
+        let reason = if message.starts_with("missing field") {
+            ConfigReason::MissingField
+        } else {
+            ConfigReason::InvalidValue
+        };
+        error(&field, reason, message)
     })?;
     warnings.extend(ignored.iter().map(|field| {
         format!(

@@ -5,7 +5,7 @@
 //! flows.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::Path,
 };
@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     maglev::is_prime,
-    manifest::{ConfigError, Located, Manifests},
+    manifest::{
+        ConfigError, ConfigReason, Located, Manifests, ObjectRef, SERVICE_NAME_LABEL, namespace_of,
+    },
 };
 
 /// Service annotation: per-endpoint Maglev weights, `"IP=WEIGHT,IP=WEIGHT"` (default 1; 0
@@ -27,8 +29,6 @@ use crate::{
 pub const ANNOTATION_WEIGHTS: &str = "lb.xdp.rs/endpoint-weights";
 /// Service annotation: the Maglev table size (a prime up to 131071; default 16381).
 pub const ANNOTATION_TABLE_SIZE: &str = "lb.xdp.rs/maglev-table-size";
-/// EndpointSlice label naming the service it belongs to.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Kubernetes' default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 /// The legacy annotation kube-proxy reads source ranges from when `spec.loadBalancerSourceRanges`
@@ -39,7 +39,9 @@ const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer
 /// Services with no class are ours.
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "lb.xdp.rs/xdp";
 
-/// Options that are not in the manifests.
+/// Options that are not in the manifests. The build ([`build_each`]) reads only
+/// `load_balancer_class`, shared by every node; the others are this node's, read by its
+/// projection ([`project`], [`ServiceModel::frontends`]).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Node addresses on which `nodePort`s are served as VIPs too.
@@ -125,14 +127,27 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
-/// An address of a service and the field it comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// An address of a service and the field it comes from. Two are equal when they serve the
+/// same (address and kind): the field is where it was read, not what is served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceAddress {
     /// The address.
     pub addr: IpAddr,
     /// Which kind of frontend it makes.
     pub kind: FrontendKind,
+    /// The field it was read from (`spec.clusterIP`, `spec.externalIPs[1]`), for refusals
+    /// made after the build (a host address, on this node).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub field: String,
 }
+
+impl PartialEq for ServiceAddress {
+    fn eq(&self, other: &Self) -> bool {
+        (self.addr, self.kind) == (other.addr, other.kind)
+    }
+}
+
+impl Eq for ServiceAddress {}
 
 /// A client range of `loadBalancerSourceRanges`, its host bits cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -213,6 +228,16 @@ impl Protocol {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
+        }
+    }
+
+    /// A protocol as a manifest writes it (`TCP` when it writes none); `Err` with the text of
+    /// one not served (`SCTP`, or `tcp`: the API is case-sensitive).
+    pub fn parse(text: Option<&str>) -> Result<Self, &str> {
+        match text.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            other => Err(other),
         }
     }
 
@@ -390,50 +415,213 @@ struct RawEndpoint {
     terminating: bool,
     pod: Option<String>,
     node_name: Option<String>,
-    /// (name, port, protocol) of the endpoint's ports.
-    ports: Vec<(String, u16, String)>,
+    /// The endpoint's ports.
+    ports: Vec<EndpointPort>,
 }
 
-/// Reads manifests at `path` into the desired state.
+/// What a build made of the objects: the desired state, and the objects refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The desired state: every Service not refused (warnings included).
+    pub cluster: Cluster,
+    /// The objects refused, each with its reason, identity, field and message.
+    pub refused: Vec<ConfigError>,
+}
+
+impl Outcome {
+    /// The desired state, or the first refusal: the all-or-nothing mode of start-up.
+    pub fn strict(self) -> Result<Cluster, ConfigError> {
+        match self.refused.into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(self.cluster),
+        }
+    }
+}
+
+/// Reads manifests at `path` into the desired state this node serves, all or nothing: the
+/// first object refused refuses the whole configuration (start-up).
 pub fn load(path: &Path, options: &Options) -> Result<Cluster, ConfigError> {
     build(&crate::manifest::load(path)?, options)
 }
 
-/// Builds and validates the desired state.
+/// Reads manifests at `path` object by object (reloads): a refused object leaves the others
+/// served, and its Service as `previous` had it (see [`build_each`]). `Err` only when the
+/// whole configuration is refused: a file that cannot be read, is empty (being written) or
+/// holds a document that is not a Kubernetes object.
+pub fn load_each(
+    path: &Path,
+    options: &Options,
+    previous: &Cluster,
+) -> Result<Outcome, ConfigError> {
+    let built = build_each(&crate::manifest::load(path)?, options, previous);
+    let mut projected = project(&built.cluster, options);
+    projected.refused.splice(0..0, built.refused);
+    Ok(projected)
+}
+
+/// Builds and validates the desired state this node serves, all or nothing: the build, then
+/// this node's projection of it ([`project`]); the first refusal is the error.
 pub fn build(manifests: &Manifests, options: &Options) -> Result<Cluster, ConfigError> {
-    let mut cluster = Cluster::default();
-    cluster.warnings.extend(manifests.warnings.iter().cloned());
+    let cluster = build_each(manifests, options, &Cluster::default()).strict()?;
+    project(&cluster, options).strict()
+}
+
+/// The order in which Services claim an address: the oldest `creationTimestamp` first (one
+/// without comes after every one with), then namespace and name, as Kubernetes decides
+/// between two claims of one thing. It depends on the objects only, never on their order in
+/// the input.
+fn seniority(service: &ServiceModel) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
+    let created = service.created.as_deref().and_then(|t| t.parse().ok());
+    (
+        created.is_none(),
+        created,
+        &service.namespace,
+        &service.name,
+    )
+}
+
+fn conflict(service: &ServiceModel, key: VipKey, winner: &str) -> ConfigError {
+    ConfigError {
+        file: service.file.clone(),
+        object: Box::new(ObjectRef::named(
+            "Service",
+            &service.namespace,
+            &service.name,
+        )),
+        field: "spec.ports".into(),
+        reason: ConfigReason::Conflict,
+        message: format!("{key} is already served by {winner}"),
+    }
+}
+
+/// Builds the desired state object by object: a pure function of the objects (and of the
+/// load balancer class served), the same on every node; node-local refusals are
+/// [`project`]'s.
+///
+/// - A refused Service is left out.
+/// - A refused EndpointSlice or Endpoints contributes nothing; its Service is built from its
+///   other slices.
+/// - A Service one of whose objects is refused and that `previous` serves keeps `previous`'s
+///   version (kube-proxy keeps serving the last version of an object it could read), unless
+///   it loses an address conflict.
+/// - Two Services on one VIP:port/protocol: the older (see [`seniority`]) is served, the other
+///   refused, whatever the input order.
+pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) -> Outcome {
+    let mut warnings = manifests.warnings.clone();
+    let mut refused = manifests.refused.clone();
+    let mut candidates = Vec::new();
+    for located in &manifests.services {
+        match service_model(located, manifests, options, &mut warnings, &mut refused) {
+            Ok(Some(service)) => candidates.push(service),
+            Ok(None) => {}
+            Err(error) => refused.push(error),
+        }
+    }
+    // Services with a refused object keep their previous version, when there is one.
+    let touched: HashSet<(&str, &str)> = refused
+        .iter()
+        .filter_map(|e| Some((e.object.namespace.as_str(), e.object.service.as_deref()?)))
+        .collect();
+    let kept = |s: &&ServiceModel| touched.contains(&(s.namespace.as_str(), s.name.as_str()));
+    let carried: Vec<&ServiceModel> = previous.services.iter().filter(kept).collect();
+    candidates.retain(|s| {
+        !carried
+            .iter()
+            .any(|c| (&c.namespace, &c.name) == (&s.namespace, &s.name))
+    });
+    candidates.extend(carried.into_iter().cloned());
+    // Two services on one VIP:port conflict whether or not this node serves the address; node
+    // addresses are this node's, left to `project`.
+    let every_address = Options {
+        serve_cluster_ips: true,
+        node_ips: Vec::new(),
+        ..options.clone()
+    };
+    let services = resolve_conflicts(candidates, &every_address, &mut refused);
+    Outcome {
+        cluster: Cluster { services, warnings },
+        refused,
+    }
+}
+
+/// The services that keep their addresses: by [`seniority`], each claims every frontend it
+/// has at `addresses`; one finding a frontend claimed already (by another, or by itself
+/// twice) is refused. In namespace and name order.
+fn resolve_conflicts(
+    mut candidates: Vec<ServiceModel>,
+    addresses: &Options,
+    refused: &mut Vec<ConfigError>,
+) -> Vec<ServiceModel> {
+    candidates.sort_by(|a, b| seniority(a).cmp(&seniority(b)));
     let mut claimed: HashMap<VipKey, String> = HashMap::new();
-    // Two services on one VIP:port conflict whether or not this node serves the address.
+    let mut services = Vec::new();
+    for service in candidates {
+        let label = format!("Service {}/{}", service.namespace, service.name);
+        let mut mine: HashMap<VipKey, String> = HashMap::new();
+        let taken = service
+            .ports
+            .iter()
+            .flat_map(|port| service.frontends(port, addresses))
+            .find_map(|f| {
+                let winner = claimed.get(&f.key).or_else(|| mine.get(&f.key)).cloned();
+                mine.insert(f.key, label.clone());
+                winner.map(|w| (f.key, w))
+            });
+        match taken {
+            Some((key, winner)) => refused.push(conflict(&service, key, &winner)),
+            None => {
+                claimed.extend(mine);
+                services.push(service);
+            }
+        }
+    }
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    services
+}
+
+/// This node's projection of the shared desired state: the node-local refusals. A VIP that is
+/// an address of this host is refused (unless `allow_host_addresses`), and so is a node port
+/// whose frontend on a node address another Service's address already has (the older Service
+/// keeps it). A refused Service is left out.
+pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
+    let mut refused = Vec::new();
+    let mut candidates = Vec::new();
+    for service in &cluster.services {
+        let host_address = service
+            .addresses
+            .iter()
+            .find(|a| !options.allow_host_addresses && options.host_addresses.contains(&a.addr));
+        match host_address {
+            None => candidates.push(service.clone()),
+            Some(address) => refused.push(ConfigError {
+                file: service.file.clone(),
+                object: Box::new(ObjectRef::named(
+                    "Service",
+                    &service.namespace,
+                    &service.name,
+                )),
+                field: address.field.clone(),
+                reason: ConfigReason::HostAddress,
+                message: format!(
+                    "{} is an address of this host: serving it would capture the host's own \
+                     traffic (allow it with --allow-host-addresses)",
+                    address.addr
+                ),
+            }),
+        }
+    }
     let every_address = Options {
         serve_cluster_ips: true,
         ..options.clone()
     };
-    for located in &manifests.services {
-        let Some(service) = service_model(located, manifests, options, &mut cluster.warnings)?
-        else {
-            continue;
-        };
-        let label = format!("Service {}/{}", service.namespace, service.name);
-        for port in &service.ports {
-            for frontend in service.frontends(port, &every_address) {
-                let key = frontend.key;
-                if let Some(other) = claimed.insert(key, label.clone()) {
-                    return Err(ConfigError {
-                        file: service.file.clone(),
-                        object: label,
-                        field: "spec.ports".into(),
-                        message: format!("{key} is already served by {other}"),
-                    });
-                }
-            }
-        }
-        cluster.services.push(service);
+    let services = resolve_conflicts(candidates, &every_address, &mut refused);
+    Outcome {
+        cluster: Cluster {
+            services,
+            warnings: cluster.warnings.clone(),
+        },
+        refused,
     }
-    cluster
-        .services
-        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    Ok(cluster)
 }
 
 fn service_model(
@@ -441,27 +629,31 @@ fn service_model(
     manifests: &Manifests,
     options: &Options,
     warnings: &mut Vec<String>,
+    refused: &mut Vec<ConfigError>,
 ) -> Result<Option<ServiceModel>, ConfigError> {
     let service = &located.object;
     let file = located.file.display().to_string();
-    let namespace = service
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = namespace_of(service.metadata.namespace.as_deref()).to_owned();
     let Some(name) = service.metadata.name.clone() else {
         return Err(ConfigError {
             file,
-            object: "Service".into(),
+            object: Box::new(ObjectRef {
+                kind: "Service".into(),
+                namespace,
+                ..ObjectRef::default()
+            }),
             field: "metadata.name".into(),
+            reason: ConfigReason::MissingField,
             message: "missing".into(),
         });
     };
-    let object = format!("Service {namespace}/{name}");
+    let object = ObjectRef::named("Service", &namespace, &name);
+    // Every refusal made here is of a value.
     let error = |field: &str, message: String| ConfigError {
         file: file.clone(),
-        object: object.clone(),
+        object: Box::new(object.clone()),
         field: field.into(),
+        reason: ConfigReason::InvalidValue,
         message,
     };
     let spec = service.spec.clone().unwrap_or_default();
@@ -489,19 +681,14 @@ fn service_model(
             let ip: IpAddr = text
                 .parse()
                 .map_err(|_| error(field, format!("{text:?} is not an IP address")))?;
-            if !options.allow_host_addresses && options.host_addresses.contains(&ip) {
-                return Err(error(
-                    field,
-                    format!(
-                        "{ip} is an address of this host: serving it would capture the host's own \
-                     traffic (allow it with --allow-host-addresses)"
-                    ),
-                ));
-            }
             // An address listed twice (a load balancer IP also in externalIPs) keeps its first
             // field: the most external one, so the stricter filters apply.
             if !addresses.iter().any(|a| a.addr == ip) {
-                addresses.push(ServiceAddress { addr: ip, kind });
+                addresses.push(ServiceAddress {
+                    addr: ip,
+                    kind,
+                    field: field.into(),
+                });
             }
             Ok(())
         };
@@ -592,14 +779,13 @@ fn service_model(
         }
     };
 
-    let raw = raw_endpoints(&namespace, &name, manifests)?;
+    let raw = raw_endpoints(&namespace, &name, manifests, refused);
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            other => {
+        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(other) => {
                 warnings.push(format!(
                     "{file}: {object}: {field}.protocol: {other} is not supported; this port is \
                      not served, the service's other ports are"
@@ -718,10 +904,12 @@ fn port_number(
     field: &str,
     error: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<u16, ConfigError> {
-    u16::try_from(value)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| error(field, format!("{value} is not a port (1..=65535)")))
+    valid_port(value).ok_or_else(|| error(field, format!("{value} is not a port (1..=65535)")))
+}
+
+/// A port number (1..=65535) of any port field: service, node, target or endpoint port.
+fn valid_port(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|p| *p != 0)
 }
 
 fn parse_weights(
@@ -759,17 +947,26 @@ fn foreign_class<'a>(class: Option<&'a str>, options: &Options) -> Option<&'a st
 /// are left out (the manifest reader warned of them), and of each slice endpoint only its
 /// first address is used, as kube-proxy does (the API makes an endpoint's addresses
 /// fungible).
+///
+/// A slice (or an Endpoints object) listing an address that is not one is refused into
+/// `refused` and contributes nothing; the service keeps what its other slices list.
 fn raw_endpoints(
     namespace: &str,
     name: &str,
     manifests: &Manifests,
-) -> Result<Vec<RawEndpoint>, ConfigError> {
+    refused: &mut Vec<ConfigError>,
+) -> Vec<RawEndpoint> {
     // A bad address is the fault of the object that lists it, in its own file.
-    let bad_address = |file: &Path, object: String, field: String, text: &str| ConfigError {
-        file: file.display().to_string(),
-        object,
-        field,
-        message: format!("{text:?} is not an IP address"),
+    let bad_address = |file: &Path, kind: &str, object: &str, field: String, text: &str| {
+        let mut object = ObjectRef::named(kind, namespace, object);
+        object.service = Some(name.to_owned());
+        ConfigError {
+            file: file.display().to_string(),
+            object: Box::new(object),
+            field,
+            reason: ConfigReason::InvalidValue,
+            message: format!("{text:?} is not an IP address"),
+        }
     };
     let mut raw = Vec::new();
     let slices: Vec<_> = manifests
@@ -777,7 +974,7 @@ fn raw_endpoints(
         .iter()
         .filter(|s| {
             matches!(s.object.address_type.as_str(), "IPv4" | "IPv6")
-                && s.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && namespace_of(s.object.metadata.namespace.as_deref()) == namespace
                 && s.object
                     .metadata
                     .labels
@@ -787,8 +984,8 @@ fn raw_endpoints(
         })
         .collect();
     if !slices.is_empty() {
-        for slice in slices {
-            let ports: Vec<(String, u16, String)> = slice
+        'slices: for slice in slices {
+            let ports: Vec<EndpointPort> = slice
                 .object
                 .ports
                 .iter()
@@ -796,19 +993,22 @@ fn raw_endpoints(
                 .filter_map(|p| endpoint_port(p.name.as_ref(), p.port?, p.protocol.as_ref()))
                 .collect();
             let slice_name = slice.object.metadata.name.as_deref().unwrap_or_default();
+            let mut listed = Vec::new();
             for (e, endpoint) in slice.object.endpoints.iter().flatten().enumerate() {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
                 let ready = conditions.ready.unwrap_or(true);
                 if let Some(text) = endpoint.addresses.first() {
-                    let addr = text.parse().map_err(|_| {
-                        bad_address(
+                    let Ok(addr) = text.parse() else {
+                        refused.push(bad_address(
                             &slice.file,
-                            format!("EndpointSlice {namespace}/{slice_name}"),
+                            "EndpointSlice",
+                            slice_name,
                             format!("endpoints[{e}].addresses[0]"),
                             text,
-                        )
-                    })?;
-                    raw.push(RawEndpoint {
+                        ));
+                        continue 'slices;
+                    };
+                    listed.push(RawEndpoint {
                         addr,
                         ready,
                         serving: conditions.serving.unwrap_or(ready),
@@ -819,17 +1019,18 @@ fn raw_endpoints(
                     });
                 }
             }
+            raw.extend(listed);
         }
-        return Ok(raw);
+        return raw;
     }
     let Some(endpoints) = manifests.endpoints.iter().find(|e| {
-        e.object.metadata.namespace.as_deref().unwrap_or("default") == namespace
+        namespace_of(e.object.metadata.namespace.as_deref()) == namespace
             && e.object.metadata.name.as_deref() == Some(name)
     }) else {
-        return Ok(raw);
+        return raw;
     };
     for (s, subset) in endpoints.object.subsets.iter().flatten().enumerate() {
-        let ports: Vec<(String, u16, String)> = subset
+        let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
             .flatten()
@@ -844,14 +1045,16 @@ fn raw_endpoints(
             ),
         ] {
             for (a, address) in addresses.enumerate() {
-                let addr = address.ip.parse().map_err(|_| {
-                    bad_address(
+                let Ok(addr) = address.ip.parse() else {
+                    refused.push(bad_address(
                         &endpoints.file,
-                        format!("Endpoints {namespace}/{name}"),
+                        "Endpoints",
+                        name,
                         format!("subsets[{s}].{list}[{a}].ip"),
                         &address.ip,
-                    )
-                })?;
+                    ));
+                    return Vec::new();
+                };
                 raw.push(RawEndpoint {
                     addr,
                     ready,
@@ -864,22 +1067,26 @@ fn raw_endpoints(
             }
         }
     }
-    Ok(raw)
+    raw
 }
 
 /// An endpoint port as (name, number, protocol), the same whether from an EndpointSlice or an
-/// Endpoints object; `None` when the number is not a port.
+/// Endpoints object; `None` when the number is not a port (0 included). The protocol is `None`
+/// when it is one not served: such a port is found only by name.
 fn endpoint_port(
     name: Option<&String>,
-    port: i32,
+    number: i32,
     protocol: Option<&String>,
-) -> Option<(String, u16, String)> {
+) -> Option<EndpointPort> {
     Some((
         name.cloned().unwrap_or_default(),
-        u16::try_from(port).ok()?,
-        protocol.cloned().unwrap_or_else(|| "TCP".into()),
+        valid_port(number)?,
+        Protocol::parse(protocol.map(String::as_str)).ok(),
     ))
 }
+
+/// (name, number, protocol) of an endpoint's port.
+type EndpointPort = (String, u16, Option<Protocol>);
 
 /// The endpoints serving one service port, with resolved target ports.
 ///
@@ -901,7 +1108,7 @@ fn endpoints_for_port(
         let found = endpoint
             .ports
             .iter()
-            .find(|(name, _, proto)| *name == port_name && proto == protocol.name())
+            .find(|(name, _, proto)| *name == port_name && *proto == Some(protocol))
             .or_else(|| match &port.target_port {
                 Some(IntOrString::String(target)) => {
                     endpoint.ports.iter().find(|(name, _, _)| name == target)
@@ -911,10 +1118,9 @@ fn endpoints_for_port(
             .map(|(_, p, _)| *p);
         let target = match (found, &port.target_port) {
             (Some(p), _) => p,
-            (None, Some(IntOrString::Int(n))) => u16::try_from(*n)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{n} is not a port (1..=65535)"))?,
+            (None, Some(IntOrString::Int(n))) => {
+                valid_port(*n).ok_or_else(|| format!("{n} is not a port (1..=65535)"))?
+            }
             (None, None) => number,
             (None, Some(IntOrString::String(_))) => {
                 if !unresolved.contains(&endpoint.addr) {
@@ -1433,7 +1639,7 @@ mod tests {
             assert_eq!(
                 (
                     error.file.as_str(),
-                    error.object.as_str(),
+                    error.object.to_string().as_str(),
                     error.field.as_str()
                 ),
                 (file.to_string().as_str(), &*invalid.object, &*invalid.field),
@@ -1471,7 +1677,7 @@ mod tests {
             std::fs::write(&file, listing).unwrap();
             let error = load(dir.path(), &Options::default()).unwrap_err();
             assert_eq!(
-                (error.file.as_str(), error.object.as_str(), error.field.as_str()),
+                (error.file.as_str(), error.object.to_string().as_str(), error.field.as_str()),
                 (file.display().to_string().as_str(), object, field),
                 "{error}"
             );
@@ -1542,7 +1748,7 @@ mod tests {
         ] {
             let error = refused(&yaml);
             assert_eq!(
-                (error.object.as_str(), error.field.as_str()),
+                (error.object.to_string().as_str(), error.field.as_str()),
                 (object, field),
                 "{error}"
             );
@@ -1750,6 +1956,182 @@ mod tests {
             }
         }
         assert!(read >= 2, "{read} files");
+    }
+
+    /// `n` Services, each on its own VIP with one slice; `bad` (if any) has a port of 0.
+    fn services(n: usize, bad: Option<usize>) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let port = if Some(i) == bad { 0 } else { 8080 };
+                service("")
+                    .replace("name: web\n", &format!("name: web{i}\n"))
+                    .replace("198.18.100.1", &format!("198.18.100.{}", i + 1))
+                    .replace(
+                        "port: 8080\n    targetPort",
+                        &format!("port: {port}\n    targetPort"),
+                    )
+                    + &slice(&format!("- addresses: [198.18.1.{}]\n", i + 1))
+                        .replace("name: web-abc", &format!("name: web{i}-abc"))
+                        .replace("service-name: web\n", &format!("service-name: web{i}\n"))
+            })
+            .collect()
+    }
+
+    fn read(documents: &[String]) -> Manifests {
+        let mut manifests = Manifests::default();
+        let text = documents.join("---\n");
+        manifest::read_text(&PathBuf::from("test.yaml"), &text, &mut manifests).unwrap();
+        manifests
+    }
+
+    fn names(cluster: &Cluster) -> Vec<&str> {
+        cluster.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn one_bad_service_among_ten_is_refused_alone() {
+        let manifests = read(&services(10, Some(4)));
+        let outcome = build_each(&manifests, &Options::default(), &Cluster::default());
+        assert_eq!(outcome.cluster.services.len(), 9);
+        assert!(!names(&outcome.cluster).contains(&"web4"));
+        let [refused] = &outcome.refused[..] else {
+            panic!("one refusal: {:?}", outcome.refused)
+        };
+        assert_eq!(refused.reason, ConfigReason::InvalidValue);
+        assert_eq!(
+            (
+                refused.object.kind.as_str(),
+                refused.object.namespace.as_str(),
+                refused.object.name.as_str()
+            ),
+            ("Service", "default", "web4")
+        );
+        assert_eq!(refused.field, "spec.ports[0].port");
+        assert_eq!(
+            refused.to_string(),
+            "test.yaml: Service default/web4: spec.ports[0].port: 0 is not a port (1..=65535)"
+        );
+        // All or nothing, that one refuses everything.
+        assert_eq!(build(&manifests, &Options::default()), Err(refused.clone()));
+    }
+
+    #[test]
+    fn a_refused_service_keeps_its_previous_version() {
+        let previous = build(&read(&services(3, None)), &Options::default()).unwrap();
+        let outcome = build_each(&read(&services(3, Some(1))), &Options::default(), &previous);
+        assert_eq!(outcome.refused.len(), 1);
+        assert_eq!(outcome.cluster.services, previous.services);
+        // A near miss found while reading: the same.
+        let mut documents = services(3, None);
+        documents[1] = documents[1].replace("targetPort: 8080", "tragetPort: 9090");
+        let outcome = build_each(&read(&documents), &Options::default(), &previous);
+        assert_eq!(outcome.refused[0].reason, ConfigReason::UnknownField);
+        assert_eq!(outcome.cluster.services, previous.services);
+    }
+
+    #[test]
+    fn a_bad_slice_takes_only_its_own_endpoints_away() {
+        let yaml = service("")
+            + &slice("- addresses: [198.18.1.1]\n")
+            + &slice("- addresses: [198.18.1.x]\n").replace("name: web-abc", "name: web-def");
+        let manifests = read(&[yaml]);
+        let outcome = build_each(&manifests, &Options::default(), &Cluster::default());
+        assert_eq!(
+            states(&outcome.cluster),
+            [("198.18.1.1".into(), false, false)]
+        );
+        let [refused] = &outcome.refused[..] else {
+            panic!("one refusal: {:?}", outcome.refused)
+        };
+        assert_eq!(refused.object.to_string(), "EndpointSlice default/web-def");
+        assert_eq!(refused.object.service.as_deref(), Some("web"));
+        // Served before: its Service keeps that version, the bad slice's endpoints and all.
+        let mut previous = outcome.cluster.clone();
+        previous.services[0].ports[0].endpoints[0].weight = 7;
+        let outcome = build_each(&manifests, &Options::default(), &previous);
+        assert_eq!(outcome.cluster.services, previous.services);
+    }
+
+    #[test]
+    fn the_oldest_service_wins_a_conflict_whatever_the_order() {
+        let at = |name: &str, created: &str| {
+            service("").replace(
+                "name: web\n",
+                &format!("name: {name}\n  creationTimestamp: \"{created}\"\n"),
+            )
+        };
+        let old = at("zeta", "2024-01-01T00:00:00Z");
+        let young = at("alpha", "2024-06-01T00:00:00Z");
+        for documents in [[old.clone(), young.clone()], [young.clone(), old.clone()]] {
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(names(&outcome.cluster), ["zeta"]);
+            assert_eq!(outcome.refused.len(), 1);
+            assert_eq!(outcome.refused[0].reason, ConfigReason::Conflict);
+            assert_eq!(outcome.refused[0].object.name, "alpha");
+            assert!(
+                outcome.refused[0]
+                    .message
+                    .ends_with("already served by Service default/zeta"),
+                "{}",
+                outcome.refused[0]
+            );
+        }
+        // No timestamps: namespace and name decide.
+        let a = service("").replace("name: web\n", "name: a\n");
+        let b = service("").replace("name: web\n", "name: b\n");
+        for documents in [[a.clone(), b.clone()], [b, a]] {
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(names(&outcome.cluster), ["a"]);
+        }
+    }
+
+    #[test]
+    fn shuffled_input_builds_the_same_cluster() {
+        let mut documents = services(6, None);
+        // Duplicated endpoints across slices and a conflicting pair.
+        documents.push(
+            slice("- addresses: [198.18.1.1]\n  conditions: {ready: false}\n")
+                .replace("name: web-abc", "name: web0-dup")
+                .replace("service-name: web\n", "service-name: web0\n"),
+        );
+        documents.push(service("").replace("name: web\n", "name: clash\n"));
+        let expected = build_each(&read(&documents), &Options::default(), &Cluster::default());
+        assert_eq!(expected.refused.len(), 1, "{:?}", expected.refused);
+        // A fixed sequence of rotations and swaps: every order the same cluster.
+        for round in 0..documents.len() {
+            documents.rotate_left(3);
+            documents.swap(0, round);
+            let outcome = build_each(&read(&documents), &Options::default(), &Cluster::default());
+            assert_eq!(outcome.cluster, expected.cluster, "round {round}");
+        }
+    }
+
+    #[test]
+    fn host_addresses_are_refused_by_the_projection_not_the_build() {
+        let manifests = read(&services(2, None));
+        let options = Options {
+            host_addresses: vec!["198.18.100.2".parse().unwrap()],
+            ..Options::default()
+        };
+        let shared = build_each(&manifests, &options, &Cluster::default());
+        assert!(shared.refused.is_empty());
+        assert_eq!(shared.cluster.services.len(), 2);
+        let projected = project(&shared.cluster, &options);
+        assert_eq!(names(&projected.cluster), ["web0"]);
+        let [refused] = &projected.refused[..] else {
+            panic!("one refusal: {:?}", projected.refused)
+        };
+        assert_eq!(refused.reason, ConfigReason::HostAddress);
+        assert_eq!(refused.field, "spec.clusterIP");
+    }
+
+    #[test]
+    fn an_endpoint_port_of_zero_is_no_port() {
+        let yaml = service("").replace("targetPort: 8080", "targetPort: http")
+            + &slice("- addresses: [198.18.1.1]\n")
+                .replace("port: 8080\n  protocol", "port: 0\n  protocol");
+        let cluster = parse(&yaml).unwrap();
+        assert!(cluster.services[0].ports[0].endpoints.is_empty());
     }
 
     #[test]
