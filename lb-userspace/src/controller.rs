@@ -155,7 +155,7 @@ pub struct AppliedService {
 }
 
 /// Everything applied, saved beside the pinned maps so a restarted controller knows the ids.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedState {
     /// Count of successful applies.
     pub generation: u64,
