@@ -666,7 +666,10 @@ async fn start(
                 .await?;
             setup.controller = Some(controller);
             reloads.applied(took, applied.is_ok());
-            applied?;
+            let report = applied?;
+            if let Some(controller) = &setup.controller {
+                controller.log_applied(&report);
+            }
             setup.complete = !setup.stopped;
         }
     }
@@ -731,9 +734,8 @@ impl Running {
         let thread = ControllerThread {
             controller,
             options,
-            reloads,
+            outputs: Outputs { reloads, applied },
             snapshots,
-            applied,
             stop: stop_rx,
             runtime: tokio::runtime::Handle::current(),
         };
@@ -772,9 +774,8 @@ impl Running {
 struct ControllerThread {
     controller: Controller,
     options: Options,
-    reloads: Arc<Mutex<Reloads>>,
+    outputs: Outputs,
     snapshots: Option<Snapshots>,
-    applied: watch::Sender<Arc<AppliedState>>,
     stop: watch::Receiver<bool>,
     /// Its waits (for a snapshot, a retry, a stop) are the runtime's timers and channels.
     runtime: tokio::runtime::Handle,
@@ -834,14 +835,14 @@ impl ControllerThread {
                         &mut self.controller,
                         &snapshot.manifests,
                         &self.options,
-                        &self.reloads,
+                        &self.outputs,
                     )
                     .map(|cluster| retry_later(cluster, RETRY_FIRST));
                 }
                 Wake::Retry => {
                     let (cluster, wait, _) = pending.take().expect("a retry is pending");
-                    lock(&self.reloads).retried();
-                    if !apply_desired(&mut self.controller, &cluster, &self.reloads) {
+                    lock(&self.outputs.reloads).retried();
+                    if !apply_desired(&mut self.controller, &cluster, &self.outputs) {
                         pending = Some(retry_later(cluster, (wait * 2).min(RETRY_MAX)));
                     }
                 }
@@ -852,14 +853,21 @@ impl ControllerThread {
                     }
                 }
             }
-            self.publish();
+            self.outputs.publish(self.controller.state());
         }
         self.controller
     }
+}
 
-    /// Publishes the applied state, if it changed since last published.
-    fn publish(&self) {
-        let state = self.controller.state();
+/// Where the controller thread reports: the reload figures, and the applied state.
+struct Outputs {
+    reloads: Arc<Mutex<Reloads>>,
+    applied: watch::Sender<Arc<AppliedState>>,
+}
+
+impl Outputs {
+    /// Publishes `state`, if it changed since last published.
+    fn publish(&self, state: &AppliedState) {
         self.applied.send_if_modified(|published| {
             if **published == *state {
                 return false;
@@ -867,6 +875,10 @@ impl ControllerThread {
             *published = Arc::new(state.clone());
             true
         });
+    }
+
+    fn reloads(&self) -> std::sync::MutexGuard<'_, Reloads> {
+        lock(&self.reloads)
     }
 }
 
@@ -912,7 +924,7 @@ fn reload(
     controller: &mut Controller,
     manifests: &Result<Manifests, ConfigError>,
     options: &Options,
-    reloads: &Mutex<Reloads>,
+    outputs: &Outputs,
 ) -> Option<Cluster> {
     let built = manifests
         .clone()
@@ -920,7 +932,7 @@ fn reload(
     let cluster = match built {
         Ok(cluster) => cluster,
         Err(e) => {
-            lock(reloads).rejected();
+            outputs.reloads().rejected();
             // Told to the Service the error names, as a `Warning` event `describe` shows (saved
             // before the log line, which whoever waits for the rejection waits for).
             let services = controller
@@ -934,32 +946,43 @@ fn reload(
             {
                 warn!(error = %e, "saving the rejection's event");
             }
+            outputs.publish(controller.state());
             error!(error = %e, "configuration rejected; the previous state keeps serving");
             return None;
         }
     };
     if cluster == controller.state().cluster {
-        lock(reloads).unchanged();
+        outputs.reloads().unchanged();
         info!(
             generation = controller.state().generation,
             "configuration unchanged: nothing to apply"
         );
         return None;
     }
-    (!apply_desired(controller, &cluster, reloads)).then_some(cluster)
+    (!apply_desired(controller, &cluster, outputs)).then_some(cluster)
 }
 
-/// Applies `cluster`; whether it succeeded.
-fn apply_desired(controller: &mut Controller, cluster: &Cluster, reloads: &Mutex<Reloads>) -> bool {
+/// Applies `cluster`; whether it succeeded. The "applied" line comes once the new state is
+/// published and counted, so whoever reads the metrics after it sees the apply.
+fn apply_desired(controller: &mut Controller, cluster: &Cluster, outputs: &Outputs) -> bool {
     log_warnings(cluster);
     info!(services = cluster.services.len(), "applying");
     let started = std::time::Instant::now();
     let applied = controller.apply(cluster);
-    lock(reloads).applied(started.elapsed(), applied.is_ok());
-    if let Err(e) = &applied {
-        error!(error = %e, "applying the configuration failed");
+    outputs
+        .reloads()
+        .applied(started.elapsed(), applied.is_ok());
+    match applied {
+        Ok(report) => {
+            outputs.publish(controller.state());
+            controller.log_applied(&report);
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "applying the configuration failed");
+            false
+        }
     }
-    applied.is_ok()
 }
 
 /// What `/metrics` reads: published snapshots and readers of their own, never the controller.
