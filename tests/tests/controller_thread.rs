@@ -157,3 +157,36 @@ fn a_failed_apply_is_retried_until_the_configuration_changes() {
     assert_eq!(sample(&metrics, "lb_config_last_reload_successful"), 1.0);
     assert_eq!(sample(&metrics, "lb_config_generation"), 2.0);
 }
+
+/// A stop signal while the controller thread applies 10,000 services is seen at once (the
+/// "stopping" line comes before the apply's "applied"); the controller exits once the apply
+/// ended, and its detach leaves nothing behind.
+#[test]
+fn a_stop_during_a_large_apply_detaches_once_it_ended() {
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
+    let running = lb_tests::attach_in_netns("stopapply", &[]).unwrap();
+    let controller = running.controller();
+    write_atomically(
+        &running.config_dir().join("many.yaml"),
+        &many_services(10_000),
+    )
+    .unwrap();
+    controller.wait_for("applying", 1, LONG_WAIT).unwrap();
+    kill(Pid::from_raw(controller.child.id() as i32), Signal::SIGTERM).unwrap();
+    controller.wait_for("stopping", 1, WAIT).unwrap();
+    assert_eq!(
+        controller.count("applied"),
+        1,
+        "the stop was seen during the apply\n{}",
+        controller.text()
+    );
+    controller
+        .wait_for("detached and removed", 1, LONG_WAIT)
+        .unwrap();
+    // `stop` finds it exited, and asserts its detach removed everything.
+    let status = running.stop();
+    assert!(status.success(), "{status}");
+}
