@@ -926,9 +926,10 @@ fn reload(
     options: &Options,
     outputs: &Outputs,
 ) -> Option<Cluster> {
-    let built = manifests
-        .clone()
-        .and_then(|manifests| model::build(&manifests, &with_host_addresses(options)));
+    let built = match manifests {
+        Ok(manifests) => model::build(manifests, &with_host_addresses(options)),
+        Err(e) => Err(e.clone()),
+    };
     let cluster = match built {
         Ok(cluster) => cluster,
         Err(e) => {
