@@ -159,7 +159,7 @@ pub struct AppliedService {
 }
 
 /// Everything applied, saved beside the pinned maps so a restarted controller knows the ids.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedState {
     /// Count of successful applies.
     pub generation: u64,
@@ -707,6 +707,13 @@ impl Controller {
         if let Some(path) = &self.state_path {
             self.state.write(path)?;
         }
+        Ok(report)
+    }
+
+    /// Logs the "applied" line of an apply that `report`s: whoever runs the controller logs it
+    /// once what the apply changed is in force everywhere it is read (the state file, the
+    /// published state), since that line is what waiting for an apply waits for.
+    pub fn log_applied(&self, report: &ApplyReport) {
         info!(
             generation = self.state.generation,
             services = self.state.services.len(),
@@ -717,7 +724,6 @@ impl Controller {
             flows_cleared = report.flows_cleared,
             "applied"
         );
-        Ok(report)
     }
 
     /// Looks for the local pods among the applied endpoints again, between applies: a pod's

@@ -1117,20 +1117,7 @@ impl Dataplane {
     /// cannot count it there until the data plane is detached and loaded afresh.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
         let name = names::STATS;
-        let stats: PerCpuArray<_, Counter> = self.map(name)?.try_into().map_err(map_error(name))?;
-        Reason::ALL
-            .iter()
-            .map(|&reason| {
-                if reason as u32 >= stats.len() {
-                    return Ok((reason, Counter::default()));
-                }
-                let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
-                Ok((
-                    reason,
-                    per_cpu.iter().fold(Counter::default(), |a, b| a.plus(*b)),
-                ))
-            })
-            .collect()
+        reasons(&self.map(name)?.try_into().map_err(map_error(name))?)
     }
 
     /// The summed counter of one reason.
@@ -1141,14 +1128,7 @@ impl Dataplane {
     /// Event counts summed over all CPUs, one per [`Event`], in index order.
     pub fn event_counters(&self) -> Result<Vec<(Event, u64)>, DataplaneError> {
         let name = names::EVENTS;
-        let events: PerCpuArray<_, u64> = self.map(name)?.try_into().map_err(map_error(name))?;
-        Event::ALL
-            .iter()
-            .map(|&event| {
-                let per_cpu = events.get(&(event as u32), 0).map_err(map_error(name))?;
-                Ok((event, per_cpu.iter().sum()))
-            })
-            .collect()
+        events(&self.map(name)?.try_into().map_err(map_error(name))?)
     }
 
     /// The summed count of one event.
@@ -1164,6 +1144,43 @@ impl Dataplane {
     /// A backend's traffic summed over all CPUs.
     pub fn backend_counter(&self, backend_id: u32) -> Result<FlowCounter, DataplaneError> {
         self.flow_counter(names::BACKEND_STATS, backend_id)
+    }
+
+    /// A reader of the counters with file descriptors of its own: it reads them from another
+    /// thread than the one that owns (and applies to) the data plane, so a scrape never waits
+    /// for an apply.
+    pub fn counter_reader(&self) -> Result<CounterReader, DataplaneError> {
+        let clone = |name: &'static str| -> Result<Map, DataplaneError> {
+            use std::os::fd::AsFd as _;
+            let Map::PerCpuArray(data) = self.map(name)? else {
+                return Err(DataplaneError::Missing {
+                    kind: "per-CPU array",
+                    name,
+                });
+            };
+            let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+                map_error(name)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }))
+            })?;
+            Map::from_map_data(MapData::from_fd(fd).map_err(map_error(name))?)
+                .map_err(map_error(name))
+        };
+        Ok(CounterReader {
+            stats: clone(names::STATS)?
+                .try_into()
+                .map_err(map_error(names::STATS))?,
+            events: clone(names::EVENTS)?
+                .try_into()
+                .map_err(map_error(names::EVENTS))?,
+            service_stats: clone(names::SERVICE_STATS)?
+                .try_into()
+                .map_err(map_error(names::SERVICE_STATS))?,
+            backend_stats: clone(names::BACKEND_STATS)?
+                .try_into()
+                .map_err(map_error(names::BACKEND_STATS))?,
+        })
     }
 
     /// Zeroes the traffic counters (every CPU's) of services `service_ids` and backends
@@ -1199,13 +1216,86 @@ impl Dataplane {
     }
 
     fn flow_counter(&self, name: &'static str, index: u32) -> Result<FlowCounter, DataplaneError> {
-        let map: PerCpuArray<_, FlowCounter> =
-            self.map(name)?.try_into().map_err(map_error(name))?;
-        let per_cpu = map.get(&index, 0).map_err(map_error(name))?;
-        Ok(per_cpu
-            .iter()
-            .fold(FlowCounter::default(), |a, b| a.plus(*b)))
+        flow_counter(
+            &self.map(name)?.try_into().map_err(map_error(name))?,
+            name,
+            index,
+        )
     }
+}
+
+/// The data plane's counters (per reason, per event, per service, per backend), read through
+/// file descriptors of their own: see [`Dataplane::counter_reader`].
+pub struct CounterReader {
+    stats: PerCpuArray<MapData, Counter>,
+    events: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, FlowCounter>,
+    backend_stats: PerCpuArray<MapData, FlowCounter>,
+}
+
+impl CounterReader {
+    /// As [`Dataplane::reason_counters`].
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
+        reasons(&self.stats)
+    }
+
+    /// As [`Dataplane::event_counters`].
+    pub fn event_counters(&self) -> Result<Vec<(Event, u64)>, DataplaneError> {
+        events(&self.events)
+    }
+
+    /// As [`Dataplane::service_counter`].
+    pub fn service_counter(&self, service_id: u32) -> Result<FlowCounter, DataplaneError> {
+        flow_counter(&self.service_stats, names::SERVICE_STATS, service_id)
+    }
+
+    /// As [`Dataplane::backend_counter`].
+    pub fn backend_counter(&self, backend_id: u32) -> Result<FlowCounter, DataplaneError> {
+        flow_counter(&self.backend_stats, names::BACKEND_STATS, backend_id)
+    }
+}
+
+fn reasons<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
+    let name = names::STATS;
+    Reason::ALL
+        .iter()
+        .map(|&reason| {
+            if reason as u32 >= stats.len() {
+                return Ok((reason, Counter::default()));
+            }
+            let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
+            Ok((
+                reason,
+                per_cpu.iter().fold(Counter::default(), |a, b| a.plus(*b)),
+            ))
+        })
+        .collect()
+}
+
+fn events<T: std::borrow::Borrow<MapData>>(
+    events: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Event, u64)>, DataplaneError> {
+    let name = names::EVENTS;
+    Event::ALL
+        .iter()
+        .map(|&event| {
+            let per_cpu = events.get(&(event as u32), 0).map_err(map_error(name))?;
+            Ok((event, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+fn flow_counter<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, FlowCounter>,
+    name: &'static str,
+    index: u32,
+) -> Result<FlowCounter, DataplaneError> {
+    let per_cpu = map.get(&index, 0).map_err(map_error(name))?;
+    Ok(per_cpu
+        .iter()
+        .fold(FlowCounter::default(), |a, b| a.plus(*b)))
 }
 
 /// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a

@@ -15,6 +15,7 @@ pub mod pins;
 pub mod pods;
 pub mod privileges;
 pub mod redirects;
+pub mod source;
 pub mod syscall;
 pub mod views;
 

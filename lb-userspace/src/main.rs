@@ -2,34 +2,40 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::{Counter, Reason};
 use lb_userspace::{
     AttachMode, Dataplane, conntrack,
     controller::{AppliedState, Controller},
-    dataplane::LoadOptions,
+    dataplane::{CounterReader, DataplaneError, LoadOptions},
     events::{ServiceEvent, now_timestamp},
     health::HealthChecks,
+    manifest::{ConfigError, Manifests},
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
     pins::{self, Paths},
-    redirects, views,
+    redirects,
+    source::{FileSource, Settle, Snapshots},
+    views,
 };
-use notify::Watcher as _;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::{mpsc, oneshot},
+    sync::watch,
     time::Instant,
 };
 use tracing::{error, info, warn};
 
-/// How long a configuration must stay unchanged before it is applied: editors and `kubectl`
-/// write files in several steps.
-const SETTLE: Duration = Duration::from_millis(50);
+/// The first wait before a failed apply is tried again; each failure doubles it up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two tries of a failed apply.
+const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often the local pods are looked for between applies (see
 /// `Controller::refresh_local_pods`).
 const LOCAL_PODS_REFRESH: Duration = Duration::from_secs(10);
@@ -353,8 +359,10 @@ struct AttachSettings {
     max_backends: u32,
 }
 
-/// A request of the metrics endpoint, answered by the controller loop that owns the maps.
-type MetricsRequest = oneshot::Sender<String>;
+/// What the controller thread applied last, published after every change of it (an apply, a
+/// rejection's event, the local pods found): metrics and health checks read it, never the
+/// controller.
+type Applied = watch::Receiver<Arc<AppliedState>>;
 
 /// SIGTERM and SIGINT, listened to from the first moment of `attach`.
 ///
@@ -463,7 +471,7 @@ impl Setup {
     /// half of what was asked.
     fn finish(self, keep_on_exit: bool) -> anyhow::Result<()> {
         if let Some(controller) = &self.controller {
-            log_counters(controller.dataplane());
+            log_counters(controller.dataplane().reason_counters());
         }
         if keep_on_exit && (self.complete || self.inherited) {
             info!(pins = %self.paths.pin_dir.display(), "leaving the data plane attached and serving (--keep-on-exit)");
@@ -516,29 +524,28 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
     match start(settings, roots, &mut setup, &mut stop).await {
         Err(e) => Err(setup.fail(e)),
         Ok(None) => setup.finish(keep_on_exit),
-        Ok(Some(mut running)) => {
+        Ok(Some(running)) => {
             let controller = setup
                 .controller
-                .as_mut()
+                .take()
                 .expect("a started data plane has a controller");
-            running.serve(controller, &mut stop).await;
-            info!("stopping");
+            setup.controller = running.serve(controller, &mut stop).await;
             setup.finish(keep_on_exit)
         }
     }
 }
 
-/// The controller loop's inputs, once start-up is done.
+/// What runs once start-up is done: the controller thread's inputs and outputs, and the tasks
+/// that read what it publishes.
 struct Running {
-    config: Option<PathBuf>,
     options: Options,
     stats_interval: u64,
-    metrics_endpoints: bool,
-    reloads: Reloads,
-    changes: mpsc::Receiver<()>,
-    metrics: mpsc::Receiver<MetricsRequest>,
-    health: HealthChecks,
-    _watcher: Option<notify::RecommendedWatcher>,
+    reloads: Arc<Mutex<Reloads>>,
+    /// The configuration's snapshots (none without `--config`).
+    snapshots: Option<Snapshots>,
+    _source: Option<FileSource>,
+    applied: watch::Sender<Arc<AppliedState>>,
+    counters: Arc<CounterReader>,
 }
 
 /// Start-up: everything up to the first apply. `None` when a stop signal ended it early (what
@@ -563,10 +570,12 @@ async fn start(
     } = settings;
     // Watch before the first read, so a change written while we start is not missed: it
     // triggers a reload that finds either a new state or nothing to do.
-    let (change_tx, changes) = mpsc::channel::<()>(64);
-    let watcher = match &config {
-        Some(path) => Some(watch(path, change_tx)?),
-        None => None,
+    let (source, snapshots) = match &config {
+        Some(path) => {
+            let (source, snapshots) = FileSource::start(path, Settle::default())?;
+            (Some(source), Some(snapshots))
+        }
+        None => (None, None),
     };
     // A configuration that does not validate, or a metrics address in use, stops us before
     // anything changes.
@@ -628,6 +637,15 @@ async fn start(
         // Off the controller's loop: the sweep of quiet flows never delays an apply.
         conntrack::spawn_sweeper(conntrack::FlowTables::of(controller.dataplane())?);
     }
+    let counters = Arc::new(
+        setup
+            .controller
+            .as_ref()
+            .expect("loaded")
+            .dataplane()
+            .counter_reader()
+            .context("opening the counters")?,
+    );
     let mut reloads = Reloads::default();
     // A stop that arrived before the data plane was complete (during the step that completes
     // it, too) finds it incomplete: --keep-on-exit keeps only whole data planes.
@@ -648,7 +666,10 @@ async fn start(
                 .await?;
             setup.controller = Some(controller);
             reloads.applied(took, applied.is_ok());
-            applied?;
+            let report = applied?;
+            if let Some(controller) = &setup.controller {
+                controller.log_applied(&report);
+            }
             setup.complete = !setup.stopped;
         }
     }
@@ -656,68 +677,230 @@ async fn start(
         return Ok(None);
     }
 
+    let state = Arc::new(setup.controller.as_ref().expect("loaded").state().clone());
+    let (applied, applied_rx) = watch::channel(state);
     let mut health = HealthChecks::default();
-    if let Some(controller) = &setup.controller {
-        health.sync(lb_userspace::health::wanted(
-            &controller.state().cluster,
-            &options.node_name,
-        ));
-    }
-    let (metrics_tx, metrics) = mpsc::channel::<MetricsRequest>(8);
+    health.sync(lb_userspace::health::wanted(
+        &applied_rx.borrow().cluster,
+        &options.node_name,
+    ));
+    tokio::spawn(follow_health_checks(
+        health,
+        applied_rx.clone(),
+        options.node_name.clone(),
+    ));
+    let reloads = Arc::new(Mutex::new(reloads));
     info!(%metrics_addr, "serving Prometheus metrics on /metrics");
-    tokio::spawn(serve_metrics(listener, metrics_tx));
+    tokio::spawn(serve_metrics(
+        listener,
+        MetricsSources {
+            applied: applied_rx,
+            counters: counters.clone(),
+            reloads: reloads.clone(),
+            endpoints: metrics_endpoints,
+        },
+    ));
     // The one line that says start-up is over: the stop handlers exist, the metrics listener is
     // bound and answered by a running task, and the first apply is done. "applied" comes
     // earlier, before the metrics exist: whoever waits for the controller (tests, scripts)
     // waits for this line.
     info!("{READY_LINE}");
     Ok(Some(Running {
-        config,
         options,
         stats_interval,
-        metrics_endpoints,
         reloads,
-        changes,
-        metrics,
-        health,
-        _watcher: watcher,
+        snapshots,
+        _source: source,
+        applied,
+        counters,
     }))
 }
 
 impl Running {
-    /// Follows the configuration and answers metrics until a stop signal.
-    async fn serve(&mut self, controller: &mut Controller, stop: &mut StopSignals) {
-        let mut ticker = tokio::time::interval(Duration::from_secs(self.stats_interval.max(1)));
-        let mut local_pods = tokio::time::interval_at(
-            tokio::time::Instant::now() + LOCAL_PODS_REFRESH,
-            LOCAL_PODS_REFRESH,
-        );
-        let mut settle_at: Option<Instant> = None;
+    /// Hands `controller` to its thread, which applies the configuration's snapshots, and waits
+    /// here for a stop signal (never for an apply); then stops the thread, once it finished
+    /// what it was doing, and returns the controller (`None` if its thread panicked).
+    async fn serve(self, controller: Controller, stop: &mut StopSignals) -> Option<Controller> {
+        let Self {
+            options,
+            stats_interval,
+            reloads,
+            snapshots,
+            _source,
+            applied,
+            counters,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let thread = ControllerThread {
+            controller,
+            options,
+            outputs: Outputs { reloads, applied },
+            snapshots,
+            stop: stop_rx,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("controller".into())
+            .spawn(move || thread.run());
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                error!(error = %e, "starting the controller thread");
+                return None;
+            }
+        };
+        let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
         loop {
             tokio::select! {
                 () = stop.recv() => break,
-                Some(()) = self.changes.recv() => settle_at = Some(Instant::now() + SETTLE),
-                () = async { tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)).await }, if settle_at.is_some() => {
-                    settle_at = None;
-                    if let Some(path) = &self.config {
-                        reload(controller, path, &self.options, &mut self.reloads);
-                        self.health.sync(lb_userspace::health::wanted(
-                            &controller.state().cluster,
-                            &self.options.node_name,
-                        ));
+                _ = ticker.tick(), if stats_interval > 0 => log_counters(counters.reason_counters()),
+            }
+        }
+        info!("stopping");
+        let _ = stop_tx.send(true);
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(controller)) => Some(controller),
+            _ => {
+                error!("the controller thread panicked");
+                None
+            }
+        }
+    }
+}
+
+/// The one thread that owns the data plane: it applies the latest snapshot of the
+/// configuration, retries a failed apply with backoff, and looks for local pods between
+/// applies; it publishes the applied state after every change of it. Nothing else waits for it.
+struct ControllerThread {
+    controller: Controller,
+    options: Options,
+    outputs: Outputs,
+    snapshots: Option<Snapshots>,
+    stop: watch::Receiver<bool>,
+    /// Its waits (for a snapshot, a retry, a stop) are the runtime's timers and channels.
+    runtime: tokio::runtime::Handle,
+}
+
+/// What woke the controller thread.
+enum Wake {
+    Stop,
+    Snapshot,
+    Retry,
+    LocalPods,
+}
+
+impl ControllerThread {
+    fn run(mut self) -> Controller {
+        // A desired state whose apply failed, tried again at `retry_at`.
+        let mut pending: Option<(Cluster, Duration, Instant)> = None;
+        let mut local_pods_at = Instant::now() + LOCAL_PODS_REFRESH;
+        loop {
+            let retry_at = pending.as_ref().map(|(_, _, at)| *at);
+            let Self {
+                snapshots,
+                stop,
+                runtime,
+                ..
+            } = &mut self;
+            let wake = runtime.block_on(async {
+                let snapshot = async {
+                    if let Some(snapshots) = snapshots
+                        && snapshots.changed().await.is_ok()
+                    {
+                        return;
+                    }
+                    // No source, or it is gone: nothing more to wait for from it.
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|stop| *stop) => Wake::Stop,
+                    () = snapshot => Wake::Snapshot,
+                    () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Wake::Retry,
+                    () = tokio::time::sleep_until(local_pods_at) => Wake::LocalPods,
+                }
+            });
+            match wake {
+                Wake::Stop => break,
+                Wake::Snapshot => {
+                    let Some(snapshot) = self
+                        .snapshots
+                        .as_mut()
+                        .and_then(|s| s.borrow_and_update().clone())
+                    else {
+                        continue;
+                    };
+                    // The latest snapshot replaces whatever was waiting to be tried again.
+                    pending = reload(
+                        &mut self.controller,
+                        &snapshot.manifests,
+                        &self.options,
+                        &self.outputs,
+                    )
+                    .map(|cluster| retry_later(cluster, RETRY_FIRST));
+                }
+                Wake::Retry => {
+                    let (cluster, wait, _) = pending.take().expect("a retry is pending");
+                    lock(&self.outputs.reloads).retried();
+                    if !apply_desired(&mut self.controller, &cluster, &self.outputs) {
+                        pending = Some(retry_later(cluster, (wait * 2).min(RETRY_MAX)));
                     }
                 }
-                Some(reply) = self.metrics.recv() => {
-                    let _ = reply.send(metrics::render(controller, &self.reloads, self.metrics_endpoints));
-                }
-                _ = ticker.tick(), if self.stats_interval > 0 => log_counters(controller.dataplane()),
-                _ = local_pods.tick() => {
-                    if let Err(e) = controller.refresh_local_pods() {
+                Wake::LocalPods => {
+                    local_pods_at = Instant::now() + LOCAL_PODS_REFRESH;
+                    if let Err(e) = self.controller.refresh_local_pods() {
                         warn!(error = %e, "saving the local pods found");
                     }
                 }
             }
+            self.outputs.publish(self.controller.state());
         }
+        self.controller
+    }
+}
+
+/// Where the controller thread reports: the reload figures, and the applied state.
+struct Outputs {
+    reloads: Arc<Mutex<Reloads>>,
+    applied: watch::Sender<Arc<AppliedState>>,
+}
+
+impl Outputs {
+    /// Publishes `state`, if it changed since last published.
+    fn publish(&self, state: &AppliedState) {
+        self.applied.send_if_modified(|published| {
+            if **published == *state {
+                return false;
+            }
+            *published = Arc::new(state.clone());
+            true
+        });
+    }
+
+    fn reloads(&self) -> std::sync::MutexGuard<'_, Reloads> {
+        lock(&self.reloads)
+    }
+}
+
+/// `cluster`, to be tried again after `wait`.
+fn retry_later(cluster: Cluster, wait: Duration) -> (Cluster, Duration, Instant) {
+    warn!(
+        retry_in_ms = wait.as_millis() as u64,
+        "the apply failed: trying again"
+    );
+    (cluster, wait, Instant::now() + wait)
+}
+
+fn lock(reloads: &Mutex<Reloads>) -> std::sync::MutexGuard<'_, Reloads> {
+    reloads.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps the health check node ports as the applied state asks, until the controller thread
+/// is gone.
+async fn follow_health_checks(mut health: HealthChecks, mut applied: Applied, node_name: String) {
+    while applied.changed().await.is_ok() {
+        let wanted = lb_userspace::health::wanted(&applied.borrow_and_update().cluster, &node_name);
+        health.sync(wanted);
     }
 }
 
@@ -734,47 +917,83 @@ fn with_host_addresses(options: &Options) -> Options {
     options
 }
 
-/// Reads the configuration again, object by object: a refused object is logged and told to its
-/// Service, whose previous version keeps serving; the other objects are applied. A reload with
-/// a refused object counts as failed (`lb_config_last_reload_successful` 0) even though the
-/// rest was applied.
-fn reload(controller: &mut Controller, path: &Path, options: &Options, reloads: &mut Reloads) {
-    let outcome = match model::load_each(
-        path,
-        &with_host_addresses(options),
-        &controller.state().cluster,
-    ) {
+/// Applies a snapshot of the configuration, object by object: a refused object is logged and
+/// told to its Service, whose previous version keeps serving, and the other objects go ahead (a
+/// reload with a refused object counts as failed: `lb_config_last_reload_successful` 0). The
+/// desired state is applied unless it is the one applied already (a no-op writes nothing).
+/// Returns the desired state when its apply failed, to be tried again.
+fn reload(
+    controller: &mut Controller,
+    manifests: &Result<Manifests, ConfigError>,
+    options: &Options,
+    outputs: &Outputs,
+) -> Option<Cluster> {
+    let built = match manifests {
+        Ok(manifests) => Ok(model::build_and_project_each(
+            manifests,
+            &with_host_addresses(options),
+            &controller.state().cluster,
+        )),
+        Err(e) => Err(e.clone()),
+    };
+    let outcome = match built {
         Ok(outcome) => outcome,
         Err(e) => {
-            reloads.rejected();
+            outputs.reloads().rejected();
             tell_rejection(controller, &e);
+            outputs.publish(controller.state());
             error!(error = %e, "configuration rejected; the previous state keeps serving");
-            return;
+            return None;
         }
     };
     for e in &outcome.refused {
         tell_rejection(controller, e);
         error!(error = %e, "configuration rejected for this object; its Service keeps its previous state, the other objects go ahead");
     }
+    if !outcome.refused.is_empty() {
+        outputs.publish(controller.state());
+    }
     let refused_some = !outcome.refused.is_empty();
     let cluster = outcome.cluster;
     if cluster == controller.state().cluster {
         if refused_some {
-            reloads.rejected();
+            outputs.reloads().rejected();
         } else {
-            reloads.unchanged();
+            outputs.reloads().unchanged();
         }
-        return;
+        info!(
+            generation = controller.state().generation,
+            "configuration unchanged: nothing to apply"
+        );
+        return None;
     }
-    log_warnings(&cluster);
-    let started = std::time::Instant::now();
-    let applied = controller.apply(&cluster);
-    reloads.applied(started.elapsed(), applied.is_ok());
+    let applied = apply_desired(controller, &cluster, outputs);
     if refused_some {
-        reloads.rejected();
+        outputs.reloads().rejected();
     }
-    if let Err(e) = applied {
-        error!(error = %e, "applying the configuration failed");
+    (!applied).then_some(cluster)
+}
+
+/// Applies `cluster`; whether it succeeded. The "applied" line comes once the new state is
+/// published and counted, so whoever reads the metrics after it sees the apply.
+fn apply_desired(controller: &mut Controller, cluster: &Cluster, outputs: &Outputs) -> bool {
+    log_warnings(cluster);
+    info!(services = cluster.services.len(), "applying");
+    let started = std::time::Instant::now();
+    let applied = controller.apply(cluster);
+    outputs
+        .reloads()
+        .applied(started.elapsed(), applied.is_ok());
+    match applied {
+        Ok(report) => {
+            outputs.publish(controller.state());
+            controller.log_applied(&report);
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "applying the configuration failed");
+            false
+        }
     }
 }
 
@@ -794,57 +1013,34 @@ fn tell_rejection(controller: &mut Controller, e: &lb_userspace::manifest::Confi
     }
 }
 
-/// Watches `path` (a file, through its folder, since editors replace files; or a folder) and
-/// signals every change.
-fn watch(path: &Path, changes: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
-    let (folder, file) = if path.is_dir() {
-        (path.to_path_buf(), None)
-    } else {
-        let folder = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        (folder, path.file_name().map(ToOwned::to_owned))
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        let relevant = match &file {
-            Some(name) => event.paths.iter().any(|p| p.file_name() == Some(name)),
-            None => true,
-        };
-        if relevant {
-            let _ = changes.try_send(());
-        }
-    })?;
-    watcher
-        .watch(&folder, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", folder.display()))?;
-    info!(path = %path.display(), "watching the configuration");
-    Ok(watcher)
+/// What `/metrics` reads: published snapshots and readers of their own, never the controller.
+struct MetricsSources {
+    applied: Applied,
+    counters: Arc<CounterReader>,
+    reloads: Arc<Mutex<Reloads>>,
+    endpoints: bool,
 }
 
 /// Serves `/metrics`, and `/healthz` and `/readyz` for probes. The listener is served only once
 /// start-up is over (the first apply done, the data plane attached), so both probes answer 200
 /// from then on: a process that answers is alive and serving.
-async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<MetricsRequest>) {
+async fn serve_metrics(listener: tokio::net::TcpListener, sources: MetricsSources) {
+    let sources = Arc::new(sources);
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(|| async { "ready\n" }))
         .route(
             "/metrics",
             axum::routing::get(move || {
-                let requests = requests.clone();
+                let sources = sources.clone();
                 async move {
-                    let (tx, rx) = oneshot::channel();
-                    let body = if requests.send(tx).await.is_ok() {
-                        rx.await.unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
+                    let state = sources.applied.borrow().clone();
+                    let reloads = lock(&sources.reloads).clone();
+                    // One system call per counter: off the runtime's threads.
+                    let render = tokio::task::spawn_blocking(move || {
+                        metrics::render(&state, &sources.counters, &reloads, sources.endpoints)
+                    });
+                    let body = render.await.unwrap_or_default();
                     (
                         [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
                         body,
@@ -883,8 +1079,8 @@ fn detach(iface: &str, roots: &Roots) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn log_counters(dataplane: &Dataplane) {
-    match dataplane.reason_counters() {
+fn log_counters(counters: Result<Vec<(Reason, Counter)>, DataplaneError>) {
+    match counters {
         Ok(counters) => {
             for (reason, counter) in counters {
                 if counter.packets > 0 {

@@ -20,7 +20,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::controller::{AppliedService, Controller};
+use crate::{
+    controller::{AppliedService, AppliedState},
+    dataplane::CounterReader,
+};
 
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -88,6 +91,8 @@ pub struct Reloads {
     last_success: Option<SystemTime>,
     /// How long applies took (all of them: the first, reloads, failed ones).
     apply_duration: Histogram,
+    /// Applies tried again after a failure (the desired state unchanged).
+    retries: u64,
 }
 
 impl Default for Reloads {
@@ -98,6 +103,7 @@ impl Default for Reloads {
             last_successful: true,
             last_success: None,
             apply_duration: Histogram::new(APPLY_BUCKETS),
+            retries: 0,
         }
     }
 }
@@ -114,6 +120,11 @@ impl Reloads {
             self.failed += 1;
             self.last_successful = false;
         }
+    }
+
+    /// A failed apply is tried again (its outcome is counted by [`Reloads::applied`]).
+    pub fn retried(&mut self) {
+        self.retries += 1;
     }
 
     /// A configuration that did not load (it does not validate): nothing was applied.
@@ -139,9 +150,16 @@ fn port_label(service: &AppliedService) -> String {
     }
 }
 
-/// Every metric of `controller` and `reloads`, in the Prometheus text format 0.0.4 (served as
-/// [`CONTENT_TYPE`]); per-endpoint families only with `endpoints`.
-pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> String {
+/// Every metric of the applied `state`, the data plane's counters (read through `counters`,
+/// which do not need the controller: a scrape never waits for an apply) and `reloads`, in the
+/// Prometheus text format 0.0.4 (served as [`CONTENT_TYPE`]); per-endpoint families only with
+/// `endpoints`.
+pub fn render(
+    state: &AppliedState,
+    counters: &CounterReader,
+    reloads: &Reloads,
+    endpoints: bool,
+) -> String {
     let mut registry = Registry::with_prefix("lb");
     let families = [
         (
@@ -190,10 +208,10 @@ pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> St
          equal on every node serving the same endpoints; scope all, external or internal",
         tables.clone(),
     );
-    let dataplane = controller.dataplane();
+    let dataplane = counters;
     // A Service port with a `Local` traffic policy is two data-plane services (its external and
     // its internal frontends): their counters add up in the port's one series.
-    for service in &controller.state().services {
+    for service in &state.services {
         let port = port_label(service);
         let Ok(counter) = dataplane.service_counter(service.id) else {
             continue;
@@ -278,7 +296,7 @@ pub fn render(controller: &Controller, reloads: &Reloads, endpoints: bool) -> St
         "Number of configurations applied since start",
         generation.clone(),
     );
-    generation.set(controller.state().generation as i64);
+    generation.set(state.generation as i64);
     let build = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
     registry.register(
         "build_info",
@@ -328,6 +346,14 @@ fn register_reloads(registry: &mut Registry, reloads: &Reloads) {
             .and_then(|at| at.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |since| since.as_secs() as i64),
     );
+    let retries = Counter::<u64>::default();
+    registry.register(
+        "apply_retries",
+        "Applies tried again after a failure, with backoff (each attempt is counted in \
+         lb_reloads_total too)",
+        retries.clone(),
+    );
+    retries.inc_by(reloads.retries);
     registry.register(
         "apply_duration_seconds",
         "How long applying a configuration to the data plane took (the first and every reload)",

@@ -453,10 +453,24 @@ pub fn load_each(
     options: &Options,
     previous: &Cluster,
 ) -> Result<Outcome, ConfigError> {
-    let built = build_each(&crate::manifest::load(path)?, options, previous);
+    Ok(build_and_project_each(
+        &crate::manifest::load(path)?,
+        options,
+        previous,
+    ))
+}
+
+/// Builds `manifests` object by object ([`build_each`]), then projects the result on this
+/// node ([`project`]); the refusals of both, in that order.
+pub fn build_and_project_each(
+    manifests: &Manifests,
+    options: &Options,
+    previous: &Cluster,
+) -> Outcome {
+    let built = build_each(manifests, options, previous);
     let mut projected = project(&built.cluster, options);
     projected.refused.splice(0..0, built.refused);
-    Ok(projected)
+    projected
 }
 
 /// Builds and validates the desired state this node serves, all or nothing: the build, then

@@ -238,6 +238,7 @@ fn default_kinds() -> BTreeMap<&'static str, &'static str> {
     let gauge = "gauge";
     BTreeMap::from([
         ("lb_apply_duration_seconds", "histogram"),
+        ("lb_apply_retries_total", counter),
         ("lb_build_info", gauge),
         ("lb_bytes_total", counter),
         ("lb_config_generation", gauge),

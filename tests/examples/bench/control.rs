@@ -219,21 +219,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     // Cold apply of many services, each with 10 endpoints, default table size.
     let counts: &[usize] = if quick { &[100, 1000] } else { &[1000, 10_000] };
     for &services in counts {
-        let mut yaml = String::new();
-        for s in 0..services {
-            yaml += &format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\nspec:\n  externalIPs: [198.19.{}.{}]\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: svc-{s}\nsubsets:\n- addresses:\n",
-                s >> 8,
-                s & 255
-            );
-            for e in 0..10 {
-                yaml += &format!(
-                    "  - ip: 198.20.{}.{}\n",
-                    (s * 10 + e) >> 8 & 255,
-                    (s * 10 + e) & 255
-                );
-            }
-        }
+        let yaml = many_services(services, 10);
         let mut manifests = Manifests::default();
         manifest::read_text(&PathBuf::from("cold.yaml"), &yaml, &mut manifests)?;
         let cluster = model::build(&manifests, &Options::default())?;
@@ -337,6 +323,56 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         Some(("goal 100 ms", &[100.0], |v, b| v / b)),
         "ratio < 1 meets the goal",
     );
+    // Scrapes while the running controller applies 10,000 services: they read what it
+    // published, never wait for the apply.
+    let controller = sandbox.controller.as_ref().expect("started");
+    let (applying, applied) = (controller.count("applying"), controller.count("applied"));
+    lb_tests::sandbox::write_atomically(
+        &sandbox.config_dir().join("many.yaml"),
+        &many_services(10_000, 2),
+    )?;
+    controller.wait_for("applying", applying + 1, Duration::from_secs(60))?;
+    let mut scrapes = Vec::new();
+    while controller.count("applied") == applied {
+        let start = Instant::now();
+        sandbox.scrape_metrics()?;
+        scrapes.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    scrapes.sort_by(f64::total_cmp);
+    let p99 = scrapes[((scrapes.len() as f64) * 0.99).ceil() as usize - 1];
+    report.add(
+        SECTION,
+        "scrape during a 10k-service apply, p99",
+        "ms",
+        vec![p99],
+        None,
+        &format!(
+            "{} scrapes while 10,000 services x 2 endpoints were applied",
+            scrapes.len()
+        ),
+    );
     drop(sandbox);
     Ok(())
+}
+
+/// `services` Services `svc-N` on 198.19.0.0/16, each with `endpoints` endpoints on
+/// 198.20.0.0/16.
+fn many_services(services: usize, endpoints: usize) -> String {
+    let mut yaml = String::new();
+    for s in 0..services {
+        yaml += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\nspec:\n  externalIPs: [198.19.{}.{}]\n  ports:\n  - port: 8080\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: svc-{s}\nsubsets:\n- addresses:\n",
+            s >> 8,
+            s & 255
+        );
+        for e in 0..endpoints {
+            yaml += &format!(
+                "  - ip: 198.20.{}.{}\n",
+                (s * endpoints + e) >> 8 & 255,
+                (s * endpoints + e) & 255
+            );
+        }
+    }
+    yaml
 }
