@@ -12,6 +12,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod hash;
 pub mod maps;
+pub mod select;
 pub mod stats;
 
 pub use maps::{

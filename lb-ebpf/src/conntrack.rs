@@ -10,10 +10,11 @@ use lb_common::{
         TCP_RST, TCP_SYN,
     },
     maps::{PROTO_TCP, is_ipv4_mapped},
+    select::Tracked,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
+    maps::{BACKENDS, CONNTRACK, Entry, REVERSE_NAT},
     parse::Packet,
     stats,
 };
@@ -68,53 +69,43 @@ fn advance(entry: &mut FlowValue, packet: &Packet, direction: Direction, now: u6
     step.remove
 }
 
-/// The backend of a tracked flow, found for a forward packet.
-pub struct Tracked {
-    pub backend_id: u32,
-    pub backend: Backend,
-}
-
-/// Finds the live entry of a forward `packet` (client -> VIP) of service `service_id` and
-/// applies the packet to it. `None`: the packet must be placed afresh (counted by why).
-///
-/// A SYN without ACK never follows an old entry: a new connection on a reused 5-tuple is
-/// placed afresh, and the old connection's reverse entry is removed with it.
+/// Counts what a forward `packet` made of its connection-table entry (`tracked`, as
+/// [`lb_common::select::select`] judged it). An entry not followed is replaced by the new
+/// placement: the old reverse entry (its backend's, if that slot still holds it) goes now, so
+/// no late reply of the old placement is rewritten into the new one.
 #[inline(always)]
-pub fn forward(key: &FlowKey, packet: &Packet, service_id: u32) -> Option<Tracked> {
-    let now = packet.now_ns;
-    let syn = conntrack::is_syn(packet.proto, packet.tcp_flags);
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+pub fn judged(packet: &Packet, tracked: &Tracked<Entry<FlowValue>, &Backend>) {
+    let (Some(entry), Some(found)) = (tracked.entry, tracked.found) else {
+        let syn = conntrack::is_syn(packet.proto, packet.tcp_flags);
         stats::event(if syn || packet.proto != PROTO_TCP {
             Event::ConntrackMiss
         } else {
             Event::ConntrackMissNonSyn
         });
-        return None;
+        return;
     };
-    // SAFETY: a value of the map; other CPUs may write the same entry, at worst losing one
-    // state or lifetime update that the next packet makes again.
-    let entry = unsafe { &mut *entry };
-    let backend = BACKENDS.get(entry.backend_id).copied();
-    let found = conntrack::judge(entry, backend.as_ref(), service_id, packet.ipv4, syn, now);
     stats::event(found.event());
-    let Some(backend) = backend.filter(|_| found == Found::Follow) else {
-        // The flow is placed afresh and its entry replaced: the old reverse entry (its
-        // backend's, if that slot still holds it) goes now, so no late reply of the old
-        // placement is rewritten into the new one.
-        if let Some(old) = backend.filter(|b| b.serves(entry.service_id, packet.ipv4)) {
-            let _ = REVERSE_NAT.remove(&reply_key(packet, &old));
-        }
-        return None;
-    };
-    let backend_id = entry.backend_id;
-    if advance(entry, packet, Direction::Forward, now) {
-        // The last packet of the flow: it is still sent on, the entries go now.
-        remove(key, &reply_key(packet, &backend));
+    if found == Found::Follow {
+        return;
     }
-    Some(Tracked {
-        backend_id,
-        backend,
-    })
+    if let Some(old) = tracked
+        .backend
+        .filter(|b| b.serves(entry.service_id, packet.ipv4))
+    {
+        let _ = REVERSE_NAT.remove(&reply_key(packet, old));
+    }
+}
+
+/// Applies a forward `packet` (client -> VIP) to the entry it follows, on `backend`.
+///
+/// A SYN without ACK never follows an old entry ([`conntrack::judge`]): a new connection on a
+/// reused 5-tuple is placed afresh, and the old connection's reverse entry is removed with it.
+#[inline(always)]
+pub fn follow(key: &FlowKey, packet: &Packet, mut entry: Entry<FlowValue>, backend: &Backend) {
+    if advance(entry.get_mut(), packet, Direction::Forward, packet.now_ns) {
+        // The last packet of the flow: it is still sent on, the entries go now.
+        remove(key, &reply_key(packet, backend));
+    }
 }
 
 /// Records a new flow of `packet` (client -> VIP) placed on `backend` in both tables, as the

@@ -3,6 +3,8 @@ use aya_ebpf::{
     btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+use core::{ops::Deref, ptr::NonNull};
+
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, FragmentKey,
     FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
@@ -11,6 +13,7 @@ use lb_common::{
         MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TX_PORTS,
         NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, SOURCE_RANGES_SIZE, VIP_FILTER_WORDS,
     },
+    select::SelectionMaps,
     stats::{EVENT_COUNT, REASON_COUNT},
 };
 
@@ -152,3 +155,63 @@ pub static SERVICE_STATS: PerCpuArray<FlowCounter, { MAX_SERVICES as usize }> = 
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<FlowCounter, { DEFAULT_MAX_BACKENDS as usize }> =
     PerCpuArray::new();
+
+/// A value of a hash map as a lookup found it: read through `Deref`, written in place with
+/// [`Entry::get_mut`], so a packet that updates the entry it looked up costs one lookup.
+#[derive(Clone, Copy)]
+pub struct Entry<T>(NonNull<T>);
+
+impl<T> Deref for Entry<T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        // SAFETY: a value of the map, valid for the program run; other CPUs may write the same
+        // entry, at worst losing one state or lifetime update that the next packet makes again.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl<T> Entry<T> {
+    /// The value, to update in place (see `deref`).
+    #[inline(always)]
+    pub fn get_mut(&mut self) -> &mut T {
+        // SAFETY: as `deref`.
+        unsafe { self.0.as_mut() }
+    }
+}
+
+/// The maps backend selection reads ([`lb_common::select`]).
+pub struct Selection;
+
+impl SelectionMaps for Selection {
+    type Flow = Entry<FlowValue>;
+    type Affinity = Entry<AffinityValue>;
+    type Backend = &'static Backend;
+
+    #[inline(always)]
+    fn flow(&self, key: &FlowKey) -> Option<Entry<FlowValue>> {
+        CONNTRACK.get_ptr_mut(key).and_then(NonNull::new).map(Entry)
+    }
+
+    #[inline(always)]
+    fn backend(&self, id: u32) -> Option<&'static Backend> {
+        BACKENDS.get(id)
+    }
+
+    #[inline(always)]
+    fn affinity(&self, key: &AffinityKey) -> Option<Entry<AffinityValue>> {
+        AFFINITY.get_ptr_mut(key).and_then(NonNull::new).map(Entry)
+    }
+
+    #[inline(always)]
+    fn maglev_slot(&self, service_id: u32, hash: u32) -> Option<u32> {
+        // SAFETY: the table is only read; userspace replaces whole tables, never edits one in
+        // use.
+        let table = unsafe { MAGLEV.get(&service_id) }?;
+        let size = *table.get(0)?;
+        if size == 0 {
+            return None;
+        }
+        table.get(1 + hash % size).copied()
+    }
+}

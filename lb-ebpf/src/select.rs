@@ -1,14 +1,17 @@
-//! Backend selection: the connection table first, then ClientIP affinity, then the service's
-//! Maglev table.
+//! Backend selection: the decision is `lb_common::select`'s, shared with `explain`, run here over
+//! the BPF maps; the table writes it implies (the tracked flow's advance, a new flow's entries,
+//! the affinity entry's insert or refresh) are made here, after it.
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Event, ServiceValue,
-    hash::{client_hash, flow_hash},
-    maps::{BACKEND_F_TERMINATING, SERVICE_F_AFFINITY},
+    conntrack::is_syn,
+    maps::SERVICE_F_AFFINITY,
+    select::{Choice, Query, select},
 };
 
 use crate::{
     conntrack,
-    maps::{AFFINITY, BACKENDS, MAGLEV},
+    frame::copy_bytes,
+    maps::{AFFINITY, Selection},
     parse::Packet,
     stats,
 };
@@ -22,26 +25,19 @@ pub struct Selected {
     pub new_flow: bool,
 }
 
-/// The backend with `id`, if it may take a new flow of `service_id`: live, of the packet's
-/// address family, not terminating, and the service's own (a stale affinity entry of a
-/// recycled service id can never reach another service's backend).
-#[inline(always)]
-fn accepting_backend(id: u32, service_id: u32, ipv4: bool) -> Option<Backend> {
-    let backend = *BACKENDS.get(id)?;
-    (backend.serves(service_id, ipv4) && backend.flags & BACKEND_F_TERMINATING == 0)
-        .then_some(backend)
-}
-
-/// The backend id in the Maglev slot `hash` falls on.
-#[inline(always)]
-fn maglev_pick(service_id: u32, hash: u32) -> Option<u32> {
-    // SAFETY: the table is only read; userspace replaces whole tables, never edits one in use.
-    let table = unsafe { MAGLEV.get(&service_id) }?;
-    let size = *table.get(0)?;
-    if size == 0 {
-        return None;
+impl Selected {
+    /// Records backend `id`, copied field by field from its slot in `BACKENDS`: a plain copy
+    /// between two maps' values compiles to a byte-at-a-time `memmove` call (see
+    /// `frame::copy_bytes`).
+    #[inline(always)]
+    fn set(&mut self, id: u32, backend: &Backend, new_flow: bool) {
+        self.id = id;
+        copy_bytes(&mut self.backend.addr, &backend.addr);
+        self.backend.port = backend.port;
+        self.backend.flags = backend.flags;
+        self.backend.service_id = backend.service_id;
+        self.new_flow = new_flow;
     }
-    table.get(1 + hash % size).copied()
 }
 
 /// Picks the backend of `packet` for `service` into `selected`, tracking the flow if it is
@@ -52,70 +48,66 @@ fn maglev_pick(service_id: u32, hash: u32) -> Option<u32> {
 #[inline(never)]
 pub fn backend(packet: &Packet, service: &ServiceValue, selected: &mut Selected) -> bool {
     let key = conntrack::flow_key(packet);
-    if let Some(tracked) = conntrack::forward(&key, packet, service.id) {
-        *selected = Selected {
-            id: tracked.backend_id,
-            backend: tracked.backend,
-            new_flow: false,
-        };
-        return true;
-    }
-    let Some((id, backend)) = place_new_flow(packet, service) else {
-        return false;
+    let query = Query {
+        key: &key,
+        service,
+        ipv4: packet.ipv4,
+        syn: is_syn(packet.proto, packet.tcp_flags),
+        now_ns: packet.now_ns,
     };
-    conntrack::create(&key, packet, service.id, id, &backend);
-    *selected = Selected {
-        id,
-        backend,
-        new_flow: true,
+    let selection = select(&Selection, &query);
+    conntrack::judged(packet, &selection.tracked);
+    let (id, backend) = match selection.choice {
+        Choice::Tracked {
+            backend_id,
+            backend,
+        } => {
+            if let Some(entry) = selection.tracked.entry {
+                conntrack::follow(&key, packet, entry, backend);
+            }
+            selected.set(backend_id, backend, false);
+            return true;
+        }
+        Choice::Affinity {
+            mut entry,
+            backend_id,
+            backend,
+        } => {
+            stats::event(Event::AffinityHit);
+            // Updated in place: a client's next connection costs no table insert.
+            entry.get_mut().last_used_ns = packet.now_ns;
+            (backend_id, backend)
+        }
+        Choice::Maglev {
+            backend_id,
+            backend,
+            ..
+        } => {
+            if service.flags & SERVICE_F_AFFINITY != 0 {
+                remember(packet, service, backend_id);
+            }
+            (backend_id, backend)
+        }
+        Choice::None => return false,
     };
+    conntrack::create(&key, packet, service.id, id, backend);
+    selected.set(id, backend, true);
     true
 }
 
+/// Records that the client of `packet` got backend `id` of `service` (ClientIP affinity).
 #[inline(always)]
-fn place_new_flow(packet: &Packet, service: &ServiceValue) -> Option<(u32, Backend)> {
-    if service.flags & SERVICE_F_AFFINITY == 0 {
-        let hash = flow_hash(
-            &packet.src,
-            &packet.dst,
-            packet.sport,
-            packet.dport,
-            packet.proto,
-        );
-        let id = maglev_pick(service.id, hash)?;
-        return accepting_backend(id, service.id, packet.ipv4).map(|backend| (id, backend));
-    }
-    let now = packet.now_ns;
+fn remember(packet: &Packet, service: &ServiceValue, id: u32) {
     let key = AffinityKey {
         client: packet.src,
         service_id: service.id,
     };
-    let timeout_ns = u64::from(service.affinity_timeout_secs) * 1_000_000_000;
-    if let Some(seen) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: a value of the map; another CPU may write the same entry, at worst moving
-        // its last use by one packet's worth.
-        let seen = unsafe { &mut *seen };
-        // Read once: another CPU may place this client anew meanwhile.
-        let backend_id = seen.backend_id;
-        let remembered = (now.saturating_sub(seen.last_used_ns) < timeout_ns)
-            .then(|| accepting_backend(backend_id, service.id, packet.ipv4))
-            .flatten();
-        if let Some(backend) = remembered {
-            stats::event(Event::AffinityHit);
-            // Updated in place: a client's next connection costs no table insert.
-            seen.last_used_ns = now;
-            return Some((backend_id, backend));
-        }
-    }
-    let id = maglev_pick(service.id, client_hash(&packet.src, &packet.dst))?;
-    let backend = accepting_backend(id, service.id, packet.ipv4)?;
     let value = AffinityValue {
         backend_id: id,
         pad: 0,
-        last_used_ns: now,
+        last_used_ns: packet.now_ns,
     };
     if AFFINITY.insert(&key, &value, 0).is_err() {
         stats::event(Event::ConntrackInsertFailed);
     }
-    Some((id, backend))
 }

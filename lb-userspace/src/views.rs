@@ -3,9 +3,15 @@
 //! their own, [`LIVE_FIELD`]) and `explain` (which backend a flow gets and why). They read the
 //! applied state and the pinned maps of running controllers, so they work from any shell.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use k8s_openapi::{
     api::core::v1::{
         ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort, ServiceSpec,
@@ -18,15 +24,15 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, FlowCounter, FlowKey, FlowValue,
+    AffinityKey, AffinityValue, Backend, FlowCounter, FlowKey, FlowValue,
     conntrack::{self, Found},
-    hash::{client_hash, flow_hash},
-    maps::{SERVICE_F_SOURCE_RANGES, names},
+    maps::{SERVICE_F_SOURCE_RANGES, is_ipv4_mapped, names},
+    select::{Choice, Copied, Query, SelectionMaps, select},
 };
 use serde::Serialize;
 
 use crate::{
-    controller::{AppliedService, AppliedState, addr16, data_plane_backend},
+    controller::{AppliedService, AppliedState, addr16},
     events::{ServiceEvent, human_age},
     model::{FrontendKind, Protocol, ServiceModel, VipKey},
 };
@@ -63,6 +69,53 @@ pub struct Attached {
     backend_stats: Option<PerCpuArray<MapData, FlowCounter>>,
     conntrack: Option<HashMap<MapData, FlowKey, FlowValue>>,
     affinity: Option<HashMap<MapData, AffinityKey, AffinityValue>>,
+    backends: Option<Array<MapData, Backend>>,
+    /// `MAGLEV`, a hash of maps: service id -> the id of its table (an array).
+    maglev: Option<MapData>,
+}
+
+impl Attached {
+    /// Service `service_id`'s Maglev table as the kernel holds it, opened by its id.
+    fn maglev_table(&self, service_id: u32) -> Option<MapData> {
+        let outer = self.maglev.as_ref()?;
+        let id: u32 = crate::syscall::lookup(outer.fd().as_fd().as_raw_fd(), &service_id)?;
+        MapData::from_id(id).ok()
+    }
+
+    /// The size of service `service_id`'s Maglev table in the kernel (slot 0).
+    fn maglev_size(&self, service_id: u32) -> Option<u32> {
+        let table = self.maglev_table(service_id)?;
+        crate::syscall::lookup(table.fd().as_fd().as_raw_fd(), &0u32)
+    }
+}
+
+/// `explain` reads the kernel's own maps, through the selection the kernel runs.
+impl SelectionMaps for Attached {
+    type Flow = Copied<FlowValue>;
+    type Affinity = Copied<AffinityValue>;
+    type Backend = Copied<Backend>;
+
+    fn flow(&self, key: &FlowKey) -> Option<Self::Flow> {
+        self.conntrack.as_ref()?.get(key, 0).ok().map(Copied)
+    }
+
+    fn backend(&self, id: u32) -> Option<Self::Backend> {
+        self.backends.as_ref()?.get(&id, 0).ok().map(Copied)
+    }
+
+    fn affinity(&self, key: &AffinityKey) -> Option<Self::Affinity> {
+        self.affinity.as_ref()?.get(key, 0).ok().map(Copied)
+    }
+
+    fn maglev_slot(&self, service_id: u32, hash: u32) -> Option<u32> {
+        let table = self.maglev_table(service_id)?;
+        let fd = table.fd().as_fd().as_raw_fd();
+        let size: u32 = crate::syscall::lookup(fd, &0u32)?;
+        if size == 0 {
+            return None;
+        }
+        crate::syscall::lookup(fd, &(1 + hash % size))
+    }
 }
 
 fn open_map(dir: &Path, name: &str) -> Option<Map> {
@@ -93,6 +146,8 @@ pub fn read_all(state_root: &Path, pin_root: &Path) -> Result<Vec<Attached>, Vie
             backend_stats: open_map(&dir, names::BACKEND_STATS).and_then(|m| m.try_into().ok()),
             conntrack: open_map(&dir, names::CONNTRACK).and_then(|m| m.try_into().ok()),
             affinity: open_map(&dir, names::AFFINITY).and_then(|m| m.try_into().ok()),
+            backends: open_map(&dir, names::BACKENDS).and_then(|m| m.try_into().ok()),
+            maglev: MapData::from_pin(dir.join(names::MAGLEV)).ok(),
             iface,
             state,
         });
@@ -1073,6 +1128,21 @@ pub fn explain(
     ))
 }
 
+/// The endpoint a data-plane backend slot names.
+fn endpoint(backend: &Backend) -> String {
+    let ip = if is_ipv4_mapped(&backend.addr) {
+        IpAddr::from([
+            backend.addr[12],
+            backend.addr[13],
+            backend.addr[14],
+            backend.addr[15],
+        ])
+    } else {
+        IpAddr::from(backend.addr)
+    };
+    SocketAddr::new(ip, backend.port).to_string()
+}
+
 fn explain_flow(
     attached: &Attached,
     service: &AppliedService,
@@ -1080,13 +1150,6 @@ fn explain_flow(
     vip: SocketAddr,
     protocol: Protocol,
 ) -> Explanation {
-    let endpoint_of = |id: u32| {
-        service
-            .backends
-            .iter()
-            .find(|b| b.id == id)
-            .map(|b| SocketAddr::new(b.addr, b.port).to_string())
-    };
     let label = format!(
         "{}/{} ({}/{})",
         service.namespace,
@@ -1115,81 +1178,91 @@ fn explain_flow(
                 .into(),
         };
     }
-    let src = addr16(source.ip());
-    let dst = addr16(vip.ip());
+    let value = value.unwrap_or_default();
     let key = FlowKey {
-        src,
-        dst,
+        src: addr16(source.ip()),
+        dst: addr16(vip.ip()),
         sport: source.port(),
         dport: vip.port(),
         proto: protocol.number(),
         pad: [0; 3],
     };
-    // The same judgement the kernel makes of the entry (`lb_common::conntrack::judge`), for the
-    // flow's next packet that is not a SYN (a SYN is always placed afresh).
+    // The kernel's own selection over its maps, for the flow's next packet that is not a SYN
+    // (a SYN is always placed afresh).
     let now = crate::conntrack::now_ns();
-    let tracked = attached
-        .conntrack
-        .as_ref()
-        .and_then(|m| m.get(&key, 0).ok());
-    let mut stale = None;
-    if let Some(flow) = tracked {
-        let state = conntrack::state_name(key.proto, flow.state);
-        let backend = service
-            .backends
-            .iter()
-            .find(|b| b.id == flow.backend_id)
-            .map(|b| data_plane_backend(service, b));
-        let found = conntrack::judge(
-            &flow,
-            backend.as_ref(),
-            service.id,
-            source.is_ipv4(),
-            false,
-            now,
-        );
-        if let (Found::Follow, Some(endpoint)) = (found, endpoint_of(flow.backend_id)) {
-            return Explanation {
-                service: label,
-                endpoint: Some(endpoint),
-                decided_by: "conntrack".into(),
-                detail: format!(
-                    "a tracked flow ({state}, expires in {}s), kept on backend {}; a new \
-                     connection (SYN) from this port is placed afresh",
-                    flow.expires_ns.saturating_sub(now) / 1_000_000_000,
-                    flow.backend_id
-                ),
-            };
-        }
+    let selection = select(
+        attached,
+        &Query {
+            key: &key,
+            service: &value,
+            ipv4: source.is_ipv4(),
+            syn: false,
+            now_ns: now,
+        },
+    );
+    let mut stale = String::new();
+    let mut tracked_state = "";
+    let mut expires_ns = 0;
+    if let (Some(entry), Some(found)) = (&selection.tracked.entry, selection.tracked.found) {
+        tracked_state = conntrack::state_name(key.proto, entry.state);
+        expires_ns = entry.expires_ns;
         let why = match found {
+            Found::Follow => "",
             Found::OtherService => "is another service's",
             Found::Expired => "expired",
             _ => "names a backend no longer serving",
         };
-        stale = Some(format!("its tracked entry ({state}) {why}, so "));
+        stale = format!("its tracked entry ({tracked_state}) {why}, so ");
     }
-    let stale = stale.unwrap_or_default();
-    if service.affinity_timeout_secs.is_some() {
-        let key = AffinityKey {
-            client: src,
-            service_id: service.id,
-        };
-        if let Some(seen) = attached.affinity.as_ref().and_then(|m| m.get(&key, 0).ok())
-            && let Some(endpoint) = endpoint_of(seen.backend_id)
-        {
-            return Explanation {
+    match selection.choice {
+        Choice::Tracked {
+            backend_id,
+            backend,
+        } => Explanation {
+            service: label,
+            endpoint: Some(endpoint(&backend)),
+            decided_by: "conntrack".into(),
+            detail: format!(
+                "a tracked flow ({tracked_state}, expires in {}s), kept on backend \
+                 {backend_id}; a new connection (SYN) from this port is placed afresh",
+                expires_ns.saturating_sub(now) / 1_000_000_000,
+            ),
+        },
+        Choice::Affinity {
+            entry,
+            backend_id,
+            backend,
+        } => Explanation {
+            service: label,
+            endpoint: Some(endpoint(&backend)),
+            decided_by: "affinity".into(),
+            detail: format!(
+                "{stale}ClientIP affinity: this client's last backend {backend_id}, used {}s \
+                 ago (timeout {}s)",
+                now.saturating_sub(entry.last_used_ns) / 1_000_000_000,
+                value.affinity_timeout_secs
+            ),
+        },
+        Choice::Maglev {
+            hash,
+            backend_id,
+            backend,
+        } => {
+            let size = attached
+                .maglev_size(service.id)
+                .unwrap_or(service.table_size);
+            Explanation {
                 service: label,
-                endpoint: Some(endpoint),
-                decided_by: "affinity".into(),
+                endpoint: Some(endpoint(&backend)),
+                decided_by: "maglev".into(),
                 detail: format!(
-                    "ClientIP affinity: this client's last backend (timeout {}s)",
-                    service.affinity_timeout_secs.unwrap_or_default()
+                    "{stale}a new flow: hash {hash:#010x} -> slot {} of {size} -> backend \
+                     {backend_id}",
+                    hash % size.max(1)
                 ),
-            };
+            }
         }
-    }
-    let Ok(Some(table)) = service.maglev_table() else {
-        return Explanation {
+        Choice::None => Explanation {
             service: label,
             endpoint: None,
             decided_by: "no backend".into(),
@@ -1203,23 +1276,7 @@ fn explain_flow(
                  are dropped and counted (drop_no_backend)"
                     .into()
             },
-        };
-    };
-    let hash = if service.affinity_timeout_secs.is_some() {
-        client_hash(&src, &dst)
-    } else {
-        flow_hash(&src, &dst, source.port(), vip.port(), protocol.number())
-    };
-    let slot = hash % service.table_size;
-    let id = table[slot as usize];
-    Explanation {
-        service: label,
-        endpoint: endpoint_of(id),
-        decided_by: "maglev".into(),
-        detail: format!(
-            "{stale}a new flow: hash {hash:#010x} -> slot {slot} of {} -> backend {id}",
-            service.table_size
-        ),
+        },
     }
 }
 
@@ -1328,6 +1385,8 @@ spec:
             backend_stats: None,
             conntrack: None,
             affinity: None,
+            backends: None,
+            maglev: None,
         }]
     }
 
