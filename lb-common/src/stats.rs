@@ -22,6 +22,13 @@ impl Counter {
     }
 }
 
+/// The total of every CPU's (or slot's) figures.
+impl<'a> core::iter::Sum<&'a Counter> for Counter {
+    fn sum<I: Iterator<Item = &'a Counter>>(iter: I) -> Self {
+        iter.fold(Self::default(), |total, one| total.plus(*one))
+    }
+}
+
 /// Traffic of one service or backend on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +50,13 @@ impl FlowCounter {
             bytes: self.bytes + other.bytes,
             new_flows: self.new_flows + other.new_flows,
         }
+    }
+}
+
+/// The total of every CPU's figures.
+impl<'a> core::iter::Sum<&'a FlowCounter> for FlowCounter {
+    fn sum<I: Iterator<Item = &'a FlowCounter>>(iter: I) -> Self {
+        iter.fold(Self::default(), |total, one| total.plus(*one))
     }
 }
 

@@ -1266,10 +1266,7 @@ fn reasons<T: std::borrow::Borrow<MapData>>(
                 return Ok((reason, Counter::default()));
             }
             let per_cpu = stats.get(&(reason as u32), 0).map_err(map_error(name))?;
-            Ok((
-                reason,
-                per_cpu.iter().fold(Counter::default(), |a, b| a.plus(*b)),
-            ))
+            Ok((reason, per_cpu.iter().sum::<Counter>()))
         })
         .collect()
 }
@@ -1293,9 +1290,7 @@ fn flow_counter<T: std::borrow::Borrow<MapData>>(
     index: u32,
 ) -> Result<FlowCounter, DataplaneError> {
     let per_cpu = map.get(&index, 0).map_err(map_error(name))?;
-    Ok(per_cpu
-        .iter()
-        .fold(FlowCounter::default(), |a, b| a.plus(*b)))
+    Ok(per_cpu.iter().sum::<FlowCounter>())
 }
 
 /// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a

@@ -166,7 +166,7 @@ enum Command {
         /// Only this service.
         name: Option<String>,
         /// The namespace listed.
-        #[arg(short, long, default_value = "default")]
+        #[arg(short, long, default_value = lb_userspace::manifest::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Every namespace (a NAMESPACE column first).
         #[arg(short = 'A', long, conflicts_with_all = ["name", "namespace"])]
@@ -184,7 +184,7 @@ enum Command {
         /// The service's name.
         name: String,
         /// The service's namespace.
-        #[arg(short, long, default_value = "default")]
+        #[arg(short, long, default_value = lb_userspace::manifest::DEFAULT_NAMESPACE)]
         namespace: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "wide")]

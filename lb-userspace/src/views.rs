@@ -160,11 +160,7 @@ pub fn read_all(state_root: &Path, pin_root: &Path) -> Result<Vec<Attached>, Vie
 
 fn sum(map: Option<&PerCpuArray<MapData, FlowCounter>>, index: u32) -> FlowCounter {
     map.and_then(|m| m.get(&index, 0).ok())
-        .map(|per_cpu| {
-            per_cpu
-                .iter()
-                .fold(FlowCounter::default(), |a, b| a.plus(*b))
-        })
+        .map(|per_cpu| per_cpu.iter().sum::<FlowCounter>())
         .unwrap_or_default()
 }
 
@@ -1087,11 +1083,9 @@ pub fn explain(
     let vip: SocketAddr = vip
         .parse()
         .map_err(|_| ViewError::Usage(format!("{frontend:?}: expected VIP:PORT/PROTO")))?;
-    let protocol = match protocol.to_ascii_uppercase().as_str() {
-        "TCP" => Protocol::Tcp,
-        "UDP" => Protocol::Udp,
-        other => return Err(ViewError::Usage(format!("{other}: expected TCP or UDP"))),
-    };
+    // On the command line either case will do; manifests are case-sensitive, as the API is.
+    let protocol = Protocol::parse(Some(&protocol.to_ascii_uppercase()))
+        .map_err(|other| ViewError::Usage(format!("{other}: expected TCP or UDP")))?;
     let found = all.iter().find_map(|a| {
         a.state
             .services
