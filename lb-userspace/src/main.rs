@@ -1024,11 +1024,33 @@ struct MetricsSources {
 /// Serves `/metrics`, and `/healthz` and `/readyz` for probes. The listener is served only once
 /// start-up is over (the first apply done, the data plane attached), so both probes answer 200
 /// from then on: a process that answers is alive and serving.
+/// A probe's answer: `answer` while the controller thread runs, 503 once it is gone.
+fn probe_answer(running: bool, answer: &'static str) -> (axum::http::StatusCode, &'static str) {
+    if running {
+        (axum::http::StatusCode::OK, answer)
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the controller thread stopped\n",
+        )
+    }
+}
+
 async fn serve_metrics(listener: tokio::net::TcpListener, sources: MetricsSources) {
     let sources = Arc::new(sources);
+    // Alive and ready while the controller thread is: once it is gone (its publisher dropped,
+    // a panic), nothing applies the configuration any more and the probes say so, so that a
+    // kubelet restarts the pod.
+    let probe = |answer: &'static str| {
+        let sources = sources.clone();
+        move || {
+            let running = sources.applied.has_changed().is_ok();
+            async move { probe_answer(running, answer) }
+        }
+    };
     let app = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route("/readyz", axum::routing::get(|| async { "ready\n" }))
+        .route("/healthz", axum::routing::get(probe("ok\n")))
+        .route("/readyz", axum::routing::get(probe("ready\n")))
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -1094,5 +1116,25 @@ fn log_counters(counters: Result<Vec<(Reason, Counter)>, DataplaneError>) {
             }
         }
         Err(e) => warn!(error = %e, "reading the counters"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_fail_once_the_controller_thread_is_gone() {
+        let (publisher, applied) = watch::channel(Arc::new(AppliedState::default()));
+        assert!(applied.has_changed().is_ok());
+        assert_eq!(probe_answer(applied.has_changed().is_ok(), "ok\n").0, 200);
+        drop(publisher);
+        assert_eq!(
+            probe_answer(applied.has_changed().is_ok(), "ok\n"),
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the controller thread stopped\n"
+            )
+        );
     }
 }
