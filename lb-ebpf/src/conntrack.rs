@@ -181,7 +181,8 @@ pub fn reply_if(
     if !may_take(packet) {
         return false;
     }
-    // SAFETY: a value of the map (see `forward`).
+    // SAFETY: a value of the map; another CPU may write the same entry, at worst losing one
+    // state or lifetime update that the next packet makes again.
     let found = unsafe { &mut *found };
     *to = *found;
     packet.now_ns = now_ns();
@@ -195,7 +196,8 @@ pub fn reply_if(
     }
     let forward = conntrack::forward_key_of_reply(&key, to);
     let closed = match CONNTRACK.get_ptr_mut(&forward) {
-        // SAFETY: a value of the map (see `forward`).
+        // SAFETY: a value of the map; another CPU may write the same entry, at worst losing one
+        // state or lifetime update that the next packet makes again.
         Some(entry) => {
             let entry = unsafe { &mut *entry };
             if entry.backend_id != to.backend_id {

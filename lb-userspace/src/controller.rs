@@ -576,13 +576,7 @@ impl Controller {
         for service in &mut desired {
             let previous = old.get(&service.group()).copied();
             service.table_digest = previous.and_then(|p| p.table_digest.clone());
-            let changed = table_inputs_changed(previous, service);
-            if !changed && service.table_digest.is_none() {
-                // A state saved before digests existed: the table is not rewritten, only
-                // described.
-                service.table_digest = service.maglev_table()?.map(|t| service.table_digest(&t));
-            }
-            if changed {
+            if table_inputs_changed(previous, service) {
                 let table = service.maglev_table()?;
                 service.table_digest = table.as_deref().map(|t| service.table_digest(t));
                 match table {

@@ -114,11 +114,6 @@ impl HealthChecks {
             }
         }
     }
-
-    /// The ports served.
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.servers.keys().copied()
-    }
 }
 
 impl Drop for HealthChecks {

@@ -851,9 +851,11 @@ impl ControllerThread {
                     if let Err(e) = self.controller.refresh_local_pods() {
                         warn!(error = %e, "saving the local pods found");
                     }
+                    // Applies and rejections publish their own state, before the lines that
+                    // say they happened.
+                    self.outputs.publish(self.controller.state());
                 }
             }
-            self.outputs.publish(self.controller.state());
         }
         self.controller
     }

@@ -357,52 +357,38 @@ fn read_object(
         ("v1", "Service") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<Service>);
-            match parse(value, known, file, &object, &mut manifests.warnings) {
-                Ok(service) => manifests.services.push(Located {
-                    file: file.to_path_buf(),
-                    object: service,
-                }),
-                Err(refused) => manifests.refused.push(refused),
+            if let Some(service) = parse_or_refuse(value, known, file, &object, manifests) {
+                manifests.services.push(service);
             }
             Ok(())
         }
         ("v1", "Endpoints") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<Endpoints>);
-            match parse(value, known, file, &object, &mut manifests.warnings) {
-                Ok(endpoints) => manifests.endpoints.push(Located {
-                    file: file.to_path_buf(),
-                    object: endpoints,
-                }),
-                Err(refused) => manifests.refused.push(refused),
+            if let Some(endpoints) = parse_or_refuse(value, known, file, &object, manifests) {
+                manifests.endpoints.push(endpoints);
             }
             Ok(())
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             static KNOWN: OnceLock<fields::Table> = OnceLock::new();
             let known = KNOWN.get_or_init(fields::table::<EndpointSlice>);
-            let slice: EndpointSlice =
-                match parse(value, known, file, &object, &mut manifests.warnings) {
-                    Ok(slice) => slice,
-                    Err(refused) => {
-                        manifests.refused.push(refused);
-                        return Ok(());
-                    }
-                };
+            let Some(slice) =
+                parse_or_refuse::<EndpointSlice>(value, known, file, &object, manifests)
+            else {
+                return Ok(());
+            };
             // kube-proxy reads IPv4 and IPv6 slices only; FQDN ones (and any type a newer
             // release adds) name no address to forward to.
-            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            if !matches!(slice.object.address_type.as_str(), "IPv4" | "IPv6") {
                 manifests.warnings.push(format!(
                     "{}: {object}: addressType {}: not an IP address type; skipped",
                     file.display(),
-                    slice.address_type
+                    slice.object.address_type
                 ));
                 return Ok(());
             }
-            manifests.slices.push(Located {
-                file: file.to_path_buf(),
-                object: slice,
-            });
+            manifests.slices.push(slice);
             Ok(())
         }
         // Our kinds in a version we cannot read: served half-understood or not at all, either
@@ -428,6 +414,27 @@ fn read_object(
                 file.display()
             ));
             Ok(())
+        }
+    }
+}
+
+/// An object of one of our kinds, with its file; `None` when it is refused (the refusal kept
+/// in `manifests`, which reads on: a bad object is that object's problem only).
+fn parse_or_refuse<T: serde::de::DeserializeOwned>(
+    value: Value,
+    known: &fields::Table,
+    file: &Path,
+    object: &ObjectRef,
+    manifests: &mut Manifests,
+) -> Option<Located<T>> {
+    match parse(value, known, file, object, &mut manifests.warnings) {
+        Ok(parsed) => Some(Located {
+            file: file.to_path_buf(),
+            object: parsed,
+        }),
+        Err(refused) => {
+            manifests.refused.push(refused);
+            None
         }
     }
 }

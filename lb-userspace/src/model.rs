@@ -352,11 +352,6 @@ fn cluster_policy() -> String {
 pub const POLICY_LOCAL: &str = "Local";
 
 impl ServiceModel {
-    /// The addresses of the service, whatever their kind.
-    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.addresses.iter().map(|a| a.addr)
-    }
-
     /// Every frontend of `port` this node serves: the service's addresses (cluster IPs only
     /// with `serve_cluster_ips`) at the service port, and the node addresses at the node port.
     pub fn frontends(&self, port: &PortModel, options: &Options) -> Vec<Frontend> {
@@ -1240,7 +1235,7 @@ mod tests {
         assert_eq!(service.name, "tomcat-load-balancer");
         assert_eq!(service.service_type, "LoadBalancer");
         assert_eq!(
-            service.vips().collect::<Vec<_>>(),
+            service.addresses.iter().map(|a| a.addr).collect::<Vec<_>>(),
             vec!["10.96.43.114".parse::<IpAddr>().unwrap()]
         );
         let port = &service.ports[0];

@@ -506,11 +506,6 @@ ports:
         Ok(())
     }
 
-    /// The folder of manifests the controller serves.
-    pub fn config_dir(&self) -> &Path {
-        self.config.path()
-    }
-
     /// Waits until the controller applied `count` configurations since it started.
     pub fn wait_applied(&self, count: usize) -> anyhow::Result<()> {
         self.controller.as_ref().context("no controller")?.wait_for(

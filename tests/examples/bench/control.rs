@@ -328,7 +328,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let controller = sandbox.controller.as_ref().expect("started");
     let (applying, applied) = (controller.count("applying"), controller.count("applied"));
     lb_tests::sandbox::write_atomically(
-        &sandbox.config_dir().join("many.yaml"),
+        &sandbox.config.path().join("many.yaml"),
         &many_services(10_000, 2),
     )?;
     controller.wait_for("applying", applying + 1, Duration::from_secs(60))?;
