@@ -407,6 +407,12 @@ impl Controller {
     /// The data plane services `cluster` asks for, with ids still unassigned (0).
     fn desired(&self, cluster: &Cluster) -> Vec<AppliedService> {
         let mut services = Vec::new();
+        // Node ports are served on the node addresses the desired state names (`--node-ip`,
+        // or the Node object's).
+        let options = Options {
+            node_ips: cluster.node_ips.clone(),
+            ..self.options.clone()
+        };
         for service in &cluster.services {
             let external_local = service.node_local(FrontendKind::LoadBalancer);
             let internal_local = service.node_local(FrontendKind::ClusterIp);
@@ -419,7 +425,7 @@ impl Controller {
                 ]
             };
             for port in &service.ports {
-                let frontends = service.frontends(port, &self.options);
+                let frontends = service.frontends(port, &options);
                 for ipv4 in [true, false] {
                     let family: Vec<&EndpointModel> = port
                         .endpoints
@@ -645,7 +651,7 @@ impl Controller {
                 Some(_) => {}
             }
         }
-        self.set_vip_counts(&desired)?;
+        self.set_vip_counts(&desired, &cluster.node_ips)?;
         self.step_done(ApplyStep::ServicesWritten);
 
         // 5. Retire what is gone, and the flows of removed backends.
@@ -797,10 +803,14 @@ impl Controller {
 
     /// Updates `VIP_ADDRS`: the number of services on each address, flagged when the address
     /// is the host's own (a node IP, or any interface address now).
-    fn set_vip_counts(&mut self, desired: &[AppliedService]) -> Result<(), ControllerError> {
+    fn set_vip_counts(
+        &mut self,
+        desired: &[AppliedService],
+        node_ips: &[IpAddr],
+    ) -> Result<(), ControllerError> {
         let host: HashSet<IpAddr> = crate::host::addresses()
             .into_iter()
-            .chain(self.options.node_ips.iter().copied())
+            .chain(node_ips.iter().copied())
             .collect();
         let mut values: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for frontend in desired.iter().flat_map(|s| &s.frontends) {

@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, Reason};
 use lb_userspace::{
-    AttachMode, Dataplane, conntrack,
+    AttachMode, Dataplane,
+    api::{API_SETTLE, ApiSource},
+    conntrack,
     controller::{AppliedState, Controller},
     dataplane::{CounterReader, DataplaneError, LoadOptions},
     events::{ServiceEvent, now_timestamp},
@@ -98,9 +100,17 @@ enum Command {
     Attach {
         /// The client-facing interface.
         iface: String,
-        /// A manifest file or a folder of them (Service, Endpoints, EndpointSlice, List).
+        /// A manifest file or a folder of them (Service, Endpoints, EndpointSlice, Node, List).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Follow the Kubernetes API instead of files: Services, EndpointSlices and Nodes,
+        /// listed and watched. In a pod, with its service account; elsewhere with KUBECONFIG
+        /// or ~/.kube/config.
+        #[arg(long, conflicts_with = "config")]
+        api: bool,
+        /// Follow the Kubernetes API described by this kubeconfig (implies --api).
+        #[arg(long, conflicts_with = "config")]
+        kubeconfig: Option<PathBuf>,
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t)]
         mode: AttachMode,
@@ -218,6 +228,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Attach {
             iface,
             config,
+            api,
+            kubeconfig,
             mode,
             node_ips,
             metrics_addr,
@@ -234,9 +246,18 @@ async fn main() -> anyhow::Result<()> {
             roots,
         } => {
             lb_userspace::privileges::require_for_attach()?;
+            let source = match (config, api, kubeconfig) {
+                (Some(path), _, _) => SourceSetting::File(path),
+                (None, _, Some(kubeconfig)) => SourceSetting::Api {
+                    kubeconfig: Some(kubeconfig),
+                },
+                (None, true, None) => SourceSetting::Api { kubeconfig: None },
+                (None, false, None) => SourceSetting::None,
+            };
+            let from_api = matches!(source, SourceSetting::Api { .. });
             let settings = AttachSettings {
                 iface,
-                config,
+                source,
                 mode,
                 options: Options {
                     node_ips,
@@ -248,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
                     },
                     serve_cluster_ips,
                     load_balancer_class,
+                    serve_requested_ips: !from_api,
                 },
                 metrics_addr,
                 metrics_endpoints,
@@ -346,9 +368,26 @@ fn check_resource(resource: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the desired state comes from.
+enum SourceSetting {
+    /// Nowhere: the data plane is attached and serves nothing (or what it adopted).
+    None,
+    /// A manifest file or folder.
+    File(PathBuf),
+    /// The Kubernetes API (the kubeconfig, or the inferred configuration).
+    Api { kubeconfig: Option<PathBuf> },
+}
+
+/// A running source, kept for as long as its snapshots are read.
+enum SourceHandle {
+    // Held for its watcher: dropping it stops the watch.
+    File(#[allow(dead_code)] FileSource),
+    Api(ApiSource),
+}
+
 struct AttachSettings {
     iface: String,
-    config: Option<PathBuf>,
+    source: SourceSetting,
     mode: AttachMode,
     options: Options,
     metrics_addr: SocketAddr,
@@ -541,9 +580,9 @@ struct Running {
     options: Options,
     stats_interval: u64,
     reloads: Arc<Mutex<Reloads>>,
-    /// The configuration's snapshots (none without `--config`).
+    /// The configuration's snapshots (none without a source).
     snapshots: Option<Snapshots>,
-    _source: Option<FileSource>,
+    _source: Option<SourceHandle>,
     applied: watch::Sender<Arc<AppliedState>>,
     counters: Arc<CounterReader>,
 }
@@ -558,7 +597,7 @@ async fn start(
 ) -> anyhow::Result<Option<Running>> {
     let AttachSettings {
         iface,
-        config,
+        source,
         mode,
         options,
         metrics_addr,
@@ -570,18 +609,31 @@ async fn start(
     } = settings;
     // Watch before the first read, so a change written while we start is not missed: it
     // triggers a reload that finds either a new state or nothing to do.
-    let (source, snapshots) = match &config {
-        Some(path) => {
+    let (handle, snapshots) = match &source {
+        SourceSetting::File(path) => {
             let (source, snapshots) = FileSource::start(path, Settle::default())?;
-            (Some(source), Some(snapshots))
+            (Some(SourceHandle::File(source)), Some(snapshots))
         }
-        None => (None, None),
+        SourceSetting::Api { kubeconfig } => {
+            let client = lb_userspace::api::client(kubeconfig.as_deref()).await?;
+            let (source, snapshots) = ApiSource::start(&client, API_SETTLE);
+            (Some(SourceHandle::Api(source)), Some(snapshots))
+        }
+        SourceSetting::None => (None, None),
     };
-    // A configuration that does not validate, or a metrics address in use, stops us before
-    // anything changes.
-    let cluster = match &config {
-        Some(path) => Some(model::load(path, &with_host_addresses(&options))?),
-        None => None,
+    // A configuration file that does not validate stops us before anything changes. The API's
+    // first state is awaited later, with the data plane attached: a node restarting beside a
+    // serving data plane keeps serving while the API is listed (or away).
+    let first = match &source {
+        SourceSetting::File(path) => {
+            let manifests = lb_userspace::manifest::load(path)?;
+            First::Cluster(model::build(
+                &manifests,
+                &node_options(&options, &manifests),
+            )?)
+        }
+        SourceSetting::Api { .. } => First::Api,
+        SourceSetting::None => First::Nothing,
     };
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
@@ -649,6 +701,23 @@ async fn start(
     let mut reloads = Reloads::default();
     // A stop that arrived before the data plane was complete (during the step that completes
     // it, too) finds it incomplete: --keep-on-exit keeps only whole data planes.
+    let cluster = match first {
+        First::Nothing => None,
+        First::Cluster(cluster) => Some(cluster),
+        First::Api => {
+            let snapshots = snapshots
+                .clone()
+                .expect("the API source publishes snapshots");
+            let controller = setup.controller.as_mut().expect("loaded");
+            match first_api_state(snapshots, controller, &options, stop).await {
+                Some(cluster) => Some(cluster),
+                None => {
+                    setup.stopped = true;
+                    return Ok(None);
+                }
+            }
+        }
+    };
     match cluster {
         None => setup.complete = !setup.stopped,
         Some(cluster) => {
@@ -698,6 +767,10 @@ async fn start(
             counters: counters.clone(),
             reloads: reloads.clone(),
             endpoints: metrics_endpoints,
+            in_cluster: match &handle {
+                Some(SourceHandle::Api(source)) => Some(in_cluster_figures(source)),
+                _ => None,
+            },
         },
     ));
     // The one line that says start-up is over: the stop handlers exist, the metrics listener is
@@ -710,10 +783,73 @@ async fn start(
         stats_interval,
         reloads,
         snapshots,
-        _source: source,
+        _source: handle,
         applied,
         counters,
     }))
+}
+
+/// The figures of the API source (and, on the leader's side, of the address assignment).
+fn in_cluster_figures(source: &ApiSource) -> InClusterFigures {
+    let health = source.health.clone();
+    Arc::new(move || metrics::InCluster {
+        watches: health
+            .watches
+            .iter()
+            .map(|w| metrics::WatchFigures {
+                resource: w.resource,
+                connected: w.connected.load(std::sync::atomic::Ordering::Relaxed),
+                errors: w.errors.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect(),
+        ..metrics::InCluster::default()
+    })
+}
+
+/// What the first apply applies.
+enum First {
+    /// Nothing: no source.
+    Nothing,
+    /// The configuration files' state, read and validated before anything changed.
+    Cluster(Cluster),
+    /// The API's first complete state, awaited once the data plane is attached.
+    Api,
+}
+
+/// Waits for the API's first complete list (or a stop signal: `None`) and builds it, object
+/// by object: an object the model refuses is logged and told to its Service, never a reason
+/// to refuse the cluster (one bad Service must not keep a node from serving the others). The
+/// snapshot is marked seen: the controller thread takes the ones after it.
+async fn first_api_state(
+    mut snapshots: Snapshots,
+    controller: &mut Controller,
+    options: &Options,
+    stop: &mut StopSignals,
+) -> Option<Cluster> {
+    info!("waiting for the API's first complete list (a data plane found serving keeps serving)");
+    let snapshot = tokio::select! {
+        biased;
+        () = stop.recv() => return None,
+        snapshot = snapshots.wait_for(Option::is_some) => snapshot.ok()?.clone()?,
+    };
+    snapshots.mark_unchanged();
+    let manifests = match &snapshot.manifests {
+        Ok(manifests) => manifests,
+        Err(e) => {
+            error!(error = %e, "the API's first state cannot be read");
+            return None;
+        }
+    };
+    let outcome = model::build_and_project_each(
+        manifests,
+        &node_options(options, manifests),
+        &controller.state().cluster,
+    );
+    for e in &outcome.refused {
+        tell_rejection(controller, e);
+        error!(error = %e, "configuration rejected for this object; the other objects go ahead");
+    }
+    Some(outcome.cluster)
 }
 
 impl Running {
@@ -912,10 +1048,20 @@ fn log_warnings(cluster: &Cluster) {
     }
 }
 
-/// `options` with this host's current addresses (they can change while we run).
-fn with_host_addresses(options: &Options) -> Options {
+/// `options` with this host's current addresses (they can change while we run), and, unless
+/// `--node-ip` named them, the node addresses of this node's Node object in `manifests` (the
+/// API's, or a file's).
+fn node_options(options: &Options, manifests: &Manifests) -> Options {
     let mut options = options.clone();
     options.host_addresses = lb_userspace::host::addresses();
+    if options.node_ips.is_empty()
+        && let Some(node) = manifests
+            .nodes
+            .iter()
+            .find(|n| n.object.metadata.name.as_deref() == Some(options.node_name.as_str()))
+    {
+        options.node_ips = lb_userspace::api::node_addresses(&node.object);
+    }
     options
 }
 
@@ -933,7 +1079,7 @@ fn reload(
     let built = match manifests {
         Ok(manifests) => Ok(model::build_and_project_each(
             manifests,
-            &with_host_addresses(options),
+            &node_options(options, manifests),
             &controller.state().cluster,
         )),
         Err(e) => Err(e.clone()),
@@ -1021,7 +1167,12 @@ struct MetricsSources {
     counters: Arc<CounterReader>,
     reloads: Arc<Mutex<Reloads>>,
     endpoints: bool,
+    /// What following the API adds (`None` for files).
+    in_cluster: Option<InClusterFigures>,
 }
+
+/// Reads the figures of the API source, the lease and the address assignment.
+type InClusterFigures = Arc<dyn Fn() -> metrics::InCluster + Send + Sync>;
 
 /// Serves `/metrics`, and `/healthz` and `/readyz` for probes. The listener is served only once
 /// start-up is over (the first apply done, the data plane attached), so both probes answer 200
@@ -1062,7 +1213,14 @@ async fn serve_metrics(listener: tokio::net::TcpListener, sources: MetricsSource
                     let reloads = lock(&sources.reloads).clone();
                     // One system call per counter: off the runtime's threads.
                     let render = tokio::task::spawn_blocking(move || {
-                        metrics::render(&state, &sources.counters, &reloads, sources.endpoints)
+                        let in_cluster = sources.in_cluster.as_ref().map(|figures| figures());
+                        metrics::render(
+                            &state,
+                            &sources.counters,
+                            &reloads,
+                            sources.endpoints,
+                            in_cluster.as_ref(),
+                        )
                     });
                     let body = render.await.unwrap_or_default();
                     (

@@ -23,7 +23,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize as _;
@@ -162,6 +162,9 @@ pub struct Manifests {
     pub endpoints: Vec<Located<Endpoints>>,
     /// `discovery.k8s.io/v1 EndpointSlice`s.
     pub slices: Vec<Located<EndpointSlice>>,
+    /// `v1 Node`s: their addresses are where node ports are served (see
+    /// [`crate::api::node_addresses`]).
+    pub nodes: Vec<Located<Node>>,
     /// What was read past, one line each naming file, object and field: unknown fields that
     /// are no near miss, kinds that are not ours, slices of an address type not served.
     pub warnings: Vec<String>,
@@ -391,15 +394,23 @@ fn read_object(
             manifests.slices.push(slice);
             Ok(())
         }
+        ("v1", "Node") => {
+            static KNOWN: OnceLock<fields::Table> = OnceLock::new();
+            let known = KNOWN.get_or_init(fields::table::<Node>);
+            if let Some(node) = parse_or_refuse(value, known, file, &object, manifests) {
+                manifests.nodes.push(node);
+            }
+            Ok(())
+        }
         // Our kinds in a version we cannot read: served half-understood or not at all, either
         // would be a surprise.
-        (api_version, kind @ ("Service" | "Endpoints" | "EndpointSlice" | "List")) => {
+        (api_version, kind @ ("Service" | "Endpoints" | "EndpointSlice" | "Node" | "List")) => {
             manifests.refused.push(error(
                 "kind",
                 ConfigReason::UnknownKind,
                 format!(
                     "unknown kind {kind} ({api_version}); expected v1 Service, v1 Endpoints, \
-                     discovery.k8s.io/v1 EndpointSlice or v1 List"
+                     discovery.k8s.io/v1 EndpointSlice, v1 Node or v1 List"
                 ),
             ));
             Ok(())

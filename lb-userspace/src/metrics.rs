@@ -159,6 +159,7 @@ pub fn render(
     counters: &CounterReader,
     reloads: &Reloads,
     endpoints: bool,
+    in_cluster: Option<&InCluster>,
 ) -> String {
     let mut registry = Registry::with_prefix("lb");
     let families = [
@@ -290,6 +291,9 @@ pub fn render(
             .inc_by(count);
     }
     register_reloads(&mut registry, reloads);
+    if let Some(in_cluster) = in_cluster {
+        register_in_cluster(&mut registry, in_cluster);
+    }
     let generation = Gauge::<i64>::default();
     registry.register(
         "config_generation",
@@ -310,6 +314,120 @@ pub fn render(
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &registry);
     to_text_format(&text)
+}
+
+/// One watched resource of the API, as the metrics show it.
+#[derive(Debug, Clone)]
+pub struct WatchFigures {
+    /// Its plural (`services`).
+    pub resource: &'static str,
+    /// Its last list or watch call succeeded.
+    pub connected: bool,
+    /// Its list and watch calls that failed.
+    pub errors: u64,
+}
+
+/// What a controller following the Kubernetes API adds to the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct InCluster {
+    /// The watches of the API source.
+    pub watches: Vec<WatchFigures>,
+    /// Whether this node holds the address assignment's lease (`None`: no assignment here).
+    pub leading: Option<bool>,
+    /// Addresses written to Services' status, as last decided (the leader's figure).
+    pub addresses_assigned: u64,
+    /// Services refused an address, as last decided.
+    pub services_refused: u64,
+    /// Status writes by result: `success`, `conflict`, `error`.
+    pub status_writes: [(&'static str, u64); 3],
+    /// Events published to the API.
+    pub events_published: u64,
+    /// Events dropped: over the rate limit, the queue full, or refused by the API.
+    pub events_dropped: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
+fn register_in_cluster(registry: &mut Registry, figures: &InCluster) {
+    let up = Family::<ResourceLabels, Gauge>::default();
+    registry.register(
+        "api_watch_up",
+        "1 while the API's list and watch calls for a resource succeed, 0 while it cannot be \
+         reached (the last state it gave keeps serving)",
+        up.clone(),
+    );
+    let errors = Family::<ResourceLabels, Counter>::default();
+    registry.register(
+        "api_watch_errors",
+        "Failed list and watch calls to the API, by resource (each retried with backoff)",
+        errors.clone(),
+    );
+    for watch in &figures.watches {
+        let labels = ResourceLabels {
+            resource: watch.resource.into(),
+        };
+        up.get_or_create(&labels).set(i64::from(watch.connected));
+        errors.get_or_create(&labels).inc_by(watch.errors);
+    }
+    if let Some(leading) = figures.leading {
+        let leader = Gauge::<i64>::default();
+        registry.register(
+            "leader",
+            "1 while this node holds the lease of the address assignment (it alone assigns \
+             addresses and writes Service status)",
+            leader.clone(),
+        );
+        leader.set(i64::from(leading));
+        let assigned = Gauge::<i64>::default();
+        registry.register(
+            "ipam_addresses_assigned",
+            "Load balancer addresses assigned to Services, as last decided by the leader",
+            assigned.clone(),
+        );
+        assigned.set(figures.addresses_assigned as i64);
+        let refused = Gauge::<i64>::default();
+        registry.register(
+            "ipam_services_refused",
+            "LoadBalancer Services refused an address (outside every pool, in use, pools \
+             exhausted), as last decided by the leader",
+            refused.clone(),
+        );
+        refused.set(figures.services_refused as i64);
+        let writes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "ipam_status_writes",
+            "Writes of status.loadBalancer.ingress by result (a conflict is decided again on the \
+             newer object)",
+            writes.clone(),
+        );
+        for (result, count) in figures.status_writes {
+            writes
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .inc_by(count);
+        }
+    }
+    let events = Family::<ResultLabels, Counter>::default();
+    registry.register(
+        "api_events",
+        "Events written to the API about Services, by result (dropped: over the rate limit, \
+         the queue full or refused by the API)",
+        events.clone(),
+    );
+    for (result, count) in [
+        ("published", figures.events_published),
+        ("dropped", figures.events_dropped),
+    ] {
+        events
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc_by(count);
+    }
 }
 
 fn register_reloads(registry: &mut Registry, reloads: &Reloads) {

@@ -60,6 +60,11 @@ pub struct Options {
     pub serve_cluster_ips: bool,
     /// The `spec.loadBalancerClass` served: a Service of another class is skipped.
     pub load_balancer_class: String,
+    /// Serve `spec.loadBalancerIP` as given. True for files (the address is the one asked
+    /// for, nobody else assigns it); false when following the API, where it is a request the
+    /// address assignment grants by writing `status.loadBalancer.ingress` (or refuses, and
+    /// then it must not be served).
+    pub serve_requested_ips: bool,
 }
 
 impl Default for Options {
@@ -71,6 +76,7 @@ impl Default for Options {
             node_name: String::new(),
             serve_cluster_ips: false,
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
+            serve_requested_ips: true,
         }
     }
 }
@@ -399,6 +405,11 @@ pub struct Cluster {
     pub services: Vec<ServiceModel>,
     /// Problems that leave the rest served (an SCTP port, say).
     pub warnings: Vec<String>,
+    /// The node addresses on which node ports are served: this node's, set by its projection
+    /// ([`project`]; empty in the shared build). Part of the desired state, so that a Node
+    /// object's new address is applied like any other change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// A raw endpoint, before Kubernetes' serving rules are applied.
@@ -548,7 +559,11 @@ pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) 
     };
     let services = resolve_conflicts(candidates, &every_address, &mut refused);
     Outcome {
-        cluster: Cluster { services, warnings },
+        cluster: Cluster {
+            services,
+            warnings,
+            node_ips: Vec::new(),
+        },
         refused,
     }
 }
@@ -628,6 +643,7 @@ pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
         cluster: Cluster {
             services,
             warnings: cluster.warnings.clone(),
+            node_ips: options.node_ips.clone(),
         },
         refused,
     }
@@ -716,7 +732,11 @@ fn service_model(
             )?;
         }
     }
-    if let Some(ip) = &spec.load_balancer_ip {
+    if let Some(ip) = spec
+        .load_balancer_ip
+        .as_ref()
+        .filter(|_| options.serve_requested_ips)
+    {
         add_address("spec.loadBalancerIP", ip, FrontendKind::LoadBalancer)?;
     }
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
