@@ -2,12 +2,14 @@
 //! attaches them and reads their counters.
 
 pub mod api;
+pub mod api_events;
 pub mod conntrack;
 pub mod controller;
 pub mod dataplane;
 pub mod events;
 pub mod health;
 pub mod host;
+pub mod lease;
 pub mod maglev;
 pub mod manifest;
 pub mod metrics;
