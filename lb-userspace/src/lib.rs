@@ -3,6 +3,7 @@
 
 pub mod conntrack;
 pub mod controller;
+pub mod crd;
 pub mod dataplane;
 pub mod events;
 pub mod health;
