@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod events;
 pub mod health;
 pub mod host;
+pub mod ipam;
 pub mod maglev;
 pub mod manifest;
 pub mod metrics;
