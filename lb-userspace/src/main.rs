@@ -214,6 +214,8 @@ enum Command {
         #[command(flatten)]
         roots: Roots,
     },
+    /// Print the LoadBalancerIPPool CustomResourceDefinition (YAML), for `kubectl apply -f -`.
+    Crd,
 }
 
 #[tokio::main]
@@ -335,6 +337,10 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 views::explain(&all, &source, &frontend, output.into())?
             );
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", lb_userspace::crd::crd_yaml());
             Ok(())
         }
     }
