@@ -354,15 +354,9 @@ fn manifests(stores: &ApiStores) -> Manifests {
     // The stores' order is a hash map's: the model sorts what it builds, but a stable input
     // keeps refusals (and their log lines) in one order from one snapshot to the next.
     let key = |meta: &kube::api::ObjectMeta| (meta.namespace.clone(), meta.name.clone());
-    manifests
-        .services
-        .sort_by(|a, b| key(&a.object.metadata).cmp(&key(&b.object.metadata)));
-    manifests
-        .slices
-        .sort_by(|a, b| key(&a.object.metadata).cmp(&key(&b.object.metadata)));
-    manifests
-        .nodes
-        .sort_by(|a, b| key(&a.object.metadata).cmp(&key(&b.object.metadata)));
+    manifests.services.sort_by_key(|l| key(&l.object.metadata));
+    manifests.slices.sort_by_key(|l| key(&l.object.metadata));
+    manifests.nodes.sort_by_key(|l| key(&l.object.metadata));
     manifests
 }
 

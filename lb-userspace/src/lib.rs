@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod api_events;
+pub mod assign;
 pub mod conntrack;
 pub mod controller;
 pub mod crd;

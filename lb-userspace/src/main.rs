@@ -13,11 +13,15 @@ use lb_common::{Counter, Reason};
 use lb_userspace::{
     AttachMode, Dataplane,
     api::{API_SETTLE, ApiSource},
+    api_events::{self, EventSink},
+    assign::{AssignSettings, Assignment, RefusalAnnouncer},
     conntrack,
     controller::{AppliedState, Controller},
     dataplane::{CounterReader, DataplaneError, LoadOptions},
     events::{ServiceEvent, now_timestamp},
     health::HealthChecks,
+    ipam::Pool,
+    lease::{self, Leadership, LeaseSettings},
     manifest::{ConfigError, Manifests},
     metrics::{self, Reloads},
     model::{self, Cluster, Options},
@@ -83,6 +87,51 @@ impl From<Output> for views::Format {
     }
 }
 
+/// What following the API adds: the address assignment and its lease.
+#[derive(Debug, clap::Args)]
+struct InClusterArgs {
+    /// Addresses for LoadBalancer Services beside the `LoadBalancerIPPool` objects: a CIDR or
+    /// START-STOP (repeatable; pools `flag-0`, `flag-1`...).
+    #[arg(long = "ip-pool")]
+    ip_pools: Vec<String>,
+    /// Assign no addresses: another implementation does, and this one serves what the
+    /// Services' status says.
+    #[arg(long)]
+    no_ipam: bool,
+    /// The namespace of the Lease that elects the one node that assigns addresses and writes
+    /// status and events (in a pod: its own namespace, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lb-xdp-system")]
+    lease_namespace: String,
+    /// The Lease's name.
+    #[arg(long, default_value = "lb-xdp-leader")]
+    lease_name: String,
+    /// How long the Lease holds without a renewal (whole seconds): a dead leader is replaced
+    /// after at most this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How long a leader keeps leading without a successful renewal (shorter than the
+    /// duration: it stops before anyone else may start).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_renew_deadline: Duration,
+    /// How often the Lease is looked at (and renewed).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    lease_retry_period: Duration,
+}
+
+/// `15s`, `1500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let parse = |number: &str| number.parse::<u64>().map_err(|e| format!("{text:?}: {e}"));
+    if let Some(ms) = text.strip_suffix("ms") {
+        Ok(Duration::from_millis(parse(ms)?))
+    } else if let Some(s) = text.strip_suffix('s') {
+        Ok(Duration::from_secs(parse(s)?))
+    } else {
+        Err(format!(
+            "{text:?}: expected a duration such as 15s or 1500ms"
+        ))
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct Roots {
     /// bpffs folder of the pinned maps and links (one subfolder per interface).
@@ -93,6 +142,8 @@ struct Roots {
     state_root: PathBuf,
 }
 
+// Parsed once at start: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load the data plane, attach it to IFACE, serve the services of --config and follow its
@@ -111,6 +162,8 @@ enum Command {
         /// Follow the Kubernetes API described by this kubeconfig (implies --api).
         #[arg(long, conflicts_with = "config")]
         kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        in_cluster: InClusterArgs,
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t)]
         mode: AttachMode,
@@ -232,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
             config,
             api,
             kubeconfig,
+            in_cluster,
             mode,
             node_ips,
             metrics_addr,
@@ -252,8 +306,12 @@ async fn main() -> anyhow::Result<()> {
                 (Some(path), _, _) => SourceSetting::File(path),
                 (None, _, Some(kubeconfig)) => SourceSetting::Api {
                     kubeconfig: Some(kubeconfig),
+                    in_cluster,
                 },
-                (None, true, None) => SourceSetting::Api { kubeconfig: None },
+                (None, true, None) => SourceSetting::Api {
+                    kubeconfig: None,
+                    in_cluster,
+                },
                 (None, false, None) => SourceSetting::None,
             };
             let from_api = matches!(source, SourceSetting::Api { .. });
@@ -381,14 +439,136 @@ enum SourceSetting {
     /// A manifest file or folder.
     File(PathBuf),
     /// The Kubernetes API (the kubeconfig, or the inferred configuration).
-    Api { kubeconfig: Option<PathBuf> },
+    Api {
+        kubeconfig: Option<PathBuf>,
+        in_cluster: InClusterArgs,
+    },
 }
 
 /// A running source, kept for as long as its snapshots are read.
 enum SourceHandle {
     // Held for its watcher: dropping it stops the watch.
     File(#[allow(dead_code)] FileSource),
-    Api(ApiSource),
+    Api(Box<InCluster>),
+}
+
+/// What runs when following the API: the source, the lease, the events and the address
+/// assignment (on the leader).
+struct InCluster {
+    source: ApiSource,
+    leadership: Leadership,
+    events: EventSink,
+    assignment: Option<Assignment>,
+}
+
+impl InCluster {
+    /// Starts following the API of `client`: the watches, the lease campaign, the event
+    /// writer and, unless `--no-ipam`, the address assignment.
+    fn start(
+        client: &kube::Client,
+        args: &InClusterArgs,
+        options: &Options,
+    ) -> anyhow::Result<(Self, Snapshots)> {
+        let flag_pools = args
+            .ip_pools
+            .iter()
+            .enumerate()
+            .map(|(index, text)| Pool::from_flag(index, text))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (source, snapshots) = ApiSource::start(client, API_SETTLE);
+        // One identity per process: the node, and the pod when there is one (a DaemonSet's
+        // pod replaced on its node must not renew its predecessor's lease by name alone).
+        let identity = match std::env::var("POD_NAME") {
+            Ok(pod) if !pod.is_empty() => format!("{}_{pod}", options.node_name),
+            _ => options.node_name.clone(),
+        };
+        let leadership = lease::spawn(
+            client.clone(),
+            LeaseSettings {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity,
+                duration: args.lease_duration,
+                renew_deadline: args.lease_renew_deadline,
+                retry_period: args.lease_retry_period,
+            },
+        )?;
+        let events = EventSink::spawn(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: api_events::REPORTING_CONTROLLER.into(),
+                instance: Some(options.node_name.clone()),
+            },
+        );
+        let assignment = (!args.no_ipam).then(|| {
+            Assignment::start(
+                client,
+                source.stores.services.clone(),
+                source.service_changes.clone(),
+                leadership.leading.clone(),
+                events.clone(),
+                AssignSettings {
+                    class: options.load_balancer_class.clone(),
+                    flag_pools,
+                },
+            )
+        });
+        Ok((
+            Self {
+                source,
+                leadership,
+                events,
+                assignment,
+            },
+            snapshots,
+        ))
+    }
+
+    /// Tells configuration refusals to the API (from the leader only).
+    fn announcer(&self) -> RefusalAnnouncer {
+        RefusalAnnouncer::new(
+            self.source.stores.services.clone(),
+            self.leadership.leading.clone(),
+            self.events.clone(),
+        )
+    }
+
+    /// The figures of the watches, the lease, the assignment and the events.
+    fn figures(&self) -> InClusterFigures {
+        let health = self.source.health.clone();
+        let leading = self.leadership.leading.clone();
+        let assign = self.assignment.as_ref().map(|a| a.figures.clone());
+        let events = self.events.clone();
+        Arc::new(move || {
+            let load =
+                |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+            let mut figures = metrics::InCluster {
+                watches: health
+                    .watches
+                    .iter()
+                    .map(|w| metrics::WatchFigures {
+                        resource: w.resource,
+                        connected: w.connected.load(std::sync::atomic::Ordering::Relaxed),
+                        errors: load(&w.errors),
+                    })
+                    .collect(),
+                leading: Some(*leading.borrow()),
+                events_published: events.published(),
+                events_dropped: events.dropped(),
+                ..metrics::InCluster::default()
+            };
+            if let Some(assign) = &assign {
+                figures.addresses_assigned = load(&assign.assigned);
+                figures.services_refused = load(&assign.refused);
+                figures.status_writes = [
+                    ("success", load(&assign.writes_ok)),
+                    ("conflict", load(&assign.writes_conflict)),
+                    ("error", load(&assign.writes_failed)),
+                ];
+            }
+            figures
+        })
+    }
 }
 
 struct AttachSettings {
@@ -588,7 +768,7 @@ struct Running {
     reloads: Arc<Mutex<Reloads>>,
     /// The configuration's snapshots (none without a source).
     snapshots: Option<Snapshots>,
-    _source: Option<SourceHandle>,
+    source: Option<SourceHandle>,
     applied: watch::Sender<Arc<AppliedState>>,
     counters: Arc<CounterReader>,
 }
@@ -620,10 +800,13 @@ async fn start(
             let (source, snapshots) = FileSource::start(path, Settle::default())?;
             (Some(SourceHandle::File(source)), Some(snapshots))
         }
-        SourceSetting::Api { kubeconfig } => {
+        SourceSetting::Api {
+            kubeconfig,
+            in_cluster,
+        } => {
             let client = lb_userspace::api::client(kubeconfig.as_deref()).await?;
-            let (source, snapshots) = ApiSource::start(&client, API_SETTLE);
-            (Some(SourceHandle::Api(source)), Some(snapshots))
+            let (parts, snapshots) = InCluster::start(&client, in_cluster, &options)?;
+            (Some(SourceHandle::Api(Box::new(parts))), Some(snapshots))
         }
         SourceSetting::None => (None, None),
     };
@@ -774,7 +957,7 @@ async fn start(
             reloads: reloads.clone(),
             endpoints: metrics_endpoints,
             in_cluster: match &handle {
-                Some(SourceHandle::Api(source)) => Some(in_cluster_figures(source)),
+                Some(SourceHandle::Api(parts)) => Some(parts.figures()),
                 _ => None,
             },
         },
@@ -789,27 +972,10 @@ async fn start(
         stats_interval,
         reloads,
         snapshots,
-        _source: handle,
+        source: handle,
         applied,
         counters,
     }))
-}
-
-/// The figures of the API source (and, on the leader's side, of the address assignment).
-fn in_cluster_figures(source: &ApiSource) -> InClusterFigures {
-    let health = source.health.clone();
-    Arc::new(move || metrics::InCluster {
-        watches: health
-            .watches
-            .iter()
-            .map(|w| metrics::WatchFigures {
-                resource: w.resource,
-                connected: w.connected.load(std::sync::atomic::Ordering::Relaxed),
-                errors: w.errors.load(std::sync::atomic::Ordering::Relaxed),
-            })
-            .collect(),
-        ..metrics::InCluster::default()
-    })
 }
 
 /// What the first apply applies.
@@ -868,15 +1034,20 @@ impl Running {
             stats_interval,
             reloads,
             snapshots,
-            _source,
+            source,
             applied,
             counters,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let announcer = match &source {
+            Some(SourceHandle::Api(parts)) => Some(parts.announcer()),
+            _ => None,
+        };
         let thread = ControllerThread {
             controller,
             options,
             outputs: Outputs { reloads, applied },
+            announcer,
             snapshots,
             stop: stop_rx,
             runtime: tokio::runtime::Handle::current(),
@@ -900,7 +1071,14 @@ impl Running {
         }
         info!("stopping");
         let _ = stop_tx.send(true);
-        match tokio::task::spawn_blocking(move || thread.join()).await {
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        // The lease given up at once, so another node takes over now rather than after the
+        // lease duration (the data plane's own fate, kept or removed, is decided after).
+        if let Some(SourceHandle::Api(parts)) = source {
+            let InCluster { leadership, .. } = *parts;
+            leadership.release().await;
+        }
+        match joined {
             Ok(Ok(controller)) => Some(controller),
             _ => {
                 error!("the controller thread panicked");
@@ -917,6 +1095,8 @@ struct ControllerThread {
     controller: Controller,
     options: Options,
     outputs: Outputs,
+    /// Tells refusals to the API, when following it.
+    announcer: Option<RefusalAnnouncer>,
     snapshots: Option<Snapshots>,
     stop: watch::Receiver<bool>,
     /// Its waits (for a snapshot, a retry, a stop) are the runtime's timers and channels.
@@ -978,6 +1158,7 @@ impl ControllerThread {
                         &snapshot.manifests,
                         &self.options,
                         &self.outputs,
+                        self.announcer.as_ref(),
                     )
                     .map(|cluster| retry_later(cluster, RETRY_FIRST));
                 }
@@ -1081,6 +1262,7 @@ fn reload(
     manifests: &Result<Manifests, ConfigError>,
     options: &Options,
     outputs: &Outputs,
+    announcer: Option<&RefusalAnnouncer>,
 ) -> Option<Cluster> {
     let built = match manifests {
         Ok(manifests) => Ok(model::build_and_project_each(
@@ -1102,6 +1284,9 @@ fn reload(
     };
     for e in &outcome.refused {
         tell_rejection(controller, e);
+        if let Some(announcer) = announcer {
+            announcer.announce(e);
+        }
         error!(error = %e, "configuration rejected for this object; its Service keeps its previous state, the other objects go ahead");
     }
     if !outcome.refused.is_empty() {
