@@ -404,10 +404,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Logs to standard output, filtered by `RUST_LOG` (default `info`).
+/// Logs to standard output, filtered by `RUST_LOG` (default `info`, without kube-rs's line
+/// for every failed request: a 409 is how a status write or a lease renewal learns it is
+/// late, and an outage is logged once per resource by the API source).
 fn init_tracing(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_client::client::builder=off".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         // Colours only for a person at a terminal: a log file or a collector gets plain text.
