@@ -1006,7 +1006,8 @@ impl Standing {
 /// A claim refused after it held addresses (kept ones, say, when the family it also requires
 /// is exhausted) may have kept another claim from them; the pass is then run again without
 /// it, so that every answer is one the others can live with: applying the result (assigned
-/// addresses written, refused ones cleared) and allocating again gives the same result.
+/// addresses written, refused ones cleared) and allocating again gives the same result, except
+/// that a claim refused for want of addresses that a later refusal freed is served then.
 pub fn allocate(pools: &[Pool], claims: &[Claim]) -> Vec<Allocation> {
     let mut pools: Vec<&Pool> = pools.iter().collect();
     pools.sort();
