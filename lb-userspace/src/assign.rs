@@ -134,6 +134,7 @@ impl Assignment {
             settings,
             figures: figures.clone(),
             told: HashMap::new(),
+            last_valid: HashMap::new(),
         };
         let assign = tokio::spawn(leader.run(service_changes, pool_changes, leading));
         Self {
@@ -154,6 +155,9 @@ struct Leader {
     /// The decision last told (as an event) for each Service uid: events say what changed,
     /// not the same decision at every pass.
     told: HashMap<String, Decision>,
+    /// The last valid version of each pool object: an edit that breaks a pool keeps its
+    /// previous version in force (else every Service in it would be renumbered).
+    last_valid: HashMap<String, Pool>,
 }
 
 impl Leader {
@@ -194,17 +198,55 @@ impl Leader {
         }
     }
 
-    /// The pools: `--ip-pool`s, then every valid `LoadBalancerIPPool` (an invalid one is
-    /// logged and left out: its addresses are not handed out).
-    fn pools(&self) -> Vec<Pool> {
+    /// The pools: `--ip-pool`s, then every `LoadBalancerIPPool`; one whose edit made it
+    /// invalid keeps its last valid version (logged), one never valid is left out.
+    fn pools(&mut self) -> Vec<Pool> {
         let mut pools = self.settings.flag_pools.clone();
-        for resource in self.pools.state() {
-            match Pool::from_resource(&resource) {
-                Ok(pool) => pools.push(pool),
-                Err(e) => warn!(error = %e, "a LoadBalancerIPPool is left out"),
+        let resources = self.pools.state();
+        self.last_valid
+            .retain(|name, _| resources.iter().any(|r| r.name_any() == *name));
+        for resource in &resources {
+            match Pool::from_resource(resource) {
+                Ok(pool) => {
+                    self.last_valid.insert(resource.name_any(), pool.clone());
+                    pools.push(pool);
+                }
+                Err(e) => match self.last_valid.get(&resource.name_any()) {
+                    Some(previous) => {
+                        warn!(error = %e, "a LoadBalancerIPPool edit is invalid: its previous version stays in force");
+                        pools.push(previous.clone());
+                    }
+                    None => warn!(error = %e, "a LoadBalancerIPPool is invalid: left out"),
+                },
             }
         }
         pools
+    }
+
+    /// Writes each pool object's counts (`kubectl get lbpool` shows them) where they changed.
+    async fn write_pool_counts(&self, pools: &[Pool], allocations: &[Allocation]) {
+        let api: Api<LoadBalancerIPPool> = Api::all(self.api.clone().into_client());
+        for resource in self.pools.state() {
+            let Some(pool) = pools.iter().find(|p| p.name == resource.name_any()) else {
+                continue;
+            };
+            let counts = ipam::pool_status(pool, allocations);
+            if resource.status.as_ref() == Some(&counts) {
+                continue;
+            }
+            let patch = serde_json::json!({ "status": counts });
+            if let Err(e) = api
+                .patch_status(
+                    &resource.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                // Counts for people: the next pass writes them again.
+                tracing::debug!(pool = %resource.name_any(), error = %e, "writing a pool's counts");
+            }
+        }
     }
 
     /// Decides every claim and writes the status that differs; whether every write succeeded.
@@ -247,6 +289,7 @@ impl Leader {
                 all_written &= self.write(service, &[]).await;
             }
         }
+        self.write_pool_counts(&pools, &allocations).await;
         all_written
     }
 
