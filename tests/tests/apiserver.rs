@@ -154,7 +154,13 @@ fn port_of(service: &Service) -> i32 {
 #[tokio::test]
 async fn a_reflector_sees_additions_modifications_and_deletions() -> anyhow::Result<()> {
     let standin = StandIn::start_local()?;
-    let api: Api<Service> = Api::namespaced(client(&standin).await?, "default");
+    let client = client(&standin).await?;
+    let version = client.apiserver_version().await?;
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "37")
+    );
+    let api: Api<Service> = Api::namespaced(client, "default");
     let mut raw = api.watch(&WatchParams::default(), "0").await?.boxed();
     let reflected = Reflected::start(api.clone(), watcher::Config::default());
 
@@ -352,6 +358,12 @@ async fn bookmarks_carry_the_latest_resource_version() -> anyhow::Result<()> {
             other => panic!("only bookmarks expected, got {other:?}"),
         }
     }
+    // `timeoutSeconds` ends a watch, bookmarks or not.
+    let mut short = api
+        .watch(&WatchParams::default().timeout(1), &latest)
+        .await?
+        .boxed();
+    assert!(watch_ends(&mut short).await);
     Ok(())
 }
 
@@ -510,7 +522,12 @@ async fn leases_replace_only_the_version_they_read() -> anyhow::Result<()> {
     let holder = leases.get("lb-leader").await?.spec.unwrap().holder_identity;
     assert_eq!(holder.as_deref(), Some("node-b"));
 
-    let missing = leases.get("nobody").await.unwrap_err();
+    let deleted = leases.delete("lb-leader", &Default::default()).await?;
+    assert!(
+        deleted.is_right(),
+        "a Lease's deletion answers a Status: {deleted:?}"
+    );
+    let missing = leases.get("lb-leader").await.unwrap_err();
     assert!(
         matches!(&missing, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"),
         "{missing:?}"
@@ -631,6 +648,62 @@ async fn services_get_the_api_servers_defaults() -> anyhow::Result<()> {
     assert!(
         dual.health_check_node_port
             .is_some_and(|p| (30000..=32767).contains(&p))
+    );
+    Ok(())
+}
+
+fn slice(name: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}],
+    })
+}
+
+#[tokio::test]
+async fn selectors_narrow_lists_and_watches() -> anyhow::Result<()> {
+    let standin = StandIn::start_local()?;
+    standin.apply_value(slice("web-1", "web"));
+    standin.apply_value(slice("db-1", "db"));
+    let client = client(&standin).await?;
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let by_label = watcher::Config::default().labels("kubernetes.io/service-name=web");
+    let web = Reflected::start(slices.clone(), by_label);
+    let by_name = Reflected::start(
+        slices.clone(),
+        watcher::Config::default().fields("metadata.name=db-1"),
+    );
+    let names = |r: &Reflected<EndpointSlice>| -> Vec<String> {
+        let mut names: Vec<_> = r.store.state().iter().map(|s| s.name_any()).collect();
+        names.sort();
+        names
+    };
+    wait_for("the selected slices", || {
+        names(&web) == ["web-1"] && names(&by_name) == ["db-1"]
+    })
+    .await;
+
+    // Relabelled to another Service: it leaves the one selection and enters none.
+    standin.apply_value(slice("web-2", "web"));
+    standin.apply_value(slice("web-1", "db"));
+    wait_for("the relabelled slice gone", || names(&web) == ["web-2"]).await;
+    let generation = standin
+        .get("discovery.k8s.io/v1", "EndpointSlice", None, "web-1")
+        .unwrap();
+    assert_eq!(
+        generation["metadata"]["generation"], 1,
+        "a label is metadata: no new generation"
+    );
+    assert_eq!(names(&by_name), ["db-1"]);
+
+    let refused = slices
+        .list(&kube::api::ListParams::default().fields("spec.addressType=IPv4"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 400
+            && s.message == "field label not supported: spec.addressType"),
+        "{refused:?}"
     );
     Ok(())
 }
