@@ -1,6 +1,7 @@
 //! Helpers for tests that need real kernel objects: network namespaces, veth links and the
 //! built `lb-userspace` binary. `xtask` builds its sandbox from the same pieces.
 
+pub mod apiserver;
 #[path = "../../lb-ebpf/src/frame.rs"]
 pub mod frame;
 pub mod frames;
