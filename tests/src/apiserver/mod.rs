@@ -13,7 +13,8 @@
 //! EndpointSlices; `lb.xdp.rs/v1alpha1` LoadBalancerIPPools (cluster-scoped custom resource,
 //! with `status`); `coordination.k8s.io/v1` Leases; `events.k8s.io/v1` Events; and
 //! `GET /version`. Verbs: list (paged, with label and field selectors), watch, get, create,
-//! replace, merge patch, delete.
+//! replace, merge patch, delete; objects whole or, for clients that ask with
+//! `as=PartialObjectMetadata`, their metadata only.
 
 mod http;
 mod object;
