@@ -739,6 +739,8 @@ async fn metadata_clients_get_partial_object_metadata() -> anyhow::Result<()> {
             .default_backoff()
             .for_each(|_| futures::future::ready(())),
     );
+    // node-b reaches the store through the metadata watch.
+    wait_for("the metadata watch", || standin.open_watches() == 1).await;
     standin.apply_value(node("node-b"));
     wait_for("both nodes in the store", || store.state().len() == 2).await;
     task.abort();
