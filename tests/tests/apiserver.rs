@@ -13,6 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event as RecorderEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -705,6 +706,62 @@ async fn selectors_narrow_lists_and_watches() -> anyhow::Result<()> {
             && s.message == "field label not supported: spec.addressType"),
         "{refused:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn metadata_clients_get_partial_object_metadata() -> anyhow::Result<()> {
+    let standin = StandIn::start_local()?;
+    let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"podCIDR": "10.244.0.0/24"}});
+    standin.apply_value(node("node-a"));
+    let client = client(&standin).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    let list = nodes
+        .list_metadata(&kube::api::ListParams::default())
+        .await?;
+    assert_eq!(list.items.len(), 1);
+    let item = &list.items[0];
+    assert_eq!(item.metadata.name.as_deref(), Some("node-a"));
+    assert_eq!(
+        item.types.as_ref().map(|t| t.kind.as_str()),
+        Some("PartialObjectMetadata")
+    );
+    let got = nodes.get_metadata("node-a").await?;
+    assert_eq!(got.metadata.uid, item.metadata.uid);
+
+    let (store, writer) = reflector::store::<PartialObjectMeta<Node>>();
+    // kube-rs 5's metadata watcher: an Api of PartialObjectMeta asks for metadata only.
+    let partial: Api<PartialObjectMeta<Node>> = Api::all(client);
+    let stream = reflector::reflector(writer, watcher(partial, watcher::Config::default()));
+    let task = tokio::spawn(
+        stream
+            .default_backoff()
+            .for_each(|_| futures::future::ready(())),
+    );
+    // node-b reaches the store through the metadata watch.
+    wait_for("the metadata watch", || standin.open_watches() == 1).await;
+    standin.apply_value(node("node-b"));
+    wait_for("both nodes in the store", || store.state().len() == 2).await;
+    task.abort();
+
+    // On the wire: no spec, and the list and its items say what they are.
+    let requests = standin.requests();
+    let watch = requests.iter().find(|r| r.is_watch()).unwrap();
+    assert_eq!(watch.path, "/api/v1/nodes");
+    let body = ureq::get(format!("{}/api/v1/nodes", standin.url()))
+        .header(
+            "Accept",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!(body["kind"], "PartialObjectMetadataList");
+    assert_eq!(body["apiVersion"], "meta.k8s.io/v1");
+    assert_eq!(body["items"][0]["kind"], "PartialObjectMetadata");
+    assert_eq!(body["items"][0].get("spec"), None);
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::Shared;
+use super::object::Form;
 use super::resources::{RESOURCES, by_path};
 use super::selectors::Filter;
 use super::status::{ApiError, StatusBody, object_details};
@@ -157,8 +158,10 @@ fn serve(
     let resource = target.resource;
     let namespace = target.namespace.as_deref();
     let status_only = target.status;
+    let form = form(headers);
+    let object = |code: StatusCode, object: &Value| json_response(code, &form.of(object));
     match (method, target.name.as_deref()) {
-        (&Method::GET, None) if flag(&params, "watch") => Ok(watch(shared, target, &params)?),
+        (&Method::GET, None) if flag(&params, "watch") => watch(shared, target, &params, form),
         (&Method::GET, None) => {
             let filter = filter(target, &params)?;
             let query = ListQuery {
@@ -169,17 +172,17 @@ fn serve(
                     _ => None,
                 },
             };
-            let list = shared.store().list(resource, &filter, &query)?;
+            let list = shared.store().list(resource, &filter, &query, form)?;
             Ok(json_response(StatusCode::OK, &list))
         }
         (&Method::POST, None) if namespace.is_some() || !rt.namespaced => {
             let body = json_body(headers, body)?;
             let created = shared.store().create(resource, namespace, body)?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            Ok(object(StatusCode::CREATED, &created))
         }
         (&Method::GET, Some(name)) => {
             let store = shared.store();
-            Ok(json_response(
+            Ok(object(
                 StatusCode::OK,
                 store.get(resource, namespace, name)?,
             ))
@@ -199,7 +202,7 @@ fn serve(
                 status_only,
                 precondition,
             )?;
-            Ok(json_response(StatusCode::OK, &updated))
+            Ok(object(StatusCode::OK, &updated))
         }
         (&Method::PATCH, Some(name)) => {
             let content_type = content_type(headers);
@@ -214,7 +217,7 @@ fn serve(
                 shared
                     .store()
                     .merge_patch(resource, namespace, name, &patch, status_only)?;
-            Ok(json_response(StatusCode::OK, &patched))
+            Ok(object(StatusCode::OK, &patched))
         }
         (&Method::DELETE, Some(name)) if !status_only => {
             let options: Value = if body.is_empty() {
@@ -226,17 +229,17 @@ fn serve(
             };
             let deleted = shared.store().delete(resource, namespace, name, &options)?;
             Ok(match deleted {
-                Deleted::Gone(object) if !rt.returns_deleted_object => {
+                Deleted::Gone(deleted) if !rt.returns_deleted_object => {
                     let mut details = object_details(rt, name);
-                    details.uid = object
+                    details.uid = deleted
                         .get("metadata")
                         .and_then(|m| m.get("uid"))
                         .and_then(Value::as_str)
                         .map(str::to_string);
                     json_response(StatusCode::OK, &StatusBody::deleted(&details))
                 }
-                Deleted::Gone(object) | Deleted::Pending(object) => {
-                    json_response(StatusCode::OK, &object)
+                Deleted::Gone(deleted) | Deleted::Pending(deleted) => {
+                    object(StatusCode::OK, &deleted)
                 }
             })
         }
@@ -246,7 +249,12 @@ fn serve(
 
 /// A watch: HTTP 200 at once, then one WatchEvent a line for as long as `timeoutSeconds`
 /// (or until the store ends it: compaction, outage).
-fn watch(shared: &Shared, target: &Target, params: &Params) -> Result<Response, ApiError> {
+fn watch(
+    shared: &Shared,
+    target: &Target,
+    params: &Params,
+    form: Form,
+) -> Result<Response, ApiError> {
     let filter = filter(target, params)?;
     let start =
         if flag(params, "sendInitialEvents") {
@@ -268,6 +276,7 @@ fn watch(shared: &Shared, target: &Target, params: &Params) -> Result<Response, 
         filter,
         start,
         flag(params, "allowWatchBookmarks"),
+        form,
     );
     let deadline = tokio::time::Instant::now() + timeout;
     // No task per watch: the body is this stream, polled by the connection. When the client
@@ -315,6 +324,20 @@ fn number<T: std::str::FromStr>(params: &Params, name: &str) -> Result<Option<T>
             .parse()
             .map(Some)
             .map_err(|_| ApiError::bad_request(format!("invalid {name}: {value:?}"))),
+    }
+}
+
+/// The form the client asked for: `Accept: application/json;as=PartialObjectMetadata[List];
+/// g=meta.k8s.io;v=v1` for metadata only.
+fn form(headers: &HeaderMap) -> Form {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("as=PartialObjectMetadata") {
+        Form::Metadata
+    } else {
+        Form::Full
     }
 }
 

@@ -13,7 +13,8 @@
 //! EndpointSlices; `lb.xdp.rs/v1alpha1` LoadBalancerIPPools (cluster-scoped custom resource,
 //! with `status`); `coordination.k8s.io/v1` Leases; `events.k8s.io/v1` Events; and
 //! `GET /version`. Verbs: list (paged, with label and field selectors), watch, get, create,
-//! replace, merge patch, delete.
+//! replace, merge patch, delete; objects whole or, for clients that ask with
+//! `as=PartialObjectMetadata`, their metadata only.
 
 mod http;
 mod object;
@@ -198,9 +199,17 @@ impl StandIn {
         })
     }
 
-    /// The server's URL, `http://127.0.0.1:PORT`.
+    /// The server's URL, `http://127.0.0.1:PORT` (for a listener bound to every address, its
+    /// loopback one).
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        let mut address = self.address;
+        if address.ip().is_unspecified() {
+            address.set_ip(match address {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{address}")
     }
 
     /// Writes a kubeconfig for the stand-in (one cluster at [`url`](Self::url), a user without

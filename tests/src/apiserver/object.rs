@@ -1,12 +1,39 @@
 //! Small operations on objects held as JSON: metadata fields, RFC 7386 merge patch, the
 //! server-assigned values (uid, timestamps).
 
+use std::borrow::Cow;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value};
+
+/// How a client asked to see objects, by its `Accept` header.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) enum Form {
+    /// The objects themselves.
+    #[default]
+    Full,
+    /// `as=PartialObjectMetadata`: only their metadata (kube-rs's `metadata_watcher`,
+    /// `list_metadata`, `get_metadata`).
+    Metadata,
+}
+
+impl Form {
+    /// `object` in this form: a PartialObjectMetadata keeps kind, apiVersion and metadata only,
+    /// and says it is one.
+    pub fn of(self, object: &Value) -> Cow<'_, Value> {
+        match self {
+            Form::Full => Cow::Borrowed(object),
+            Form::Metadata => Cow::Owned(serde_json::json!({
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": object.get("metadata").cloned().unwrap_or_else(|| Value::Object(Map::new())),
+            })),
+        }
+    }
+}
 
 /// `metadata.<field>` as a string, if it is one.
 pub(super) fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {

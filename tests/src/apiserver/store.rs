@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::object::{
-    as_object_mut, generated_name, has_finalizers, meta_mut, meta_str, new_uid, now,
+    Form, as_object_mut, generated_name, has_finalizers, meta_mut, meta_str, new_uid, now,
     resource_version, set_resource_version,
 };
 use super::resources::{RESOURCES, ResourceType, SERVICES};
@@ -38,6 +38,7 @@ struct Watcher {
     resource: usize,
     filter: Filter,
     bookmarks: bool,
+    form: Form,
     lines: UnboundedSender<Bytes>,
 }
 
@@ -380,6 +381,7 @@ impl Store {
         resource: usize,
         filter: &Filter,
         query: &ListQuery,
+        form: Form,
     ) -> Result<Value, ApiError> {
         let rt = &RESOURCES[resource];
         let (at, after) = match &query.continue_token {
@@ -424,16 +426,22 @@ impl Store {
         } else if rt.custom {
             metadata["continue"] = json!("");
         }
-        let items: Vec<Value> = matching[..page]
-            .iter()
-            .map(|(_, object)| list_item(rt, object))
-            .collect();
-        Ok(json!({
-            "kind": format!("{}List", rt.kind),
-            "apiVersion": rt.api_version(),
-            "metadata": metadata,
-            "items": items,
-        }))
+        let items = matching[..page].iter().map(|(_, object)| object);
+        Ok(match form {
+            Form::Full => json!({
+                "kind": format!("{}List", rt.kind),
+                "apiVersion": rt.api_version(),
+                "metadata": metadata,
+                "items": items.map(|object| list_item(rt, object)).collect::<Vec<_>>(),
+            }),
+            // Here the items do say what they are (PartialObjectMetadata), as the real server's.
+            Form::Metadata => json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": metadata,
+                "items": items.map(|object| form.of(object).into_owned()).collect::<Vec<_>>(),
+            }),
+        })
     }
 
     /// Opens a watch: what it must see first is queued at once, under the same lock as every
@@ -444,6 +452,7 @@ impl Store {
         filter: Filter,
         start: WatchStart,
         bookmarks: bool,
+        form: Form,
     ) -> UnboundedReceiver<Bytes> {
         let (lines, receiver) = unbounded_channel();
         match start {
@@ -460,7 +469,7 @@ impl Store {
                 let first = self.history.partition_point(|change| change.rv <= rv);
                 for change in &self.history[first..] {
                     if change.resource == resource
-                        && let Some(line) = event_line(&filter, change)
+                        && let Some(line) = event_line(&filter, change, form)
                     {
                         let _ = lines.send(line);
                     }
@@ -469,11 +478,11 @@ impl Store {
             WatchStart::Now | WatchStart::InitialEvents => {
                 for object in self.objects[resource].values() {
                     if filter.matches(object) {
-                        let _ = lines.send(watch_line("ADDED", object));
+                        let _ = lines.send(watch_line("ADDED", &form.of(object)));
                     }
                 }
                 if start == WatchStart::InitialEvents {
-                    let _ = lines.send(bookmark_line(resource, self.rv, true));
+                    let _ = lines.send(bookmark_line(resource, self.rv, true, form));
                 }
             }
         }
@@ -481,6 +490,7 @@ impl Store {
             resource,
             filter,
             bookmarks,
+            form,
             lines,
         });
         receiver
@@ -508,7 +518,7 @@ impl Store {
             if watcher.bookmarks {
                 watcher
                     .lines
-                    .send(bookmark_line(watcher.resource, rv, false))
+                    .send(bookmark_line(watcher.resource, rv, false, watcher.form))
                     .is_ok()
             } else {
                 !watcher.lines.is_closed()
@@ -571,7 +581,7 @@ impl Store {
             if watcher.resource != change.resource {
                 return !watcher.lines.is_closed();
             }
-            match event_line(&watcher.filter, &change) {
+            match event_line(&watcher.filter, &change, watcher.form) {
                 Some(line) => watcher.lines.send(line).is_ok(),
                 None => !watcher.lines.is_closed(),
             }
@@ -698,16 +708,16 @@ fn watch_line(kind: &str, object: &impl Serialize) -> Bytes {
 /// The event a watch with `filter` sees for `change`, as the real watch cache decides it: an
 /// object that starts matching is ADDED, one that stops matching is DELETED (its previous
 /// state, at the change's resourceVersion).
-fn event_line(filter: &Filter, change: &Change) -> Option<Bytes> {
+fn event_line(filter: &Filter, change: &Change, form: Form) -> Option<Bytes> {
     let now = change.object.as_ref().filter(|o| filter.matches(o));
     let before = change.previous.as_ref().filter(|o| filter.matches(o));
     match (now, before) {
-        (Some(object), None) => Some(watch_line("ADDED", object)),
-        (Some(object), Some(_)) => Some(watch_line("MODIFIED", object)),
+        (Some(object), None) => Some(watch_line("ADDED", &form.of(object))),
+        (Some(object), Some(_)) => Some(watch_line("MODIFIED", &form.of(object))),
         (None, Some(previous)) => {
             let mut gone = previous.clone();
             set_resource_version(&mut gone, change.rv);
-            Some(watch_line("DELETED", &gone))
+            Some(watch_line("DELETED", &form.of(&gone)))
         }
         (None, None) => None,
     }
@@ -715,14 +725,14 @@ fn event_line(filter: &Filter, change: &Change) -> Option<Bytes> {
 
 /// A BOOKMARK: an object of the watched kind with only a resourceVersion (and, ending the
 /// initial events of a streaming list, the annotation that says so).
-fn bookmark_line(resource: usize, rv: u64, initial_events_end: bool) -> Bytes {
+fn bookmark_line(resource: usize, rv: u64, initial_events_end: bool, form: Form) -> Bytes {
     let rt = &RESOURCES[resource];
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if initial_events_end {
         metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
     let object = json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": metadata});
-    watch_line("BOOKMARK", &object)
+    watch_line("BOOKMARK", &form.of(&object))
 }
 
 #[cfg(test)]
@@ -776,7 +786,7 @@ mod tests {
     fn selectors_turn_modifications_into_additions_and_deletions() {
         let mut store = Store::new();
         let filter = Filter::new(None, Some("app=web"), None).unwrap();
-        let mut watch = store.watch(SERVICES, filter, WatchStart::Now, false);
+        let mut watch = store.watch(SERVICES, filter, WatchStart::Now, false, Form::Full);
         store
             .create(SERVICES, Some("default"), service("a", "db"))
             .unwrap();
@@ -806,6 +816,7 @@ mod tests {
                     limit: Some(2),
                     ..ListQuery::default()
                 },
+                Form::Full,
             )
             .unwrap();
         assert_eq!(first["metadata"]["remainingItemCount"], 1);
@@ -818,14 +829,20 @@ mod tests {
             continue_token: Some(token),
             exact: None,
         };
-        let second = store.list(SERVICES, &all, &query).unwrap();
+        let second = store.list(SERVICES, &all, &query, Form::Full).unwrap();
         assert_eq!(second["items"][0]["metadata"]["name"], "c");
         assert_eq!(
             second["metadata"]["resourceVersion"],
             first["metadata"]["resourceVersion"]
         );
         store.compact();
-        assert_eq!(store.list(SERVICES, &all, &query).unwrap_err().code, 410);
+        assert_eq!(
+            store
+                .list(SERVICES, &all, &query, Form::Full)
+                .unwrap_err()
+                .code,
+            410
+        );
     }
 
     #[test]
@@ -863,8 +880,20 @@ mod tests {
     #[test]
     fn watches_whose_client_is_gone_are_dropped() {
         let mut store = Store::new();
-        let kept = store.watch(SERVICES, Filter::default(), WatchStart::Now, true);
-        let gone = store.watch(SERVICES, Filter::default(), WatchStart::Now, false);
+        let kept = store.watch(
+            SERVICES,
+            Filter::default(),
+            WatchStart::Now,
+            true,
+            Form::Full,
+        );
+        let gone = store.watch(
+            SERVICES,
+            Filter::default(),
+            WatchStart::Now,
+            false,
+            Form::Full,
+        );
         assert_eq!(store.open_watches(), 2);
         drop(gone);
         store.send_bookmarks();
