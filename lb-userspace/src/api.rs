@@ -90,18 +90,49 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the API client")
 }
 
+/// How long a watch that failed must go without a new error to count as connected again
+/// when no event says so: a watch resumed from its resourceVersion brings no event until
+/// something changes, and a failing one fails again within [`WATCH_BACKOFF_MAX`].
+const QUIET_AFTER_ERROR: Duration = Duration::from_secs(2);
+
 /// One watched resource's connection, for the metrics and the logs.
 #[derive(Debug, Default)]
 pub struct WatchHealth {
     /// The resource's plural (`services`).
     pub resource: &'static str,
-    /// Its last list or watch call succeeded.
-    pub connected: AtomicBool,
+    /// An event arrived since the last error (or there was none).
+    delivering: AtomicBool,
+    /// When its list or watch last failed.
+    last_error: std::sync::Mutex<Option<std::time::Instant>>,
     /// Its store holds a complete list (once true, it stays true: a relist swaps the
     /// contents at its end).
     pub listed: AtomicBool,
     /// Errors of its list and watch calls.
     pub errors: AtomicU64,
+}
+
+impl WatchHealth {
+    /// Whether the resource is watched now: an event arrived since its last error, or no
+    /// error came for [`QUIET_AFTER_ERROR`] (kube-rs retries a failing watch within a second:
+    /// silence means it started).
+    pub fn connected(&self) -> bool {
+        let last_error = *self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        match last_error {
+            None => true,
+            Some(at) => {
+                self.delivering.load(Ordering::Relaxed) || at.elapsed() >= QUIET_AFTER_ERROR
+            }
+        }
+    }
+
+    fn failed(&self) -> bool {
+        let was_connected = self.connected();
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now());
+        self.delivering.store(false, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        was_connected
+    }
 }
 
 /// The API source's connection, one entry per watched resource.
@@ -124,9 +155,7 @@ impl ApiHealth {
 
     /// Every watch is connected.
     pub fn connected(&self) -> bool {
-        self.watches
-            .iter()
-            .all(|w| w.connected.load(Ordering::Relaxed))
+        self.watches.iter().all(WatchHealth::connected)
     }
 }
 
@@ -248,7 +277,7 @@ where
         loop {
             match stream.try_next().await {
                 Ok(Some(event)) => {
-                    if !watch.connected.swap(true, Ordering::Relaxed) {
+                    if !watch.delivering.swap(true, Ordering::Relaxed) {
                         info!(resource = watch.resource, "watching the API");
                     }
                     match event {
@@ -263,11 +292,8 @@ where
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    watch.errors.fetch_add(1, Ordering::Relaxed);
                     // Once per outage: the backoff retries every second meanwhile.
-                    if watch.connected.swap(false, Ordering::Relaxed)
-                        || watch.errors.load(Ordering::Relaxed) == 1
-                    {
+                    if watch.failed() {
                         warn!(resource = watch.resource, error = %e, "the API cannot be watched: the last state it gave keeps serving; retrying");
                     }
                 }

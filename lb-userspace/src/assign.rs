@@ -118,7 +118,7 @@ impl Assignment {
                     Ok(None) => return,
                     Err(e) => {
                         if !failing {
-                            warn!(error = %e, "the LoadBalancerIPPools cannot be watched (is deploy/crd.yaml applied?): no address is assigned until they are listed");
+                            warn!(error = %e, "the LoadBalancerIPPools cannot be watched (is the CRD of deploy/crd.yaml installed?): no address is assigned until they are listed");
                         }
                         failing = true;
                     }

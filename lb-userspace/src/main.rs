@@ -404,12 +404,13 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Logs to standard output, filtered by `RUST_LOG` (default `info`, without kube-rs's line
-/// for every failed request: a 409 is how a status write or a lease renewal learns it is
-/// late, and an outage is logged once per resource by the API source).
+/// Logs to standard output, filtered by `RUST_LOG` (default `info`, without kube-rs's client
+/// lines: it logs every failed request and every watch stream cut, where a 409 is how a
+/// status write or a lease renewal learns it is late, and an outage is logged once per
+/// resource by the API source, which gets every error kube-rs sees).
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube_client::client::builder=off".into());
+        .unwrap_or_else(|_| "info,kube_client=off".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         // Colours only for a person at a terminal: a log file or a collector gets plain text.
@@ -550,7 +551,7 @@ impl InCluster {
                     .iter()
                     .map(|w| metrics::WatchFigures {
                         resource: w.resource,
-                        connected: w.connected.load(std::sync::atomic::Ordering::Relaxed),
+                        connected: w.connected(),
                         errors: load(&w.errors),
                     })
                     .collect(),

@@ -109,6 +109,28 @@ impl Netns {
     }
 }
 
+/// A closure that binds a TCP listener at `addr` inside the namespace `name`, each time it is
+/// called (a server that goes away and comes back binds again): a thread of its own enters
+/// the namespace, binds and hands the socket back, which stays in that namespace.
+pub fn tcp_binder(
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> impl Fn() -> std::io::Result<std::net::TcpListener> + Send + Sync + 'static {
+    let path = format!("/var/run/netns/{name}");
+    move || {
+        let file = File::open(&path)?;
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                    std::net::TcpListener::bind(addr)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("binding thread panicked")))
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(error) = ip(&["netns", "del", &self.name]) {

@@ -193,6 +193,10 @@ pub struct Sandbox {
     /// The MTU of the pods' links (both ends), if not the default 1500: an overlay network's
     /// pods behind the node's 1500.
     pub pod_mtu: Option<u16>,
+    /// Where the controller reads the desired state: `None` for the manifests folder
+    /// ([`Sandbox::config`]); else the arguments that replace `--config DIR` (say
+    /// `--kubeconfig PATH`).
+    pub source_args: Option<Vec<String>>,
     /// What tests gave it to keep until the end (see [`Sandbox::hold`]).
     held: Vec<Box<dyn std::any::Any + Send + Sync>>,
     binaries: Binaries,
@@ -249,6 +253,7 @@ impl Sandbox {
             spec_extra: String::new(),
             pod_nodes: BTreeMap::new(),
             pod_mtu: None,
+            source_args: None,
             held: Vec::new(),
             binaries,
             tag: tag.to_owned(),
@@ -364,6 +369,14 @@ impl Sandbox {
     /// Writes the Deployment (skipped by the controller, as in a real manifest folder) and the
     /// `tomcat-load-balancer` Service, optionally with ClientIP affinity.
     pub fn write_service(&self, replicas: usize, affinity: bool) -> anyhow::Result<()> {
+        write_atomically(
+            &self.config.path().join("tomcat.yaml"),
+            &self.service_yaml(replicas, affinity),
+        )
+    }
+
+    /// The Deployment and the Service [`Sandbox::write_service`] writes, as YAML documents.
+    pub fn service_yaml(&self, replicas: usize, affinity: bool) -> String {
         let affinity = if affinity {
             "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n"
         } else {
@@ -377,7 +390,7 @@ impl Sandbox {
             String::new()
         };
         let (policy, extra) = (self.external_traffic_policy, &self.spec_extra);
-        let yaml = format!(
+        format!(
             "apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -426,12 +439,19 @@ spec:
     - ip: {VIP4}
     - ip: {VIP6}
 "
-        );
-        write_atomically(&self.config.path().join("tomcat.yaml"), &yaml)
+        )
     }
 
     /// Writes the service's EndpointSlices (IPv4 and IPv6) for the given pods.
     pub fn write_endpoints(&self, endpoints: &[(u8, EndpointState)]) -> anyhow::Result<()> {
+        write_atomically(
+            &self.config.path().join("tomcat-endpoints.yaml"),
+            &self.endpoints_yaml(endpoints)?,
+        )
+    }
+
+    /// The EndpointSlices [`Sandbox::write_endpoints`] writes, as YAML documents.
+    pub fn endpoints_yaml(&self, endpoints: &[(u8, EndpointState)]) -> anyhow::Result<String> {
         let mut yaml = String::new();
         let push = if self.push_port {
             format!("- name: push\n  port: {PUSH_PORT}\n  protocol: TCP\n")
@@ -482,27 +502,46 @@ ports:
                 );
             }
         }
-        write_atomically(&self.config.path().join("tomcat-endpoints.yaml"), &yaml)
+        Ok(yaml)
     }
 
     /// Starts (or restarts) the controller on the node and waits until it is ready (first
     /// apply done, metrics served, stop handlers installed).
     pub fn start_controller(&mut self, echo: bool) -> anyhow::Result<()> {
-        let mut command = self.roots.attach_command(
-            &self.node,
-            &self.binaries.controller,
-            NODE_IFACE,
-            self.config.path(),
-        );
-        command.args(["--node-name", NODE_NAME]);
-        command.args(&self.controller_args);
-        let controller = LoggedChild::spawn(command, echo)?;
-        // Kept before the wait: a controller that never gets ready is still stopped on drop.
-        self.controller = Some(controller);
+        self.spawn_controller(echo)?;
         self.controller
             .as_ref()
             .expect("just set")
-            .wait_ready(Duration::from_secs(10))?;
+            .wait_ready(Duration::from_secs(10))
+    }
+
+    /// Starts (or restarts) the controller on the node without waiting for it: a test that
+    /// watches what happens before it is ready (its source unreachable, say) waits itself.
+    pub fn spawn_controller(&mut self, echo: bool) -> anyhow::Result<()> {
+        let mut command = match &self.source_args {
+            None => self.roots.attach_command(
+                &self.node,
+                &self.binaries.controller,
+                NODE_IFACE,
+                self.config.path(),
+            ),
+            Some(source) => {
+                let mut command = self.node.command(&self.binaries.controller);
+                command.args(["attach", NODE_IFACE, "--stats-interval", "0"]);
+                command.args(source);
+                command.args([
+                    "--pin-root",
+                    &self.roots.pin_root,
+                    "--state-root",
+                    &self.roots.state_root,
+                ]);
+                command
+            }
+        };
+        command.args(["--node-name", NODE_NAME]);
+        command.args(&self.controller_args);
+        // Kept at once: a controller that never gets ready is still stopped on drop.
+        self.controller = Some(LoggedChild::spawn(command, echo)?);
         Ok(())
     }
 

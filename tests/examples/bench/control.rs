@@ -9,6 +9,7 @@ use std::{
 
 use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS};
 use lb_tests::{
+    apiserver::StandIn,
     netns::Netns,
     sandbox::{Binaries, EndpointState::Ready, Sandbox},
 };
@@ -353,6 +354,91 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         ),
     );
     drop(sandbox);
+    api_latency(report, quick)
+}
+
+/// Watch event -> data plane: the controller follows the stand-in API server (in the node's
+/// namespace) holding 1,000 other Services with 10 endpoints each; the EndpointSlices of the
+/// sandbox's Service change, and the time until the data plane's applied generation moves
+/// is measured from the write into the stand-in, which sends the watch event at once.
+fn api_latency(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let dir = lb_tests::lb_userspace_bin();
+    let mut sandbox = Sandbox::up(
+        "bench-api",
+        Binaries::in_dir(dir.parent().expect("target dir")),
+    )?;
+    for index in 1..=3 {
+        sandbox.start_pod(index)?;
+    }
+    let api = StandIn::start(lb_tests::netns::tcp_binder(
+        sandbox.node.name(),
+        "127.0.0.1:6443".parse()?,
+    ))?;
+    let kubeconfig = sandbox.config.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let others = if quick { 100 } else { 1000 };
+    api.apply_yaml(&many_services_with_slices(others, 10));
+    api.apply_yaml(&sandbox.service_yaml(3, false));
+    api.apply_yaml(&sandbox.endpoints_yaml(&[(1, Ready), (2, Ready)])?);
+    sandbox.source_args = Some(vec![
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--no-ipam".into(),
+    ]);
+    sandbox.start_controller(false)?;
+    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
+    let generation = || -> u64 {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0)
+    };
+    let samples = if quick { 10 } else { 40 };
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let before = generation();
+        let endpoints = if i % 2 == 0 {
+            vec![(1, Ready), (2, Ready), (3, Ready)]
+        } else {
+            vec![(1, Ready), (2, Ready)]
+        };
+        let yaml = sandbox.endpoints_yaml(&endpoints)?;
+        let start = Instant::now();
+        api.apply_yaml(&yaml);
+        while generation() == before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(5),
+                "the controller did not apply a change from the API"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[((latencies.len() as f64) * 0.99).ceil() as usize - 1];
+    let note = format!(
+        "stand-in API server, {others} other Services x 10 endpoints in the cluster; includes the 5 ms settle"
+    );
+    report.add(
+        SECTION,
+        "API watch event -> data plane, p50",
+        "ms",
+        vec![median(&latencies)],
+        None,
+        &note,
+    );
+    report.add(
+        SECTION,
+        "API watch event -> data plane, p99",
+        "ms",
+        vec![p99],
+        Some(("goal 100 ms", &[100.0], |v, b| v / b)),
+        "ratio < 1 meets the goal",
+    );
+    drop(sandbox);
+    drop(api);
     Ok(())
 }
 
@@ -371,6 +457,29 @@ fn many_services(services: usize, endpoints: usize) -> String {
                 "  - ip: 198.20.{}.{}\n",
                 (s * endpoints + e) >> 8 & 255,
                 (s * endpoints + e) & 255
+            );
+        }
+    }
+    yaml
+}
+
+/// `services` Services `svc-N` in `default` on external IPs 198.18.128.0/17, each with an
+/// EndpointSlice of `endpoints` endpoints on 198.19.128.0/17 (addresses only configured, never
+/// sent to), as the API holds them.
+fn many_services_with_slices(services: usize, endpoints: usize) -> String {
+    let mut yaml = String::new();
+    for s in 0..services {
+        yaml += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\n  namespace: default\nspec:\n  externalIPs: [198.18.{}.{}]\n  ports:\n  - port: 8080\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{s}-v4\n  namespace: default\n  labels:\n    kubernetes.io/service-name: svc-{s}\naddressType: IPv4\nports:\n- port: 8080\n  protocol: TCP\nendpoints:\n",
+            128 + (s >> 8),
+            s & 255
+        );
+        for e in 0..endpoints {
+            let n = s * endpoints + e;
+            yaml += &format!(
+                "- addresses: [\"198.19.{}.{}\"]\n  conditions: {{ready: true}}\n",
+                128 + (n >> 8 & 127),
+                n & 255
             );
         }
     }

@@ -36,6 +36,7 @@ use axum::Router;
 use axum::http::{HeaderMap, Method, Uri, header};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -293,6 +294,28 @@ impl StandIn {
                 e.message, e.code
             )
         })
+    }
+
+    /// [`apply_value`](Self::apply_value) for every object of a YAML stream (`---`-separated
+    /// documents, as `kubectl apply -f` takes) of a kind the stand-in serves; others (a
+    /// Deployment beside its Service) are skipped. Returns how many were applied.
+    pub fn apply_yaml(&self, yaml: &str) -> usize {
+        let mut applied = 0;
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("a YAML document to apply does not parse: {e}"));
+            let served = value
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .zip(value.get("kind").and_then(Value::as_str));
+            if served
+                .is_some_and(|(api_version, kind)| resources::by_kind(api_version, kind).is_some())
+            {
+                self.apply_value(value);
+                applied += 1;
+            }
+        }
+        applied
     }
 
     /// Deletes an object as a client's delete would (DELETED sent to the watches; an object
