@@ -6,10 +6,13 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use anyhow::Context as _;
-use lb_tests::sandbox::{
-    Binaries,
-    EndpointState::{Ready, Terminating},
-    HeldConnection, SERVICE, Sandbox, VIP4,
+use lb_tests::{
+    apiserver::StandIn,
+    sandbox::{
+        Binaries,
+        EndpointState::{Ready, Terminating},
+        HeldConnection, NODE_NAME, SERVICE, Sandbox, VIP4,
+    },
 };
 
 use crate::cmd::{cargo, require_root, status, workspace_root};
@@ -176,5 +179,111 @@ pub fn run() -> anyhow::Result<()> {
         "done in {:.1} s; no namespace, pin or process left",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `cargo xtask demo --api`: the story through a stand-in API server (the tests crate's test
+/// double speaking the API's wire protocol; no real cluster is involved). The Service is
+/// created without an address and shows `<pending>`; a pool is created, the leader assigns
+/// the pool's first address and writes it to the Service's status; the EndpointSlices are
+/// written for 1, then 4 pods, and the traffic follows.
+pub fn run_api() -> anyhow::Result<()> {
+    require_root("cargo xtask demo")?;
+    lb_tests::netns::sweep_stale()?;
+    let binaries = build_binaries()?;
+    let started = Instant::now();
+    let vip = IpAddr::V4(VIP4);
+
+    step(
+        "A node in network namespaces, and a STAND-IN Kubernetes API server (a test double, not a cluster)",
+    );
+    let mut sandbox = Sandbox::up("demo-api", binaries).context("building the sandbox")?;
+    for index in 1..=4 {
+        sandbox.start_pod(index)?;
+    }
+    let api = StandIn::start(lb_tests::netns::tcp_binder(
+        sandbox.node.name(),
+        "127.0.0.1:6443".parse()?,
+    ))?;
+    let kubeconfig = sandbox.config.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.apply_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME},
+        "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.2"}]}
+    }));
+    println!("stand-in API server on 127.0.0.1:6443 in the node's namespace");
+    command("lb-userspace attach veth-node --kubeconfig KUBECONFIG   # on the node");
+    sandbox.source_args = Some(vec![
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ]);
+    sandbox.spec_extra = "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n".into();
+    sandbox.start_controller(true)?;
+
+    step(
+        "kubectl expose deployment tomcat-deployment --type=LoadBalancer --port=8080 (no pool yet)",
+    );
+    api.apply_yaml(&sandbox.service_yaml(1, false));
+    api.apply_yaml(&sandbox.endpoints_yaml(&[(1, Ready)])?);
+    wait_shown(&sandbox, &["get", "services"], "<pending>")?;
+    command("lb-userspace get services");
+    print!("{}", sandbox.cli(&["get", "services"])?);
+
+    step("kubectl apply -f deploy/pool-example.yaml   # 198.18.200.0/24, 2001:db8:200::/64");
+    api.apply_value(serde_json::json!({
+        "apiVersion": "lb.xdp.rs/v1alpha1", "kind": "LoadBalancerIPPool",
+        "metadata": {"name": "example"},
+        "spec": {"blocks": [{"cidr": "198.18.200.0/24"}, {"cidr": "2001:db8:200::/64"}]}
+    }));
+    wait_shown(&sandbox, &["get", "services"], &VIP4.to_string())?;
+    command(
+        "kubectl get service tomcat-load-balancer -o jsonpath='{.status}'   # from the stand-in",
+    );
+    let service = api
+        .get("v1", "Service", Some("default"), SERVICE)
+        .context("the Service is in the stand-in")?;
+    println!("{}", service["status"]);
+    command("lb-userspace get services");
+    print!("{}", sandbox.cli(&["get", "services"])?);
+    for event in api.events() {
+        println!(
+            "Event {} {} {}: {}",
+            event.type_.unwrap_or_default(),
+            event.reason.unwrap_or_default(),
+            event.regarding.and_then(|r| r.name).unwrap_or_default(),
+            event.note.unwrap_or_default()
+        );
+    }
+    let pods = |sandbox: &Sandbox| -> Vec<String> {
+        sandbox.pods.values().map(|p| p.name.clone()).collect()
+    };
+    step(&format!("{BATCH} requests to http://{VIP4}:8080/"));
+    show_spread(&sandbox.http_batch(vip, BATCH)?, &pods(&sandbox));
+
+    step("kubectl scale --replicas=4: the endpoint-slice controller writes 4 endpoints");
+    api.apply_yaml(&sandbox.endpoints_yaml(&[(1, Ready), (2, Ready), (3, Ready), (4, Ready)])?);
+    wait_shown(&sandbox, &["describe", "service", SERVICE], "198.18.4.1")?;
+    show_spread(&sandbox.http_batch(vip, BATCH)?, &pods(&sandbox));
+
+    step("Cleaning up");
+    drop(sandbox);
+    drop(api);
+    println!(
+        "done in {:.1} s; no namespace, pin or process left",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Waits until `lb-userspace ARGS` prints `text` (the controller applied what the API says).
+fn wait_shown(sandbox: &Sandbox, args: &[&str], text: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !sandbox.cli(args).is_ok_and(|shown| shown.contains(text)) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "lb-userspace {args:?} never showed {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     Ok(())
 }

@@ -34,7 +34,13 @@ enum Command {
     Test,
     /// Run the main job: the tutorial's scaling story through the load balancer, in a veth
     /// sandbox with real HTTP clients.
-    Demo,
+    Demo {
+        /// The same story with the controller following a stand-in Kubernetes API server (the
+        /// tests crate's test double, not a real cluster): the Service's EXTERNAL-IP goes from
+        /// `<pending>` to the address the leader assigns from a pool.
+        #[arg(long)]
+        api: bool,
+    },
     /// Run the benchmarks and write BENCHMARKS.md, bench.json and docs/forwarding.svg.
     Bench {
         /// Short runs: checks the harness, not the figures.
@@ -69,7 +75,8 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => Ok(()),
         Command::Build { release } => cmd::cargo_build(release),
         Command::Test => test::run(),
-        Command::Demo => demo::run(),
+        Command::Demo { api: false } => demo::run(),
+        Command::Demo { api: true } => demo::run_api(),
         Command::Sandbox { action } => sandbox::run(&action),
         Command::Bench { quick } => bench::run(quick),
         Command::Fuzz { seconds } => fuzz::run(seconds),
