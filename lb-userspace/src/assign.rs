@@ -278,7 +278,7 @@ impl Leader {
             let Some(service) = by_uid.get(allocation.uid.as_str()) else {
                 continue;
             };
-            if current_ingress(service) != allocation.ingress() {
+            if ipam::ingress_addresses(service) != allocation.ingress() {
                 all_written &= self.write(service, allocation.ingress()).await;
             }
             self.tell(service, allocation);
@@ -349,19 +349,6 @@ impl Leader {
         };
         self.events.publish(service_reference(service), event);
     }
-}
-
-/// The addresses `status.loadBalancer.ingress` shows.
-fn current_ingress(service: &Service) -> Vec<IpAddr> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
-        .collect()
 }
 
 /// Tells configuration refusals as `Warning Rejected` events on the Services they name, from

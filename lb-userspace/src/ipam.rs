@@ -597,15 +597,7 @@ impl Claim {
 
         // The status is ours to write: an entry that is not an address (a hostname, another
         // writer's) is not one we can keep.
-        let current = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
-            .collect();
+        let current = ingress_addresses(service);
 
         Some(Self {
             namespace: namespace_of(metadata.namespace.as_deref()).to_owned(),
@@ -1205,6 +1197,20 @@ pub fn status_patch(assigned: &[IpAddr]) -> serde_json::Value {
     serde_json::json!({ "status": { "loadBalancer": { "ingress": ingress } } })
 }
 
+/// The addresses `service`'s `status.loadBalancer.ingress` shows (an entry that is not an
+/// address, a hostname, is left out).
+pub fn ingress_addresses(service: &Service) -> Vec<IpAddr> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+        .collect()
+}
+
 /// Whether `service`'s `status.loadBalancer.ingress` is ours to clear: it is not a claim
 /// because it is no longer of type LoadBalancer (a type change leaves the status behind), and
 /// it still shows an address of one of `pools`. A Service of another load balancer class is
@@ -1221,14 +1227,8 @@ pub fn stale_ingress(service: &Service, pools: &[Pool], class: &str) -> bool {
     {
         return false;
     }
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
+    ingress_addresses(service)
         .into_iter()
-        .flatten()
-        .filter_map(|ingress| ingress.ip.as_deref()?.parse::<IpAddr>().ok())
         .any(|ip| pools.iter().any(|p| p.contains(ip)))
 }
 

@@ -49,6 +49,8 @@ pub const NODE_IFACE: &str = "veth-node";
 /// The node's name (`--node-name`), and the `nodeName` of its pods' endpoints unless
 /// [`Sandbox::pod_nodes`] says otherwise.
 pub const NODE_NAME: &str = "sandbox-node";
+/// Where [`Sandbox::start_api`]'s stand-in API server listens, in the node's namespace.
+pub const API_ADDR: &str = "127.0.0.1:6443";
 /// The node's client-facing IPv4 address.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
@@ -503,6 +505,31 @@ ports:
             }
         }
         Ok(yaml)
+    }
+
+    /// Starts the stand-in API server ([`crate::apiserver`]) in the node's namespace at
+    /// [`API_ADDR`], holding this node's Node object, and points the controller at it
+    /// (`--kubeconfig`, with the lease timing `lease_args`); the kubeconfig is written in the
+    /// manifests folder. The stand-in is the caller's: dropping it stops it.
+    pub fn start_api(&mut self, lease_args: &[&str]) -> anyhow::Result<crate::apiserver::StandIn> {
+        let api = crate::apiserver::StandIn::start(crate::netns::tcp_binder(
+            self.node.name(),
+            API_ADDR.parse()?,
+        ))?;
+        let kubeconfig = self.config.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        api.apply_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE_NAME},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": NODE_IP.to_string()},
+                {"type": "Hostname", "address": NODE_NAME}
+            ]}
+        }));
+        let mut args = vec!["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
+        args.extend(lease_args.iter().map(|a| (*a).to_owned()));
+        self.source_args = Some(args);
+        Ok(api)
     }
 
     /// Starts (or restarts) the controller on the node and waits until it is ready (first

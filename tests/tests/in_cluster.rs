@@ -24,7 +24,6 @@ use std::{
 use lb_tests::{
     Roots,
     apiserver::StandIn,
-    netns,
     sandbox::{
         Binaries, EndpointState::Ready, HeldConnection, LoggedChild, NODE_NAME, PORT, SERVICE,
         Sandbox, VIP4, VIP6,
@@ -45,9 +44,6 @@ const LEASE_ARGS: [&str; 6] = [
 
 /// What the controller's line for an apply says (and no other line).
 const APPLIED: &str = " applied generation=";
-
-/// The API server's address inside the node's namespace, where the controller runs.
-const API_ADDR: &str = "127.0.0.1:6443";
 
 fn binaries() -> Binaries {
     Binaries::in_dir(lb_tests::lb_userspace_bin().parent().unwrap())
@@ -77,26 +73,10 @@ impl Cluster {
         for index in 1..=pods {
             sandbox.start_pod(index).unwrap();
         }
-        let api = StandIn::start(netns::tcp_binder(
-            sandbox.node.name(),
-            API_ADDR.parse().unwrap(),
-        ))
-        .unwrap();
-        let kubeconfig = sandbox.config.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).unwrap();
-        api.apply_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": NODE_NAME},
-            "status": {"addresses": [
-                {"type": "InternalIP", "address": "198.18.0.2"},
-                {"type": "Hostname", "address": NODE_NAME}
-            ]}
-        }));
+        let api = sandbox.start_api(&LEASE_ARGS).unwrap();
         sandbox.spec_extra =
             "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n".into();
-        let mut args: Vec<String> = vec!["--kubeconfig".into(), kubeconfig.display().to_string()];
-        args.extend(LEASE_ARGS.map(String::from));
-        sandbox.source_args = Some(args);
+        let kubeconfig = sandbox.config.path().join("kubeconfig");
         Self {
             sandbox,
             api,

@@ -6,13 +6,10 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use anyhow::Context as _;
-use lb_tests::{
-    apiserver::StandIn,
-    sandbox::{
-        Binaries,
-        EndpointState::{Ready, Terminating},
-        HeldConnection, NODE_NAME, SERVICE, Sandbox, VIP4,
-    },
+use lb_tests::sandbox::{
+    Binaries,
+    EndpointState::{Ready, Terminating},
+    HeldConnection, SERVICE, Sandbox, VIP4,
 };
 
 use crate::cmd::{cargo, require_root, status, workspace_root};
@@ -201,22 +198,9 @@ pub fn run_api() -> anyhow::Result<()> {
     for index in 1..=4 {
         sandbox.start_pod(index)?;
     }
-    let api = StandIn::start(lb_tests::netns::tcp_binder(
-        sandbox.node.name(),
-        "127.0.0.1:6443".parse()?,
-    ))?;
-    let kubeconfig = sandbox.config.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    api.apply_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME},
-        "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.2"}]}
-    }));
+    let api = sandbox.start_api(&[])?;
     println!("stand-in API server on 127.0.0.1:6443 in the node's namespace");
     command("lb-userspace attach veth-node --kubeconfig KUBECONFIG   # on the node");
-    sandbox.source_args = Some(vec![
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ]);
     sandbox.spec_extra = "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n".into();
     sandbox.start_controller(true)?;
 

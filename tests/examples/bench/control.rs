@@ -9,9 +9,8 @@ use std::{
 
 use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS};
 use lb_tests::{
-    apiserver::StandIn,
     netns::Netns,
-    sandbox::{Binaries, EndpointState::Ready, Sandbox},
+    sandbox::{Binaries, EndpointState, EndpointState::Ready, Sandbox},
 };
 use lb_userspace::{
     Dataplane,
@@ -277,37 +276,10 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     sandbox.write_service(3, false)?;
     sandbox.write_endpoints(&[(1, Ready), (2, Ready)])?;
     sandbox.start_controller(false)?;
-    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
-    let generation = || -> u64 {
-        std::fs::read_to_string(&state_file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["generation"].as_u64())
-            .unwrap_or(0)
-    };
-    let samples = if quick { 10 } else { 40 };
-    let mut latencies = Vec::new();
-    for i in 0..samples {
-        let before = generation();
-        let endpoints = if i % 2 == 0 {
-            vec![(1, Ready), (2, Ready), (3, Ready)]
-        } else {
-            vec![(1, Ready), (2, Ready)]
-        };
-        let start = Instant::now();
-        sandbox.write_endpoints(&endpoints)?;
-        while generation() == before {
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(5),
-                "the controller did not apply a change"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        latencies.push(start.elapsed().as_secs_f64() * 1e3);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    latencies.sort_by(f64::total_cmp);
-    let p99 = latencies[((latencies.len() as f64) * 0.99).ceil() as usize - 1];
+    let latencies = change_to_applied(&sandbox, if quick { 10 } else { 40 }, |endpoints| {
+        sandbox.write_endpoints(endpoints)
+    })?;
+    let p99 = percentile(&latencies, 0.99);
     report.add(
         SECTION,
         "manifest write -> data plane, p50",
@@ -341,7 +313,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     scrapes.sort_by(f64::total_cmp);
-    let p99 = scrapes[((scrapes.len() as f64) * 0.99).ceil() as usize - 1];
+    let p99 = percentile(&scrapes, 0.99);
     report.add(
         SECTION,
         "scrape during a 10k-service apply, p99",
@@ -370,54 +342,17 @@ fn api_latency(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     for index in 1..=3 {
         sandbox.start_pod(index)?;
     }
-    let api = StandIn::start(lb_tests::netns::tcp_binder(
-        sandbox.node.name(),
-        "127.0.0.1:6443".parse()?,
-    ))?;
-    let kubeconfig = sandbox.config.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
+    let api = sandbox.start_api(&["--no-ipam"])?;
     let others = if quick { 100 } else { 1000 };
     api.apply_yaml(&many_services_with_slices(others, 10));
     api.apply_yaml(&sandbox.service_yaml(3, false));
     api.apply_yaml(&sandbox.endpoints_yaml(&[(1, Ready), (2, Ready)])?);
-    sandbox.source_args = Some(vec![
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--no-ipam".into(),
-    ]);
     sandbox.start_controller(false)?;
-    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
-    let generation = || -> u64 {
-        std::fs::read_to_string(&state_file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["generation"].as_u64())
-            .unwrap_or(0)
-    };
-    let samples = if quick { 10 } else { 40 };
-    let mut latencies = Vec::new();
-    for i in 0..samples {
-        let before = generation();
-        let endpoints = if i % 2 == 0 {
-            vec![(1, Ready), (2, Ready), (3, Ready)]
-        } else {
-            vec![(1, Ready), (2, Ready)]
-        };
-        let yaml = sandbox.endpoints_yaml(&endpoints)?;
-        let start = Instant::now();
-        api.apply_yaml(&yaml);
-        while generation() == before {
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(5),
-                "the controller did not apply a change from the API"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        latencies.push(start.elapsed().as_secs_f64() * 1e3);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    latencies.sort_by(f64::total_cmp);
-    let p99 = latencies[((latencies.len() as f64) * 0.99).ceil() as usize - 1];
+    let latencies = change_to_applied(&sandbox, if quick { 10 } else { 40 }, |endpoints| {
+        api.apply_yaml(&sandbox.endpoints_yaml(endpoints)?);
+        Ok(())
+    })?;
+    let p99 = percentile(&latencies, 0.99);
     let note = format!(
         "stand-in API server, {others} other Services x 10 endpoints in the cluster; includes the 5 ms settle"
     );
@@ -440,6 +375,50 @@ fn api_latency(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     drop(sandbox);
     drop(api);
     Ok(())
+}
+
+/// Milliseconds from each of `samples` endpoint changes (3 pods, then 2, alternately),
+/// made by `change`, to the controller's next applied generation (read from its state file).
+fn change_to_applied(
+    sandbox: &Sandbox,
+    samples: usize,
+    mut change: impl FnMut(&[(u8, EndpointState)]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
+    let generation = || -> u64 {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let before = generation();
+        let endpoints = if i % 2 == 0 {
+            vec![(1, Ready), (2, Ready), (3, Ready)]
+        } else {
+            vec![(1, Ready), (2, Ready)]
+        };
+        let start = Instant::now();
+        change(&endpoints)?;
+        while generation() == before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(5),
+                "the controller did not apply a change"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+/// The `q` quantile of sorted `values` (nearest rank).
+fn percentile(values: &[f64], q: f64) -> f64 {
+    values[((values.len() as f64) * q).ceil() as usize - 1]
 }
 
 /// `services` Services `svc-N` on 198.19.0.0/16, each with `endpoints` endpoints on
