@@ -104,9 +104,6 @@ pub struct WatchHealth {
     delivering: AtomicBool,
     /// When its list or watch last failed.
     last_error: std::sync::Mutex<Option<std::time::Instant>>,
-    /// Its store holds a complete list (once true, it stays true: a relist swaps the
-    /// contents at its end).
-    pub listed: AtomicBool,
     /// Errors of its list and watch calls.
     pub errors: AtomicU64,
 }
@@ -151,11 +148,6 @@ impl ApiHealth {
         Self {
             watches: [watch("services"), watch("endpointslices"), watch("nodes")],
         }
-    }
-
-    /// Every watch is connected.
-    pub fn connected(&self) -> bool {
-        self.watches.iter().all(WatchHealth::connected)
     }
 }
 
@@ -283,8 +275,9 @@ where
                     match event {
                         // Objects of a list in progress are not in the store yet.
                         watcher::Event::Init | watcher::Event::InitApply(_) => continue,
-                        watcher::Event::InitDone => watch.listed.store(true, Ordering::Relaxed),
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+                        watcher::Event::InitDone
+                        | watcher::Event::Apply(_)
+                        | watcher::Event::Delete(_) => {}
                     }
                     for changed in &changed {
                         changed.send_modify(|n| *n += 1);

@@ -127,7 +127,7 @@ impl Assignment {
         });
         let figures = Arc::new(AssignFigures::default());
         let leader = Leader {
-            api: Api::all(client.clone()),
+            client: client.clone(),
             services,
             pools,
             events,
@@ -144,9 +144,21 @@ impl Assignment {
     }
 }
 
+/// What a status write came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Written.
+    Done,
+    /// Not written: decided on an older version of the Service (or one without a name); the
+    /// watch brings the newer one, and a new decision with it.
+    Stale,
+    /// Not written: to be tried again.
+    Failed,
+}
+
 /// The leader's side.
 struct Leader {
-    api: Api<Service>,
+    client: Client,
     services: Store<Service>,
     pools: Store<LoadBalancerIPPool>,
     events: EventSink,
@@ -225,7 +237,7 @@ impl Leader {
 
     /// Writes each pool object's counts (`kubectl get lbpool` shows them) where they changed.
     async fn write_pool_counts(&self, pools: &[Pool], allocations: &[Allocation]) {
-        let api: Api<LoadBalancerIPPool> = Api::all(self.api.clone().into_client());
+        let api: Api<LoadBalancerIPPool> = Api::all(self.client.clone());
         for resource in self.pools.state() {
             let Some(pool) = pools.iter().find(|p| p.name == resource.name_any()) else {
                 continue;
@@ -278,15 +290,18 @@ impl Leader {
             let Some(service) = by_uid.get(allocation.uid.as_str()) else {
                 continue;
             };
-            if ipam::ingress_addresses(service) != allocation.ingress() {
-                all_written &= self.write(service, allocation.ingress()).await;
-            }
-            self.tell(service, allocation);
+            let outcome = if ipam::ingress_addresses(service) != allocation.ingress() {
+                Some(self.write(service, allocation.ingress()).await)
+            } else {
+                None
+            };
+            all_written &= outcome != Some(Write::Failed);
+            self.tell(service, allocation, outcome == Some(Write::Done));
         }
         // A Service no longer of type LoadBalancer keeps the status it had: ours to clear.
         for service in &services {
             if ipam::stale_ingress(service, &pools, &self.settings.class) {
-                all_written &= self.write(service, &[]).await;
+                all_written &= self.write(service, &[]).await != Write::Failed;
             }
         }
         self.write_pool_counts(&pools, &allocations).await;
@@ -294,16 +309,16 @@ impl Leader {
     }
 
     /// Writes `ingress` to `service`'s status, on the version it was decided on.
-    async fn write(&self, service: &Service, ingress: &[IpAddr]) -> bool {
+    async fn write(&self, service: &Service, ingress: &[IpAddr]) -> Write {
         let (Some(namespace), Some(name)) = (&service.metadata.namespace, &service.metadata.name)
         else {
-            return true;
+            return Write::Stale;
         };
         let mut patch = ipam::status_patch(ingress);
         patch["metadata"] = serde_json::json!({
             "resourceVersion": service.metadata.resource_version,
         });
-        let api: Api<Service> = Api::namespaced(self.api.clone().into_client(), namespace);
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
         match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -311,25 +326,30 @@ impl Leader {
             Ok(_) => {
                 self.figures.writes_ok.fetch_add(1, Ordering::Relaxed);
                 info!(service = %format!("{namespace}/{name}"), ingress = ?ingress, "status.loadBalancer.ingress written");
-                true
+                Write::Done
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Decided on an older version: the watch brings the newer one, and with it
                 // a new decision.
                 self.figures.writes_conflict.fetch_add(1, Ordering::Relaxed);
-                true
+                Write::Stale
             }
             Err(e) => {
                 self.figures.writes_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(service = %format!("{namespace}/{name}"), error = %e, "writing the Service's status failed: trying again");
-                false
+                Write::Failed
             }
         }
     }
 
-    /// Tells a decision as an event on its Service, when it is not the one told last.
-    fn tell(&mut self, service: &Service, allocation: &Allocation) {
-        if self.told.get(&allocation.uid) == Some(&allocation.decision) {
+    /// Tells a decision as an event on its Service: an assignment when this leader wrote it
+    /// (a new leader finding every address in place says nothing), a refusal when it is not
+    /// the one told last (a new leader tells the refusals it finds once).
+    fn tell(&mut self, service: &Service, allocation: &Allocation, written: bool) {
+        let assigned = matches!(allocation.decision, Decision::Assigned(_));
+        if (assigned && !written)
+            || (!assigned && self.told.get(&allocation.uid) == Some(&allocation.decision))
+        {
             return;
         }
         self.told
