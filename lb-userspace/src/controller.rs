@@ -269,7 +269,9 @@ impl AppliedState {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let text = serde_json::to_string_pretty(self).map_err(|e| error(&e))?;
+        // Compact: a cluster's state runs to megabytes, written after every apply (tools
+        // read it with a JSON parser; `jq .` pretty-prints it for a person).
+        let text = serde_json::to_vec(self).map_err(|e| error(&e))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(|e| error(&e))?;
         std::fs::rename(&tmp, path).map_err(|e| error(&e))

@@ -11,7 +11,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Service, ServicePort},
+    api::{
+        core::v1::{Endpoints, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use lb_common::maps::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, PROTO_TCP, PROTO_UDP};
@@ -530,8 +533,9 @@ pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) 
     let mut warnings = manifests.warnings.clone();
     let mut refused = manifests.refused.clone();
     let mut candidates = Vec::new();
+    let index = EndpointIndex::new(manifests);
     for located in &manifests.services {
-        match service_model(located, manifests, options, &mut warnings, &mut refused) {
+        match service_model(located, &index, options, &mut warnings, &mut refused) {
             Ok(Some(service)) => candidates.push(service),
             Ok(None) => {}
             Err(error) => refused.push(error),
@@ -651,7 +655,7 @@ pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
 
 fn service_model(
     located: &Located<Service>,
-    manifests: &Manifests,
+    index: &EndpointIndex<'_>,
     options: &Options,
     warnings: &mut Vec<String>,
     refused: &mut Vec<ConfigError>,
@@ -808,7 +812,7 @@ fn service_model(
         }
     };
 
-    let raw = raw_endpoints(&namespace, &name, manifests, refused);
+    let raw = raw_endpoints(&namespace, &name, index, refused);
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
@@ -971,6 +975,46 @@ fn foreign_class<'a>(class: Option<&'a str>, options: &Options) -> Option<&'a st
     class.filter(|class| *class != options.load_balancer_class)
 }
 
+/// Each Service's EndpointSlices (of address types IPv4 and IPv6, in input order) and its
+/// Endpoints object (the first of that name), by namespace and Service name: found once per
+/// build rather than by every Service scanning every object (quadratic in a cluster's size).
+struct EndpointIndex<'a> {
+    slices: HashMap<(&'a str, &'a str), Vec<&'a Located<EndpointSlice>>>,
+    endpoints: HashMap<(&'a str, &'a str), &'a Located<Endpoints>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    fn new(manifests: &'a Manifests) -> Self {
+        let mut slices: HashMap<_, Vec<_>> = HashMap::new();
+        for slice in &manifests.slices {
+            let metadata = &slice.object.metadata;
+            let service = metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let Some(service) = service
+                && matches!(slice.object.address_type.as_str(), "IPv4" | "IPv6")
+            {
+                let namespace = namespace_of(metadata.namespace.as_deref());
+                slices
+                    .entry((namespace, service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let mut endpoints = HashMap::new();
+        for object in &manifests.endpoints {
+            let metadata = &object.object.metadata;
+            if let Some(name) = metadata.name.as_deref() {
+                endpoints
+                    .entry((namespace_of(metadata.namespace.as_deref()), name))
+                    .or_insert(object);
+            }
+        }
+        Self { slices, endpoints }
+    }
+}
+
 /// The endpoints of a service: from its EndpointSlices when it has any (as kube-proxy does),
 /// else from its Endpoints object. Slices of an address type other than IPv4 and IPv6 (FQDN)
 /// are left out (the manifest reader warned of them), and of each slice endpoint only its
@@ -982,7 +1026,7 @@ fn foreign_class<'a>(class: Option<&'a str>, options: &Options) -> Option<&'a st
 fn raw_endpoints(
     namespace: &str,
     name: &str,
-    manifests: &Manifests,
+    index: &EndpointIndex<'_>,
     refused: &mut Vec<ConfigError>,
 ) -> Vec<RawEndpoint> {
     // A bad address is the fault of the object that lists it, in its own file.
@@ -998,20 +1042,11 @@ fn raw_endpoints(
         }
     };
     let mut raw = Vec::new();
-    let slices: Vec<_> = manifests
+    let slices = index
         .slices
-        .iter()
-        .filter(|s| {
-            matches!(s.object.address_type.as_str(), "IPv4" | "IPv6")
-                && namespace_of(s.object.metadata.namespace.as_deref()) == namespace
-                && s.object
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|n| n == name)
-        })
-        .collect();
+        .get(&(namespace, name))
+        .cloned()
+        .unwrap_or_default();
     if !slices.is_empty() {
         'slices: for slice in slices {
             let ports: Vec<EndpointPort> = slice
@@ -1052,10 +1087,7 @@ fn raw_endpoints(
         }
         return raw;
     }
-    let Some(endpoints) = manifests.endpoints.iter().find(|e| {
-        namespace_of(e.object.metadata.namespace.as_deref()) == namespace
-            && e.object.metadata.name.as_deref() == Some(name)
-    }) else {
+    let Some(endpoints) = index.endpoints.get(&(namespace, name)) else {
         return raw;
     };
     for (s, subset) in endpoints.object.subsets.iter().flatten().enumerate() {

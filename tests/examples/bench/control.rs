@@ -350,6 +350,7 @@ fn api_latency(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     sandbox.start_controller(false)?;
     let latencies = change_to_applied(&sandbox, if quick { 10 } else { 40 }, |endpoints| {
         api.apply_yaml(&sandbox.endpoints_yaml(endpoints)?);
+
         Ok(())
     })?;
     let p99 = percentile(&latencies, 0.99);
@@ -378,20 +379,17 @@ fn api_latency(report: &mut Report, quick: bool) -> anyhow::Result<()> {
 }
 
 /// Milliseconds from each of `samples` endpoint changes (3 pods, then 2, alternately),
-/// made by `change`, to the controller's next applied generation (read from its state file).
+/// made by `change`, to the controller's next `applied` line (logged once the apply is in the
+/// maps, the state file and the published state). The log is read as the controller writes
+/// it: polling the state file instead would add its parse time (megabytes for a large
+/// cluster) to every sample.
 fn change_to_applied(
     sandbox: &Sandbox,
     samples: usize,
     mut change: impl FnMut(&[(u8, EndpointState)]) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<f64>> {
-    let state_file = PathBuf::from(&sandbox.roots.state_root).join("veth-node.json");
-    let generation = || -> u64 {
-        std::fs::read_to_string(&state_file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["generation"].as_u64())
-            .unwrap_or(0)
-    };
+    let controller = sandbox.controller.as_ref().expect("started");
+    let generation = || controller.count(" applied generation=");
     let mut latencies = Vec::new();
     for i in 0..samples {
         let before = generation();
