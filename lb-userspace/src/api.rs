@@ -173,6 +173,10 @@ pub struct ApiSource {
     /// Counts the changes of the Services store (for the address assignment, which reads
     /// only Services).
     pub service_changes: watch::Receiver<u64>,
+    /// True once every store holds a complete list. Others wait on this rather than on a
+    /// store's `wait_until_ready`: kube-runtime's readiness wakes only the last task that
+    /// polled it, so a second task waiting on the same store can wait forever.
+    pub listed: watch::Receiver<bool>,
 }
 
 impl Drop for ApiSource {
@@ -219,10 +223,12 @@ impl ApiSource {
             nodes,
         };
         let (snapshot_tx, snapshots) = watch::channel(None);
+        let (listed_tx, listed) = watch::channel(false);
         tasks.push(tokio::spawn(publish(
             stores.clone(),
             settle,
             changes,
+            listed_tx,
             snapshot_tx,
         )));
         (
@@ -231,6 +237,7 @@ impl ApiSource {
                 stores,
                 health,
                 service_changes,
+                listed,
             },
             snapshots,
         )
@@ -296,12 +303,14 @@ where
     reader
 }
 
-/// Waits for every store's first complete list, then publishes a snapshot after every
-/// settled burst of changes.
+/// Waits for every store's first complete list (then says so on `listed`), then publishes a
+/// snapshot after every settled burst of changes. The only task that waits on the stores'
+/// readiness (see [`ApiSource::listed`]).
 async fn publish(
     stores: ApiStores,
     settle: Settle,
     mut changes: watch::Receiver<u64>,
+    listed: watch::Sender<bool>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
 ) {
     let ready = futures::future::try_join3(
@@ -313,6 +322,7 @@ async fn publish(
         return;
     }
     info!("the API is listed: publishing its state");
+    let _ = listed.send(true);
     changes.mark_unchanged();
     let mut generation = 0;
     loop {

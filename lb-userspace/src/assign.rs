@@ -89,11 +89,12 @@ impl Drop for Assignment {
 impl Assignment {
     /// Starts watching the pools (on every node: a new leader starts from a warm store) and
     /// assigning while `leading`. `services` is the API source's store, `service_changes` its
-    /// change signal.
+    /// change signal, `listed` true once it holds a complete list.
     pub fn start(
         client: &Client,
         services: Store<Service>,
         service_changes: watch::Receiver<u64>,
+        listed: watch::Receiver<bool>,
         leading: watch::Receiver<bool>,
         events: EventSink,
         settings: AssignSettings,
@@ -136,7 +137,7 @@ impl Assignment {
             told: HashMap::new(),
             last_valid: HashMap::new(),
         };
-        let assign = tokio::spawn(leader.run(service_changes, pool_changes, leading));
+        let assign = tokio::spawn(leader.run(service_changes, pool_changes, listed, leading));
         Self {
             tasks: vec![watch_pools, assign],
             figures,
@@ -177,6 +178,7 @@ impl Leader {
         mut self,
         mut service_changes: watch::Receiver<u64>,
         mut pool_changes: watch::Receiver<u64>,
+        mut listed: watch::Receiver<bool>,
         mut leading: watch::Receiver<bool>,
     ) {
         loop {
@@ -186,9 +188,11 @@ impl Leader {
             }
             self.told.clear();
             // Deciding before the pools are listed would refuse every Service and clear its
-            // status; before the Services are, it would miss who holds what.
+            // status; before the Services are, it would miss who holds what. (The Services'
+            // readiness is the API source's to wait on: see `ApiSource::listed`. This task is
+            // the only one waiting on the pools'.)
             if self.pools.wait_until_ready().await.is_err()
-                || self.services.wait_until_ready().await.is_err()
+                || listed.wait_for(|listed| *listed).await.is_err()
             {
                 return;
             }

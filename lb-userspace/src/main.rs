@@ -508,6 +508,7 @@ impl InCluster {
                 client,
                 source.stores.services.clone(),
                 source.service_changes.clone(),
+                source.listed.clone(),
                 leadership.leading.clone(),
                 events.clone(),
                 AssignSettings {

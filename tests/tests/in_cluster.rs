@@ -222,13 +222,14 @@ fn the_seed_story_through_the_api() {
         Duration::from_secs(10),
         || cluster.ingress(SERVICE) == [IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
     );
-    let events = events_about(&cluster.api, SERVICE);
-    assert!(
-        events.iter().any(|(kind, reason, note)| kind == "Normal"
-            && reason == "IPAllocated"
-            && note.contains(&VIP4.to_string())),
-        "{events:?}"
-    );
+    // Events are written from a queue, after the status: never waited for by the writer.
+    wait_until("the IPAllocated event", Duration::from_secs(10), || {
+        events_about(&cluster.api, SERVICE)
+            .iter()
+            .any(|(kind, reason, note)| {
+                kind == "Normal" && reason == "IPAllocated" && note.contains(&VIP4.to_string())
+            })
+    });
     cluster.wait_pods(VIP4.into(), &[1]);
     let text = cluster.sandbox.cli(&["get", "services", SERVICE]).unwrap();
     assert!(text.contains(&VIP4.to_string()), "{text}");
