@@ -176,12 +176,17 @@ pub fn after_apply(
     now: &Cluster,
 ) -> Vec<ServiceEvent> {
     let at = now_timestamp();
-    events.retain(|e| now.services.iter().any(|s| e.of(&s.namespace, &s.name)));
+    // By name, once: a cluster's thousands of Services each looked up by a scan would make
+    // every apply quadratic.
+    fn key(s: &ServiceModel) -> (&str, &str) {
+        (&s.namespace, &s.name)
+    }
+    let served: std::collections::HashSet<(&str, &str)> = now.services.iter().map(key).collect();
+    let previous_by_name: std::collections::HashMap<(&str, &str), &ServiceModel> =
+        before.services.iter().map(|s| (key(s), s)).collect();
+    events.retain(|e| served.contains(&(e.namespace.as_str(), e.name.as_str())));
     for service in &now.services {
-        let previous = before
-            .services
-            .iter()
-            .find(|s| (&s.namespace, &s.name) == (&service.namespace, &service.name));
+        let previous = previous_by_name.get(&key(service)).copied();
         if previous != Some(service) {
             let event = ServiceEvent::new(
                 &service.namespace,
