@@ -374,12 +374,8 @@ fn manifests(stores: &ApiStores) -> Manifests {
         nodes: located(stores.nodes.state()),
         ..Manifests::default()
     };
-    // kube-proxy reads IPv4 and IPv6 slices only (the file source skips the others with a
-    // warning; here they are skipped silently, every FQDN slice of the cluster would warn at
-    // every change).
-    manifests
-        .slices
-        .retain(|s| matches!(s.object.address_type.as_str(), "IPv4" | "IPv6"));
+    // FQDN slices are passed on as they are: the model reads IPv4 and IPv6 slices only, as
+    // kube-proxy does (and says nothing of the others, which a cluster has many of).
     // The stores' order is a hash map's: the model sorts what it builds, but a stable input
     // keeps refusals (and their log lines) in one order from one snapshot to the next.
     let key = |meta: &kube::api::ObjectMeta| (meta.namespace.clone(), meta.name.clone());
