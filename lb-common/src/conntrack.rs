@@ -21,6 +21,11 @@ pub const CT_FIN_BACKEND: u16 = 1 << 2;
 /// `FlowValue::state`: the flow was first seen by a packet that did not open it (a TCP segment
 /// without SYN: its entry was evicted, or it moved here from another node).
 pub const CT_PICKED_UP: u16 = 1 << 3;
+/// `FlowValue::state`: the flow's backend lives on another node, reached through the tunnel:
+/// its replies go from that node straight to the client and never pass here. A client's ACK
+/// stands for the backend's answer (a client acknowledges only what it received), so the flow
+/// lives as long here as on the backend's node.
+pub const CT_REMOTE: u16 = 1 << 4;
 
 /// TCP header flag bits (byte 13 of the header).
 pub const TCP_FIN: u8 = 0x01;
@@ -106,6 +111,9 @@ pub const fn on_packet(proto: u8, state: u16, direction: Direction, flags: u8) -
     }
     let mut next = state;
     if let Direction::Reply = direction {
+        next |= CT_REPLIED;
+    }
+    if state & CT_REMOTE != 0 && flags & TCP_ACK != 0 {
         next |= CT_REPLIED;
     }
     if flags & TCP_RST != 0 {
@@ -409,6 +417,7 @@ mod tests {
             port: 8080,
             flags: BACKEND_F_VALID,
             service_id: 3,
+            node: [0; 16],
         };
         let judge = |backend: Option<&Backend>, service, ipv4, syn, now| {
             judge(&entry, backend, service, ipv4, syn, now)
@@ -444,5 +453,26 @@ mod tests {
     fn expiry_is_inclusive() {
         assert!(expired(5, 5));
         assert!(!expired(6, 5));
+    }
+
+    #[test]
+    fn a_flow_on_another_node_lives_on_its_client_s_acks() {
+        // The receiving node sees only the client's packets: its ACK of the backend's SYN-ACK
+        // makes the flow established there, as it is on the backend's node.
+        let mut state = opened(PROTO_TCP, SYN) | CT_REMOTE;
+        let syn = on_packet(PROTO_TCP, state, F, SYN);
+        assert_eq!(syn.lifetime_ns, TCP_OPENING_LIFETIME_NS);
+        state = syn.state;
+        let ack = on_packet(PROTO_TCP, state, F, ACK);
+        assert_eq!(ack.state, CT_REMOTE | CT_REPLIED);
+        assert_eq!(ack.lifetime_ns, TCP_ESTABLISHED_LIFETIME_NS);
+        assert_eq!(state_name(PROTO_TCP, ack.state), "established");
+        // Without the bit, an ACK alone proves nothing.
+        assert_eq!(
+            on_packet(PROTO_TCP, 0, F, ACK).lifetime_ns,
+            TCP_OPENING_LIFETIME_NS
+        );
+        // A client's RST still ends it.
+        assert!(on_packet(PROTO_TCP, ack.state, F, RST | ACK).remove);
     }
 }

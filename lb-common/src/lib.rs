@@ -14,9 +14,11 @@ pub mod hash;
 pub mod maps;
 pub mod select;
 pub mod stats;
+pub mod tunnel;
 
 pub use maps::{
-    AffinityKey, AffinityValue, Backend, FlowKey, FlowValue, FragmentKey, FragmentPorts,
-    PodHandoff, ReverseValue, ServiceKey, ServiceValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FlowValue, FragmentKey,
+    FragmentPorts, PodHandoff, ReverseValue, ServiceKey, ServiceValue, SourceRangeKey,
+    TunnelConfig,
 };
 pub use stats::{Counter, Event, FlowCounter, Reason};

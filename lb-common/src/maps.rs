@@ -87,6 +87,55 @@ pub mod names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-CPU [`super::super::FlowCounter`] per backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// One [`super::TunnelConfig`]: this node's end of the tunnel to the other nodes.
+    pub const TUNNEL: &str = "TUNNEL";
+    /// The underlay addresses of the other nodes (address -> 0, reserved): the only sources
+    /// whose tunnel packets are taken.
+    pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+    /// [`super::BackendKey`] -> backend id: how a packet another node placed finds the
+    /// backend it was sent for.
+    pub const BACKEND_IDS: &str = "BACKEND_IDS";
+}
+
+/// Capacity of the tunnel peer table: nodes (times their address families) in the cluster.
+pub const MAX_TUNNEL_PEERS: u32 = 4096;
+
+/// The UDP port tunnel packets are sent to by default (`--tunnel-port`): Katran's GUE port.
+pub const DEFAULT_TUNNEL_PORT: u16 = 6080;
+
+/// This node's end of the tunnel (`TUNNEL`, one slot), written by userspace. A node with
+/// neither address takes no tunnel packets and sends none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// This node's IPv4 underlay address (IPv4-mapped), the outer source of what it
+    /// encapsulates over IPv4 and the outer destination it decapsulates; all zero: none.
+    pub addr4: [u8; 16],
+    /// This node's IPv6 underlay address; all zero: none.
+    pub addr6: [u8; 16],
+    /// The UDP port tunnel packets go to, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// The largest IP packet the underlay carries (the attached interface's MTU): a packet
+    /// that would exceed it once encapsulated is answered with "fragmentation needed" /
+    /// "packet too big" instead.
+    pub mtu: u32,
+}
+
+/// A backend as another node names it in a tunnel packet: the pod's address and port, within
+/// this node's service (`BACKEND_IDS`' key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    /// Endpoint address (16 bytes, IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    /// Target port, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// The service id on this node.
+    pub service_id: u32,
 }
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one map-in-map differ in size.
@@ -262,6 +311,11 @@ pub struct Backend {
     pub flags: u16,
     /// The service this backend serves (for counters and sanity checks).
     pub service_id: u32,
+    /// The underlay address of the node the endpoint lives on when that is another node
+    /// reached through the tunnel (16 bytes, IPv4-mapped for IPv4): packets for it are sent
+    /// there encapsulated, untouched, and that node does the DNAT and answers the client
+    /// itself. All zero: this node, or a node the host routes to (the DNAT happens here).
+    pub node: [u8; 16],
 }
 
 impl Backend {
@@ -441,6 +495,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::ReverseValue {}
@@ -462,7 +518,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 12);
-        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<Backend>(), 40);
+        assert_eq!(size_of::<TunnelConfig>(), 40);
+        assert_eq!(size_of::<BackendKey>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<ReverseValue>(), 40);

@@ -61,6 +61,9 @@ pub struct Query<'a> {
     pub syn: bool,
     /// Now, on the clock entries expire by.
     pub now_ns: u64,
+    /// The backend another node placed the packet on, when it came through the tunnel: a new
+    /// placement is that node's, not this one's (its tables may be a moment older or newer).
+    pub assigned: Option<u32>,
 }
 
 /// The connection-table entry a packet found, and what it made of it: all `None` when it
@@ -105,6 +108,13 @@ pub enum Choice<A, B> {
         /// The backend.
         backend: B,
     },
+    /// The backend the node that received the packet picked ([`Query::assigned`]).
+    Assigned {
+        /// Backend id.
+        backend_id: u32,
+        /// The backend.
+        backend: B,
+    },
     /// No backend takes the packet.
     None,
 }
@@ -130,6 +140,14 @@ pub fn accepting<M: SelectionMaps>(
     let backend = maps.backend(id)?;
     (backend.serves(service_id, ipv4) && backend.flags & BACKEND_F_TERMINATING == 0)
         .then_some(backend)
+}
+
+/// The backend slot `id`, if it serves `service_id` in the packet's address family (live,
+/// terminating or not).
+#[inline(always)]
+fn serving<M: SelectionMaps>(maps: &M, id: u32, service_id: u32, ipv4: bool) -> Option<M::Backend> {
+    let backend = maps.backend(id)?;
+    backend.serves(service_id, ipv4).then_some(backend)
 }
 
 /// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns` for a
@@ -187,10 +205,22 @@ pub fn select<M: SelectionMaps>(maps: &M, query: &Query) -> Selection<M> {
     }
 }
 
-/// A new placement: ClientIP affinity, then Maglev.
+/// A new placement: the receiving node's (through the tunnel), else ClientIP affinity, then
+/// Maglev.
 #[inline(always)]
 fn place<M: SelectionMaps>(maps: &M, query: &Query) -> Choice<M::Affinity, M::Backend> {
     let service = query.service;
+    if let Some(backend_id) = query.assigned {
+        // A terminating backend is taken too: the receiving node decided while it was not,
+        // and its own table sends the flow's next packets there anyway.
+        return match serving(maps, backend_id, service.id, query.ipv4) {
+            Some(backend) => Choice::Assigned {
+                backend_id,
+                backend,
+            },
+            None => Choice::None,
+        };
+    }
     let key = query.key;
     let hash = if service.flags & SERVICE_F_AFFINITY == 0 {
         flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto)
@@ -281,6 +311,7 @@ mod tests {
             port: 8080,
             flags,
             service_id: 1,
+            node: [0; 16],
         }
     }
 
@@ -289,6 +320,7 @@ mod tests {
             Choice::Tracked { backend_id, .. } => ("tracked", *backend_id),
             Choice::Affinity { backend_id, .. } => ("affinity", *backend_id),
             Choice::Maglev { backend_id, .. } => ("maglev", *backend_id),
+            Choice::Assigned { backend_id, .. } => ("assigned", *backend_id),
             Choice::None => ("none", 0),
         }
     }
@@ -325,6 +357,7 @@ mod tests {
             ipv4: true,
             syn: false,
             now_ns: now,
+            assigned: None,
         };
         assert_eq!(kind(&select(&maps, &query).choice), ("maglev", 1));
         // A fresh affinity entry wins; an expired one, or one naming a terminating backend,
@@ -358,6 +391,27 @@ mod tests {
         let selection = select(&maps, &syn);
         assert_eq!(kind(&selection.choice), ("maglev", 1));
         assert_eq!(selection.tracked.found, Some(Found::Syn));
+        // A packet another node placed (through the tunnel) goes where that node said when it
+        // opens a flow, even to a terminating backend, and follows its tracked entry otherwise.
+        let assigned = Query {
+            assigned: Some(3),
+            ..syn
+        };
+        assert_eq!(kind(&select(&maps, &assigned).choice), ("assigned", 3));
+        let assigned_mid_flow = Query {
+            assigned: Some(2),
+            ..query
+        };
+        assert_eq!(
+            kind(&select(&maps, &assigned_mid_flow).choice),
+            ("tracked", 3)
+        );
+        // ... never to a slot that does not serve the service.
+        let nowhere = Query {
+            assigned: Some(0),
+            ..syn
+        };
+        assert_eq!(kind(&select(&maps, &nowhere).choice), ("none", 0));
         // No table: nothing.
         maps.table.clear();
         assert_eq!(kind(&select(&maps, &syn).choice), ("none", 0));

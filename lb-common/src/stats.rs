@@ -157,6 +157,24 @@ named_enum! {
         /// XDP, answered: a UDP datagram to a service with no usable backend, answered with an
         /// ICMP / ICMPv6 port unreachable (XDP_TX), as kube-proxy rejects it.
         RejectUdp = "reject_udp",
+        /// XDP: the backend lives on another node: sent there inside the tunnel, untouched,
+        /// out of the same interface (XDP_TX). That node does the DNAT and answers the client.
+        TunnelTx = "tunnel_tx",
+        /// XDP: sent to the backend's node inside the tunnel, redirected to another interface.
+        TunnelRedirect = "tunnel_redirect",
+        /// XDP: encapsulated for the backend's node, then passed to the kernel to route (no
+        /// neighbour yet, no route, or an egress device that takes no redirected frames).
+        TunnelFallback = "tunnel_fallback",
+        /// XDP, answered: the packet would exceed the underlay's MTU once encapsulated:
+        /// answered with an ICMP "fragmentation needed" / ICMPv6 "packet too big" giving the
+        /// tunnel's MTU (XDP_TX), as Katran does.
+        TunnelTooBig = "tunnel_too_big",
+        /// XDP, dropped: a tunnel packet (to this node's underlay address and tunnel port) from
+        /// an address that is no known node's.
+        DropTunnelPeer = "drop_tunnel_peer",
+        /// XDP, dropped: a tunnel packet from a known node that is malformed, for no service
+        /// here, or for a backend that does not live on this node.
+        DropTunnelInvalid = "drop_tunnel_invalid",
     }
 }
 
@@ -205,6 +223,9 @@ named_enum! {
         /// A DNATed frame for a local pod could not be handed to the TC ingress program (the
         /// driver keeps no XDP metadata) or moved by it: the kernel forwarded it.
         PodHandoffFailed = "pod_handoff_failed",
+        /// A tunnel packet from a known node was decapsulated; its inner packet went on to the
+        /// backend it was sent for (counted under that packet's reason).
+        TunnelDecapsulated = "tunnel_decapsulated",
     }
 }
 

@@ -6,8 +6,8 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, Event, FlowKey, FlowValue, ReverseValue,
     conntrack::{
-        self, CT_FIN_BACKEND, CT_FIN_CLIENT, Direction, Found, LIFETIME_GRANULARITY_NS, TCP_FIN,
-        TCP_RST, TCP_SYN,
+        self, CT_FIN_BACKEND, CT_FIN_CLIENT, CT_REMOTE, Direction, Found, LIFETIME_GRANULARITY_NS,
+        TCP_FIN, TCP_RST, TCP_SYN,
     },
     maps::{PROTO_TCP, is_ipv4_mapped},
     select::Tracked,
@@ -109,7 +109,8 @@ pub fn follow(key: &FlowKey, packet: &Packet, mut entry: Entry<FlowValue>, backe
 }
 
 /// Records a new flow of `packet` (client -> VIP) placed on `backend` in both tables, as the
-/// packet leaves it (an RST is sent on but not recorded).
+/// packet leaves it (an RST is sent on but not recorded). A flow whose backend lives on
+/// another node ([`CT_REMOTE`]) gets no reverse entry: its replies never pass here.
 ///
 /// Not inlined: the entries get a stack frame of their own.
 #[inline(never)]
@@ -118,14 +119,22 @@ pub fn create(key: &FlowKey, packet: &Packet, service_id: u32, id: u32, backend:
         return;
     }
     let now = packet.now_ns;
+    let remote = backend.node != [0u8; 16];
     let mut entry = FlowValue {
         backend_id: id,
         service_id,
         expires_ns: 0,
-        state: conntrack::opened(packet.proto, packet.tcp_flags),
+        state: conntrack::opened(packet.proto, packet.tcp_flags)
+            | if remote { CT_REMOTE } else { 0 },
         pad: [0; 6],
     };
     advance(&mut entry, packet, Direction::Forward, now);
+    if remote {
+        if CONNTRACK.insert(key, &entry, 0).is_err() {
+            stats::event(Event::ConntrackInsertFailed);
+        }
+        return;
+    }
     let reverse = ReverseValue {
         vip: packet.dst,
         vip_port: packet.dport,

@@ -3,7 +3,7 @@
 //! `parse` (headers), `ranges` (`loadBalancerSourceRanges`), `select` (conntrack, affinity,
 //! Maglev), `reject` (no usable backend: RST, ICMP port unreachable or drop), `nat` (rewrites and
 //! checksums), `forward` (route lookup, TX/redirect), `pods` (local pods past the host's stack),
-//! `stats` (counters), `maps`.
+//! `tunnel` (GUE to and from the other nodes), `stats` (counters), `maps`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys and values are passed by reference on purpose: passing them by value copies them
@@ -40,6 +40,8 @@ mod reject;
 mod select;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod tunnel;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -59,6 +61,7 @@ mod programs {
         parse::{self, Kind},
         pods::{self, Delivery},
         ranges, reject, select, stats,
+        tunnel::{self, Decap, Encap},
     };
 
     /// Bytes of headers the TC program wants in the linear part of a socket buffer: Ethernet,
@@ -116,11 +119,16 @@ mod programs {
             | Reason::DropNoBackend
             | Reason::DropIcmpUnknownFlow
             | Reason::DropSourceRange
-            | Reason::DropNoLocalBackend => xdp_action::XDP_DROP,
-            Reason::DnatTx | Reason::IcmpEchoReply | Reason::RejectTcp | Reason::RejectUdp => {
-                xdp_action::XDP_TX
-            }
-            Reason::DnatRedirect => xdp_action::XDP_REDIRECT,
+            | Reason::DropNoLocalBackend
+            | Reason::DropTunnelPeer
+            | Reason::DropTunnelInvalid => xdp_action::XDP_DROP,
+            Reason::DnatTx
+            | Reason::IcmpEchoReply
+            | Reason::RejectTcp
+            | Reason::RejectUdp
+            | Reason::TunnelTx
+            | Reason::TunnelTooBig => xdp_action::XDP_TX,
+            Reason::DnatRedirect | Reason::TunnelRedirect => xdp_action::XDP_REDIRECT,
             _ => xdp_action::XDP_PASS,
         }
     }
@@ -154,19 +162,31 @@ mod programs {
     #[inline(always)]
     fn xdp_ingress(ctx: &XdpContext) -> Reason {
         // Nearly all of a node's traffic is to addresses no service uses: it leaves here,
-        // before the parser.
+        // before the parser. (This node's tunnel addresses are in the filter too.)
         if parse::destination(ctx).is_some_and(|dst| !maybe_vip(&dst)) {
             return Reason::PassNotVip;
         }
         // Index 0 of a one-slot array always exists; the branch only satisfies the verifier.
         let Some(Scratch {
-            packet, selected, ..
+            packet,
+            selected,
+            assigned,
+            ..
         }) = scratch()
         else {
             return Reason::PassUnparsed;
         };
+        match tunnel::decapsulate(ctx, assigned) {
+            Decap::NotTunnel => {}
+            Decap::Decapsulated => stats::event(Event::TunnelDecapsulated),
+            Decap::Refused(reason) => return reason,
+        }
         let kind = parse::packet(ctx, packet);
         if kind != Kind::Parsed && !(kind == Kind::Fragment && fragments::recall(packet)) {
+            if assigned.present {
+                // A tunnel packet is for a service here, never for the host.
+                return Reason::DropTunnelInvalid;
+            }
             return ingress_unparsed(ctx, kind, packet);
         }
         // Tagged frames skipped the check above.
@@ -181,7 +201,11 @@ mod programs {
         };
         // SAFETY: the value is copied out at once.
         let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
-            return Reason::PassNotVip;
+            return if assigned.present {
+                Reason::DropTunnelInvalid
+            } else {
+                Reason::PassNotVip
+            };
         };
         // Every packet, so that removing a range cuts established flows too.
         if !ranges::admitted(&service, &packet.src) {
@@ -190,10 +214,44 @@ mod programs {
         // Read once, for the connection table and the next-hop cache alike; not for packets
         // that are not ours.
         packet.now_ns = conntrack::now_ns();
-        if !select::backend(packet, &service, selected) {
-            return reject::no_backend(ctx, packet, &service);
+        // A packet out of the tunnel goes to the backend the receiving node picked for it (or
+        // its tracked flow's), which lives here: it never goes back into the tunnel.
+        let assigned_id = if assigned.present {
+            match tunnel::backend_id(assigned, service.id) {
+                Some(id) => id,
+                None => return Reason::DropTunnelInvalid,
+            }
+        } else {
+            select::NOT_ASSIGNED
+        };
+        if !select::backend(packet, &service, selected, assigned_id) {
+            return if assigned.present {
+                Reason::DropTunnelInvalid
+            } else {
+                reject::no_backend(ctx, packet, &service)
+            };
         }
         fragments::remember(packet);
+        if selected.backend.node != [0u8; 16] {
+            if assigned.present {
+                return Reason::DropTunnelInvalid;
+            }
+            match tunnel::encapsulate(ctx, packet, selected) {
+                Encap::Unavailable => {}
+                Encap::TooBig(mtu) => {
+                    return if reject::too_big(ctx, packet, mtu) {
+                        Reason::TunnelTooBig
+                    } else {
+                        Reason::DropMalformed
+                    };
+                }
+                Encap::Broken => return Reason::DropMalformed,
+                Encap::Ready => {
+                    stats::flow(service.id, selected.id, ctx.len(), selected.new_flow);
+                    return tunnel::sent(forward::forward(ctx, packet, selected.id));
+                }
+            }
+        }
         if nat::dnat(ctx, packet, &selected.backend).is_err() {
             return Reason::DropMalformed;
         }

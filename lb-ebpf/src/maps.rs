@@ -6,12 +6,12 @@ use aya_ebpf::{
 use core::{ops::Deref, ptr::NonNull};
 
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, FlowCounter, FlowKey, FlowValue, FragmentKey,
-    FragmentPorts, ReverseValue, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counter, FlowCounter, FlowKey, FlowValue,
+    FragmentKey, FragmentPorts, ReverseValue, ServiceKey, ServiceValue, TunnelConfig,
     maps::{
         AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, FRAGMENTS_SIZE,
-        MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TX_PORTS,
-        NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, SOURCE_RANGES_SIZE, VIP_FILTER_WORDS,
+        MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS, MAX_POD_PORTS, MAX_SERVICES, MAX_TUNNEL_PEERS,
+        MAX_TX_PORTS, NEXT_HOP_SLOTS, REPLY_HOP_SLOTS, SOURCE_RANGES_SIZE, VIP_FILTER_WORDS,
     },
     select::SelectionMaps,
     stats::{EVENT_COUNT, REASON_COUNT},
@@ -45,6 +45,20 @@ pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_SERVICES as usize }> = Has
 /// Backend id -> backend. Userspace sizes it (`--max-backends`) at load time.
 #[btf_map]
 pub static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
+
+/// (service id, backend address, port) -> backend id: the backend a tunnel packet names.
+/// Sized with `BACKENDS` at load time.
+#[btf_map]
+pub static BACKEND_IDS: HashMap<BackendKey, u32, { DEFAULT_MAX_BACKENDS as usize }> =
+    HashMap::new();
+
+/// This node's end of the tunnel to the other nodes (one slot).
+#[btf_map]
+pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();
+
+/// The other nodes' underlay addresses: the only sources whose tunnel packets are taken.
+#[btf_map]
+pub static TUNNEL_PEERS: HashMap<[u8; 16], u32, { MAX_TUNNEL_PEERS as usize }> = HashMap::new();
 
 /// Forward 5-tuple (client -> VIP) -> backend. Userspace may resize it at load time.
 #[btf_map]
@@ -88,6 +102,8 @@ pub struct Scratch {
     pub packet: crate::parse::Packet,
     /// The backend chosen for it.
     pub selected: crate::select::Selected,
+    /// The backend another node chose for it, when it came through the tunnel.
+    pub assigned: crate::tunnel::Assigned,
     /// A reply's flow, as the reverse table holds it (here rather than on the stack, where
     /// initialising it cost a memset call per reply).
     pub reverse: lb_common::ReverseValue,

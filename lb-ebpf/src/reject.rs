@@ -39,6 +39,8 @@ const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
 const ICMPV6_DEST_UNREACHABLE: u8 = 1;
 const ICMPV6_PORT_UNREACHABLE: u8 = 4;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// IPv4: don't fragment (the high byte of the flags and fragment offset).
 const IPV4_DF: u8 = 0x40;
 /// The longest quote in 4-byte words: an IPv6 header with extension headers up to where the
@@ -155,11 +157,43 @@ fn build_reset(ctx: &XdpContext, packet: &Packet) -> Option<()> {
 /// Not inlined: its headers get a stack frame of their own.
 #[inline(never)]
 fn port_unreachable(ctx: &XdpContext, packet: &Packet) -> bool {
-    build_unreachable(ctx, packet).is_some()
+    let (kind, code) = if packet.ipv4 {
+        (ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE)
+    } else {
+        (ICMPV6_DEST_UNREACHABLE, ICMPV6_PORT_UNREACHABLE)
+    };
+    build_error(ctx, packet, kind, code, [0; 4]).is_some()
 }
 
+/// Turns a TCP or UDP packet into the ICMP "fragmentation needed" (type 3 code 4) or ICMPv6
+/// "packet too big" (type 2) that tells its sender to send at most `mtu` bytes, built as
+/// [`port_unreachable`] builds its answer (quoting the IP header(s) and the first 8 bytes of
+/// the transport header: enough for the sender to find its socket). False when it could not
+/// (the frame is dropped then).
+///
+/// Not inlined: its headers get a stack frame of their own.
+#[inline(never)]
+pub fn too_big(ctx: &XdpContext, packet: &Packet, mtu: u32) -> bool {
+    if packet.fragment != FRAGMENT_NONE {
+        return false;
+    }
+    let (kind, code, rest) = if packet.ipv4 {
+        let mtu = (mtu.min(u32::from(u16::MAX)) as u16).to_be_bytes();
+        (
+            ICMP_DEST_UNREACHABLE,
+            ICMP_FRAG_NEEDED,
+            [0, 0, mtu[0], mtu[1]],
+        )
+    } else {
+        (ICMPV6_PACKET_TOO_BIG, 0, mtu.to_be_bytes())
+    };
+    build_error(ctx, packet, kind, code, rest).is_some()
+}
+
+/// Builds, in place of `packet`, an ICMP / ICMPv6 error of `kind` and `code` from the VIP to
+/// the client, with `rest` as the 4 bytes after the checksum.
 #[inline(always)]
-fn build_unreachable(ctx: &XdpContext, packet: &Packet) -> Option<()> {
+fn build_error(ctx: &XdpContext, packet: &Packet, kind: u8, code: u8, rest: [u8; 4]) -> Option<()> {
     let l3 = packet.l3_off;
     // The IP header as received (options or extension headers included) and 8 bytes.
     let quote_len = packet.l4_off - l3 + UDP_HEADER_LEN;
@@ -177,13 +211,13 @@ fn build_unreachable(ctx: &XdpContext, packet: &Packet) -> Option<()> {
         sum = add_words(sum, &bytes);
     }
     let icmp_len = ICMP_QUOTE + quote_len;
-    let (ip_len, kind, code) = if packet.ipv4 {
-        (IPV4_MIN_LEN, ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE)
+    let ip_len = if packet.ipv4 {
+        IPV4_MIN_LEN
     } else {
         sum += pseudo_header_sum(packet, PROTO_ICMPV6, icmp_len);
-        (IPV6_LEN, ICMPV6_DEST_UNREACHABLE, ICMPV6_PORT_UNREACHABLE)
+        IPV6_LEN
     };
-    let check = finish(add_words(sum, &[kind, code])).to_be_bytes();
+    let check = finish(add_words(add_words(sum, &[kind, code]), &rest)).to_be_bytes();
     // The Ethernet header, read before the frame moves: the MACs, then the VLAN tags and the
     // EtherType (10 bytes cover two tags; what lies past the EtherType is overwritten below).
     let macs: [u8; ETH_MACS_LEN] = read(ctx, 0).ok()?;
@@ -202,7 +236,9 @@ fn build_unreachable(ctx: &XdpContext, packet: &Packet) -> Option<()> {
     write(
         ctx,
         l3 + ip_len,
-        &[kind, code, check[0], check[1], 0, 0, 0, 0],
+        &[
+            kind, code, check[0], check[1], rest[0], rest[1], rest[2], rest[3],
+        ],
     )
     .ok()
 }

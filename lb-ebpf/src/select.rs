@@ -16,6 +16,9 @@ use crate::{
     stats,
 };
 
+/// `assigned` of [`backend`] for a packet that did not come through the tunnel.
+pub const NOT_ASSIGNED: u32 = u32::MAX;
+
 /// The backend a packet goes to.
 #[derive(Default)]
 pub struct Selected {
@@ -36,17 +39,26 @@ impl Selected {
         self.backend.port = backend.port;
         self.backend.flags = backend.flags;
         self.backend.service_id = backend.service_id;
+        copy_bytes(&mut self.backend.node, &backend.node);
         self.new_flow = new_flow;
     }
 }
 
 /// Picks the backend of `packet` for `service` into `selected`, tracking the flow if it is
-/// new; false when the service has no usable backend.
+/// new; false when the service has no usable backend. `assigned`: the backend the node that
+/// received the packet picked, when it came through the tunnel, else [`NOT_ASSIGNED`] (a
+/// plain number: an `Option` takes two of the five argument registers, and the verifier
+/// refuses reading the unset one).
 ///
 /// Not inlined, and writing through `selected` rather than returning it: its temporaries get a
 /// stack frame of their own, and BPF functions return no aggregates.
 #[inline(never)]
-pub fn backend(packet: &Packet, service: &ServiceValue, selected: &mut Selected) -> bool {
+pub fn backend(
+    packet: &Packet,
+    service: &ServiceValue,
+    selected: &mut Selected,
+    assigned: u32,
+) -> bool {
     let key = conntrack::flow_key(packet);
     let query = Query {
         key: &key,
@@ -54,6 +66,7 @@ pub fn backend(packet: &Packet, service: &ServiceValue, selected: &mut Selected)
         ipv4: packet.ipv4,
         syn: is_syn(packet.proto, packet.tcp_flags),
         now_ns: packet.now_ns,
+        assigned: (assigned != NOT_ASSIGNED).then_some(assigned),
     };
     let selection = select(&Selection, &query);
     conntrack::judged(packet, &selection.tracked);
@@ -88,6 +101,10 @@ pub fn backend(packet: &Packet, service: &ServiceValue, selected: &mut Selected)
             }
             (backend_id, backend)
         }
+        Choice::Assigned {
+            backend_id,
+            backend,
+        } => (backend_id, backend),
         Choice::None => return false,
     };
     conntrack::create(&key, packet, service.id, id, backend);

@@ -15,7 +15,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend, ServiceKey, ServiceValue,
+    Backend, ServiceKey, ServiceValue, TunnelConfig,
     maps::{
         BACKEND_F_TERMINATING, BACKEND_F_VALID, MAX_SERVICES, SERVICE_F_AFFINITY,
         SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES, VIP_ADDR_F_HOST,
@@ -108,6 +108,10 @@ pub struct AppliedBackend {
     pub weight: u32,
     /// The pod, if known.
     pub pod: Option<String>,
+    /// The underlay address of the other node it lives on, reached through the tunnel (that
+    /// node does the DNAT and answers the client); `None`: DNATed here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<IpAddr>,
 }
 
 /// A data plane service as applied: one port of a Kubernetes Service in one address family,
@@ -347,6 +351,8 @@ pub struct Controller {
     on_step: Option<StepHook>,
     /// Asks the kernel which backends are local pods (opened on first use).
     discovery: Option<Discovery>,
+    /// The tunnel as last written (`None` after a start: written again).
+    tunnel: Option<Tunnel>,
 }
 
 impl Controller {
@@ -365,6 +371,7 @@ impl Controller {
             vip_addrs: BTreeMap::new(),
             on_step: None,
             discovery: None,
+            tunnel: None,
         }
     }
 
@@ -415,6 +422,7 @@ impl Controller {
             node_ips: cluster.node_ips.clone(),
             ..self.options.clone()
         };
+        let tunnel = Tunnel::of(cluster, &self.options);
         for service in &cluster.services {
             let external_local = service.node_local(FrontendKind::LoadBalancer);
             let internal_local = service.node_local(FrontendKind::ClusterIp);
@@ -459,6 +467,7 @@ impl Controller {
                                 not_ready: e.not_ready,
                                 weight: e.weight,
                                 pod: e.pod.clone(),
+                                node: tunnel.node_of(e.addr, e.node_name.as_deref()),
                             })
                             .collect();
                         let serving_elsewhere = family.iter().any(|e| !e.terminating);
@@ -508,6 +517,14 @@ impl Controller {
             })
             .collect();
         let mut desired = self.desired(cluster);
+        // 0. The tunnel, before any backend that needs it: this node's addresses, the peers
+        // it takes packets from.
+        let tunnel = Tunnel::of(cluster, &self.options);
+        if self.tunnel.as_ref() != Some(&tunnel) {
+            self.dataplane
+                .set_tunnel(&tunnel.config(), &tunnel.peers())?;
+            self.tunnel = Some(tunnel.clone());
+        }
 
         // Ids: kept for what stays, the lowest free one for what is new. Ids freed by this apply
         // are not reused by it, since their flows are cleared only at its end.
@@ -609,9 +626,11 @@ impl Controller {
         self.step_done(ApplyStep::BackendsDraining);
         // The VIP filter lets the new addresses through before their services exist, and the
         // old ones until theirs are gone.
+        // This node's tunnel addresses pass the filter too: the tunnel's packets arrive there.
         let desired_vips: Vec<[u8; 16]> = desired
             .iter()
             .flat_map(|s| s.frontends.iter().map(|f| addr16(f.key.vip)))
+            .chain(tunnel.own.iter().map(|a| addr16(*a)))
             .collect();
         self.dataplane.set_vip_filter(
             desired_vips
@@ -912,5 +931,85 @@ pub fn data_plane_backend(service: &AppliedService, backend: &AppliedBackend) ->
         port: backend.port,
         flags,
         service_id: service.id,
+        node: backend.node.map_or([0; 16], addr16),
+    }
+}
+
+/// This node's end of the tunnel to the other nodes, as the desired state implies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tunnel {
+    /// This node's underlay addresses (its Node object's), at most one per family.
+    pub own: Vec<IpAddr>,
+    /// The other nodes' underlay addresses, by node name.
+    pub others: BTreeMap<String, Vec<IpAddr>>,
+    /// The UDP port (0: no tunnel).
+    pub port: u16,
+    /// The underlay's MTU.
+    pub mtu: u32,
+}
+
+impl Tunnel {
+    /// The tunnel `cluster` implies for the node `options` names: none without a port, or
+    /// when the node has no Node object with an address.
+    pub fn of(cluster: &Cluster, options: &Options) -> Self {
+        let Some(me) = cluster.node(&options.node_name) else {
+            return Self::default();
+        };
+        if options.tunnel_port == 0 {
+            return Self::default();
+        }
+        let first = |v4: bool| me.addresses.iter().copied().find(|a| a.is_ipv4() == v4);
+        let own: Vec<IpAddr> = [first(true), first(false)].into_iter().flatten().collect();
+        let others = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.name != me.name)
+            .map(|n| (n.name.clone(), n.addresses.clone()))
+            .collect();
+        Self {
+            own,
+            others,
+            port: options.tunnel_port,
+            mtu: options.underlay_mtu,
+        }
+    }
+
+    /// The other nodes' underlay addresses: the only tunnel sources taken.
+    pub fn peers(&self) -> BTreeSet<IpAddr> {
+        self.others
+            .values()
+            .flatten()
+            .copied()
+            .filter(|a| !self.own.contains(a))
+            .collect()
+    }
+
+    /// Where an endpoint at `addr` on node `node_name` is reached through the tunnel: that
+    /// node's underlay address of the endpoint's family when both ends have one, else of the
+    /// other family when both ends have that; `None` for an endpoint of this node, of a node
+    /// without a Node object, or without a tunnel (it is DNATed here, as on one node).
+    pub fn node_of(&self, addr: IpAddr, node_name: Option<&str>) -> Option<IpAddr> {
+        let theirs = self.others.get(node_name?)?;
+        let usable = |v4: bool| {
+            let mine = self.own.iter().any(|a| a.is_ipv4() == v4);
+            theirs.iter().copied().find(|a| a.is_ipv4() == v4 && mine)
+        };
+        usable(addr.is_ipv4()).or_else(|| usable(!addr.is_ipv4()))
+    }
+
+    /// The data plane's view of it.
+    pub fn config(&self) -> TunnelConfig {
+        let mut config = TunnelConfig {
+            port: self.port,
+            mtu: self.mtu,
+            ..TunnelConfig::default()
+        };
+        for addr in &self.own {
+            match addr {
+                IpAddr::V4(_) => config.addr4 = addr16(*addr),
+                IpAddr::V6(_) => config.addr6 = addr16(*addr),
+            }
+        }
+        config
     }
 }

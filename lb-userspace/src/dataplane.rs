@@ -31,12 +31,12 @@ use std::{
 };
 
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, Event, FlowCounter, FlowKey, FlowValue, Reason,
-    ReverseValue, ServiceKey, ServiceValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counter, Event, FlowCounter, FlowKey,
+    FlowValue, Reason, ReverseValue, ServiceKey, ServiceValue, SourceRangeKey, TunnelConfig,
     maps::{
-        DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, MAGLEV_MAX_SIZE, MAGLEV_TABLE_FLAGS,
-        VIP_FILTER_WORDS, lru_entries_for, names, source_range_key_of, source_range_of,
-        vip_filter_bit,
+        BACKEND_F_VALID, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, MAGLEV_MAX_SIZE,
+        MAGLEV_TABLE_FLAGS, VIP_FILTER_WORDS, addr16, lru_entries_for, names, source_range_key_of,
+        source_range_of, vip_filter_bit,
     },
 };
 use tracing::{info, warn};
@@ -192,6 +192,9 @@ pub const PINNED_MAPS: &[&str] = &[
     names::EVENTS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
+    names::BACKEND_IDS,
+    names::TUNNEL,
+    names::TUNNEL_PEERS,
 ];
 
 /// File names of the pinned links in a pin folder.
@@ -258,6 +261,7 @@ impl Dataplane {
             .map_max_entries(names::CONNTRACK, entries)
             .map_max_entries(names::REVERSE_NAT, entries)
             .map_max_entries(names::BACKENDS, options.max_backends)
+            .map_max_entries(names::BACKEND_IDS, options.max_backends)
             .map_max_entries(names::BACKEND_STATS, options.max_backends);
         if let Some(dir) = &options.pin_dir {
             for name in PINNED_MAPS {
@@ -945,11 +949,79 @@ impl Dataplane {
         Ok(keys)
     }
 
-    /// Writes backend slot `id` (a zero `flags` empties it).
+    /// Writes backend slot `id` (a zero `flags` empties it), and its entry in `BACKEND_IDS`
+    /// (how a tunnel packet names it), removing the entry of the backend it replaces. The
+    /// index is written before the slot and cleared after it: a tunnel packet that finds an
+    /// index finds its slot.
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         let name = names::BACKENDS;
+        let map: Array<_, Backend> = self.map(name)?.try_into().map_err(map_error(name))?;
+        let old = map.get(&id, 0).map_err(map_error(name))?;
+        let index_of = |b: &Backend| BackendKey {
+            addr: b.addr,
+            port: b.port,
+            pad: 0,
+            service_id: b.service_id,
+        };
+        let ids = names::BACKEND_IDS;
+        let live = backend.flags & BACKEND_F_VALID != 0;
+        if live {
+            let mut index: HashMap<_, BackendKey, u32> =
+                self.map_mut(ids)?.try_into().map_err(map_error(ids))?;
+            index
+                .insert(index_of(backend), id, 0)
+                .map_err(map_error(ids))?;
+        }
         let mut map: Array<_, Backend> = self.map_mut(name)?.try_into().map_err(map_error(name))?;
-        map.set(id, backend, 0).map_err(map_error(name))
+        map.set(id, backend, 0).map_err(map_error(name))?;
+        let replaced = index_of(&old);
+        if old.flags & BACKEND_F_VALID != 0 && !(live && replaced == index_of(backend)) {
+            let mut index: HashMap<_, BackendKey, u32> =
+                self.map_mut(ids)?.try_into().map_err(map_error(ids))?;
+            // Only the entry that still names this slot: another slot may hold it by now.
+            if index.get(&replaced, 0).ok() == Some(id) {
+                index.remove(&replaced).map_err(map_error(ids))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes this node's end of the tunnel, and makes `peers` the only addresses whose tunnel
+    /// packets are taken.
+    pub fn set_tunnel(
+        &mut self,
+        config: &TunnelConfig,
+        peers: &BTreeSet<IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        let name = names::TUNNEL_PEERS;
+        let mut map: HashMap<_, [u8; 16], u32> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        let wanted: BTreeSet<[u8; 16]> = peers.iter().map(|a| addr16(*a)).collect();
+        let stale: Vec<[u8; 16]> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for addr in &wanted {
+            map.insert(addr, 0, 0).map_err(map_error(name))?;
+        }
+        for addr in &stale {
+            let _ = map.remove(addr);
+        }
+        let name = names::TUNNEL;
+        let mut map: Array<_, TunnelConfig> =
+            self.map_mut(name)?.try_into().map_err(map_error(name))?;
+        map.set(0, config, 0).map_err(map_error(name))
+    }
+
+    /// This node's end of the tunnel and its peers, as the data plane holds them.
+    pub fn tunnel(&self) -> Result<(TunnelConfig, Vec<[u8; 16]>), DataplaneError> {
+        let name = names::TUNNEL;
+        let map: Array<_, TunnelConfig> = self.map(name)?.try_into().map_err(map_error(name))?;
+        let config = map.get(&0, 0).map_err(map_error(name))?;
+        let name = names::TUNNEL_PEERS;
+        let map: HashMap<_, [u8; 16], u32> = self.map(name)?.try_into().map_err(map_error(name))?;
+        Ok((config, map.keys().filter_map(Result::ok).collect()))
     }
 
     /// Swaps in a service's Maglev table (slot -> backend id) with one map update: the table is

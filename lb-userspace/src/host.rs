@@ -19,3 +19,12 @@ pub fn addresses() -> Vec<IpAddr> {
         })
         .unwrap_or_default()
 }
+
+/// The MTU of interface `iface`, as the kernel reports it.
+pub fn mtu(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -203,6 +203,12 @@ enum Command {
         /// policies). Default: the host name.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// The UDP port of the tunnel (GUE) to the other nodes: an endpoint on another node
+        /// (its `nodeName` names a Node object with an address) is reached through it, and
+        /// that node answers the client itself. 0 turns the tunnel off (such endpoints are
+        /// DNATed here and routed by the host).
+        #[arg(long, default_value_t = lb_common::maps::DEFAULT_TUNNEL_PORT)]
+        tunnel_port: u16,
         /// Serve cluster IPs on IFACE too (by default only load balancer IPs, external IPs
         /// and node ports are: a cluster IP is the cluster's own address).
         #[arg(long)]
@@ -298,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
             allow_host_addresses,
             node_name,
             serve_cluster_ips,
+            tunnel_port,
             load_balancer_class,
             roots,
         } => {
@@ -315,6 +322,7 @@ async fn main() -> anyhow::Result<()> {
                 (None, false, None) => SourceSetting::None,
             };
             let from_api = matches!(source, SourceSetting::Api { .. });
+            let underlay_mtu = lb_userspace::host::mtu(&iface).unwrap_or(1500);
             let settings = AttachSettings {
                 iface,
                 source,
@@ -330,6 +338,8 @@ async fn main() -> anyhow::Result<()> {
                     serve_cluster_ips,
                     load_balancer_class,
                     serve_requested_ips: !from_api,
+                    tunnel_port,
+                    underlay_mtu,
                 },
                 metrics_addr,
                 metrics_endpoints,

@@ -68,6 +68,11 @@ pub struct Options {
     /// address assignment grants by writing `status.loadBalancer.ingress` (or refuses, and
     /// then it must not be served).
     pub serve_requested_ips: bool,
+    /// The UDP port of the tunnel to the other nodes; 0: no tunnel (endpoints on other nodes
+    /// are DNATed here and routed by the host, as on one node).
+    pub tunnel_port: u16,
+    /// The largest IP packet the underlay carries (the attached interface's MTU).
+    pub underlay_mtu: u32,
 }
 
 impl Default for Options {
@@ -80,6 +85,8 @@ impl Default for Options {
             serve_cluster_ips: false,
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
             serve_requested_ips: true,
+            tunnel_port: lb_common::maps::DEFAULT_TUNNEL_PORT,
+            underlay_mtu: 1500,
         }
     }
 }
@@ -413,6 +420,68 @@ pub struct Cluster {
     /// object's new address is applied like any other change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_ips: Vec<IpAddr>,
+    /// Every node of the cluster (from its Node object), by name: where the tunnel reaches
+    /// the endpoints that live on other nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeModel>,
+}
+
+/// A node as the tunnel sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeModel {
+    /// Its name, as endpoints' `nodeName` gives it.
+    pub name: String,
+    /// Its underlay addresses: its `InternalIP`s (its `ExternalIP`s when it has none), in the
+    /// Node object's order.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Cluster {
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeModel> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+impl NodeModel {
+    /// Its first underlay address of the family of `like` (IPv4 or IPv6).
+    pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+    }
+}
+
+/// The nodes of `manifests`, sorted by name (the last object of a name wins, as a file's later
+/// version would); nodes without a usable address are left out.
+fn node_models(manifests: &Manifests) -> Vec<NodeModel> {
+    let mut nodes: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for located in &manifests.nodes {
+        let node = &located.object;
+        let Some(name) = node.metadata.name.clone() else {
+            continue;
+        };
+        let of_type = |kind: &str| -> Vec<IpAddr> {
+            node.status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == kind)
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        };
+        let mut addresses = of_type("InternalIP");
+        if addresses.is_empty() {
+            addresses = of_type("ExternalIP");
+        }
+        if !addresses.is_empty() {
+            nodes.insert(name, addresses);
+        }
+    }
+    nodes
+        .into_iter()
+        .map(|(name, addresses)| NodeModel { name, addresses })
+        .collect()
 }
 
 /// A raw endpoint, before Kubernetes' serving rules are applied.
@@ -567,6 +636,7 @@ pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) 
             services,
             warnings,
             node_ips: Vec::new(),
+            nodes: node_models(manifests),
         },
         refused,
     }
@@ -648,6 +718,7 @@ pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
             services,
             warnings: cluster.warnings.clone(),
             node_ips: options.node_ips.clone(),
+            nodes: cluster.nodes.clone(),
         },
         refused,
     }

@@ -1124,17 +1124,24 @@ pub fn explain(
 
 /// The endpoint a data-plane backend slot names.
 fn endpoint(backend: &Backend) -> String {
-    let ip = if is_ipv4_mapped(&backend.addr) {
-        IpAddr::from([
-            backend.addr[12],
-            backend.addr[13],
-            backend.addr[14],
-            backend.addr[15],
-        ])
+    let at = SocketAddr::new(ip_of(&backend.addr), backend.port);
+    if backend.node == [0; 16] {
+        at.to_string()
     } else {
-        IpAddr::from(backend.addr)
-    };
-    SocketAddr::new(ip, backend.port).to_string()
+        format!(
+            "{at} (on node {}, through the tunnel)",
+            ip_of(&backend.node)
+        )
+    }
+}
+
+/// The address a 16-byte data plane address holds.
+fn ip_of(addr: &[u8; 16]) -> IpAddr {
+    if is_ipv4_mapped(addr) {
+        IpAddr::from([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        IpAddr::from(*addr)
+    }
 }
 
 fn explain_flow(
@@ -1192,6 +1199,7 @@ fn explain_flow(
             ipv4: source.is_ipv4(),
             syn: false,
             now_ns: now,
+            assigned: None,
         },
     );
     let mut stale = String::new();
@@ -1256,6 +1264,16 @@ fn explain_flow(
                 ),
             }
         }
+        // Only for packets out of the tunnel, which `explain` does not ask about.
+        Choice::Assigned {
+            backend_id,
+            backend,
+        } => Explanation {
+            service: label,
+            endpoint: Some(endpoint(&backend)),
+            decided_by: "tunnel".into(),
+            detail: format!("the node that received it picked backend {backend_id}"),
+        },
         Choice::None => Explanation {
             service: label,
             endpoint: None,

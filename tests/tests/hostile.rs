@@ -96,6 +96,7 @@ fn setup(dataplane: &mut Dataplane) {
                     port: TARGET,
                     flags: BACKEND_F_VALID,
                     service_id: id,
+                    node: [0; 16],
                 },
             )
             .unwrap();

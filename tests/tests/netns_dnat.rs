@@ -196,6 +196,7 @@ fn exchange(tag: &str, plan: &Plan, path: Path) {
             port: 9090,
             flags: BACKEND_F_VALID,
             service_id: id,
+            node: [0; 16],
         };
         dataplane.set_backend(id, &backend).unwrap();
         dataplane.set_maglev_table(id, &[id; 13]).unwrap();

@@ -288,6 +288,7 @@ pub fn program_service(dataplane: &mut Dataplane) -> anyhow::Result<()> {
                 port: 8080,
                 flags: BACKEND_F_VALID,
                 service_id: 0,
+                node: [0; 16],
             },
         )?;
     }

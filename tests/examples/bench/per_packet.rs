@@ -150,6 +150,7 @@ fn program_services(dataplane: &mut Dataplane, services: u32) -> anyhow::Result<
                 port: PORT,
                 flags: BACKEND_F_VALID,
                 service_id: s,
+                node: [0; 16],
             };
             dataplane.set_backend(*id, &backend)?;
         }

@@ -101,6 +101,7 @@ impl Lb {
                 port: TARGET_PORT,
                 flags: backend_flags,
                 service_id: id,
+                node: [0; 16],
             };
             self.dataplane.set_backend(backend_id, &backend).unwrap();
         }
