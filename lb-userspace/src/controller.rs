@@ -1013,3 +1013,73 @@ impl Tunnel {
         config
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NodeModel;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn cluster(nodes: &[(&str, &[&str])]) -> Cluster {
+        Cluster {
+            nodes: nodes
+                .iter()
+                .map(|(name, addresses)| NodeModel {
+                    name: (*name).to_string(),
+                    addresses: addresses.iter().map(|a| ip(a)).collect(),
+                })
+                .collect(),
+            ..Cluster::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_on_other_nodes_are_reached_through_the_tunnel_in_their_family_when_possible() {
+        let options = Options {
+            node_name: "a".into(),
+            ..Options::default()
+        };
+        let cluster = cluster(&[
+            ("a", &["198.18.1.11", "2001:db8:1::b"]),
+            ("b", &["198.18.1.12", "2001:db8:1::c"]),
+            ("c", &["198.18.1.13"]),
+        ]);
+        let tunnel = Tunnel::of(&cluster, &options);
+        assert_eq!(tunnel.own, [ip("198.18.1.11"), ip("2001:db8:1::b")]);
+        assert_eq!(
+            tunnel.peers().into_iter().collect::<Vec<_>>(),
+            [ip("198.18.1.12"), ip("198.18.1.13"), ip("2001:db8:1::c")]
+        );
+        let (pod4, pod6) = (ip("198.18.18.1"), ip("2001:db8:12::1"));
+        assert_eq!(tunnel.node_of(pod4, Some("b")), Some(ip("198.18.1.12")));
+        assert_eq!(tunnel.node_of(pod6, Some("b")), Some(ip("2001:db8:1::c")));
+        // An IPv6 pod on an IPv4-only node: IPv6 inside IPv4.
+        assert_eq!(tunnel.node_of(pod6, Some("c")), Some(ip("198.18.1.13")));
+        // This node's, no node, an unknown node: DNATed here.
+        assert_eq!(tunnel.node_of(pod4, Some("a")), None);
+        assert_eq!(tunnel.node_of(pod4, None), None);
+        assert_eq!(tunnel.node_of(pod4, Some("z")), None);
+        let config = tunnel.config();
+        assert_eq!(config.addr4, addr16(ip("198.18.1.11")));
+        assert_eq!(config.addr6, addr16(ip("2001:db8:1::b")));
+        assert_eq!(config.port, lb_common::maps::DEFAULT_TUNNEL_PORT);
+
+        // No tunnel without this node's Node object, or with the port at 0.
+        let nameless = Options {
+            node_name: "z".into(),
+            ..Options::default()
+        };
+        assert_eq!(
+            Tunnel::of(&cluster, &nameless).node_of(pod4, Some("b")),
+            None
+        );
+        let off = Options {
+            tunnel_port: 0,
+            ..options
+        };
+        assert_eq!(Tunnel::of(&cluster, &off), Tunnel::default());
+    }
+}

@@ -1607,6 +1607,48 @@ mod tests {
         assert!(!default.services[0].node_local(FrontendKind::ClusterIp));
     }
 
+    #[test]
+    fn nodes_are_read_with_their_underlay_addresses() {
+        let node = |name: &str, addresses: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  \
+                 addresses:\n{addresses}"
+            )
+        };
+        let yaml = service_default()
+            + &node(
+                "node-b",
+                "  - {type: Hostname, address: node-b}\n  - {type: ExternalIP, address: 203.0.113.9}\n  \
+                 - {type: InternalIP, address: 198.18.1.12}\n  - {type: InternalIP, address: \
+                 '2001:db8:1::c'}\n",
+            )
+            + &node("node-a", "  - {type: ExternalIP, address: 198.18.1.11}\n")
+            + &node("node-c", "  - {type: Hostname, address: node-c}\n");
+        let cluster = parse(&yaml).unwrap();
+        // By name; InternalIPs when there are any (the underlay), else ExternalIPs; a node
+        // without an address is not one the tunnel can reach.
+        let nodes: Vec<(&str, Vec<String>)> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.addresses.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                ("node-a", vec!["198.18.1.11".to_string()]),
+                (
+                    "node-b",
+                    vec!["198.18.1.12".to_string(), "2001:db8:1::c".to_string()]
+                ),
+            ]
+        );
+    }
+
     fn service_default() -> String {
         service("")
     }
