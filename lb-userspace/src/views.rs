@@ -208,7 +208,8 @@ pub struct EndpointView {
     /// follows them).
     pub flows: u64,
     /// How its packets cross the node: its host-side interface when it is a local pod on the
-    /// path past the host's stack, `stack` otherwise.
+    /// path past the host's stack, `tunnel:NODE-ADDRESS` when it lives on another node (the
+    /// packets go there inside the tunnel), `stack` otherwise.
     pub path: String,
 }
 
@@ -282,12 +283,15 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
                 bytes: 0,
                 new_flows: 0,
                 flows: 0,
-                path: attached
-                    .state
-                    .local_pods
-                    .get(&backend.addr)
-                    .cloned()
-                    .unwrap_or_else(|| "stack".into()),
+                path: match backend.node {
+                    Some(node) => format!("tunnel:{node}"),
+                    None => attached
+                        .state
+                        .local_pods
+                        .get(&backend.addr)
+                        .cloned()
+                        .unwrap_or_else(|| "stack".into()),
+                },
             });
             view.flows += live.get(&backend.id).copied().unwrap_or_default();
             view.packets += counter.packets;
