@@ -10,7 +10,9 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// Largest Maglev table a service may have (a prime). Its inner array has one more slot: slot 0
-/// holds the table size, so that the size and the table are swapped in one map update.
+/// holds the table size, so that the size and the table are swapped in one map update (and,
+/// when some backends take no new flows, a second table of the same size follows the first:
+/// the fallback over those that do).
 pub const MAGLEV_MAX_SIZE: u32 = 131_071;
 /// Default Maglev table size (a prime).
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;

@@ -35,6 +35,10 @@ pub trait SelectionMaps {
     /// (slot `1 + hash % M`, slot 0 holding the size `M`); `None` without a table or with an
     /// empty one.
     fn maglev_slot(&self, service_id: u32, hash: u32) -> Option<u32>;
+    /// The backend id in the slot `hash` falls on in the fallback table that follows the first
+    /// (slot `1 + M + hash % M`): it places only backends that take new flows, for the flows
+    /// whose first slot names one that does not. `None` without a fallback table.
+    fn maglev_fallback_slot(&self, service_id: u32, hash: u32) -> Option<u32>;
 }
 
 /// A map entry read by copy: userspace's handle.
@@ -250,6 +254,19 @@ fn place<M: SelectionMaps>(maps: &M, query: &Query) -> Choice<M::Affinity, M::Ba
     let Some(backend_id) = maps.maglev_slot(service.id, hash) else {
         return Choice::None;
     };
+    if let Some(backend) = accepting(maps, backend_id, service.id, query.ipv4) {
+        return Choice::Maglev {
+            hash,
+            backend_id,
+            backend,
+        };
+    }
+    // The first table names a backend that takes no new flows (not ready, terminating): the
+    // fallback table, over those that do. Every other flow keeps its first-table backend
+    // whatever the others' readiness, so a pod going away moves no other pod's new flows.
+    let Some(backend_id) = maps.maglev_fallback_slot(service.id, hash) else {
+        return Choice::None;
+    };
     match accepting(maps, backend_id, service.id, query.ipv4) {
         Some(backend) => Choice::Maglev {
             hash,
@@ -274,6 +291,7 @@ mod tests {
         backends: Vec<Backend>,
         affinity: Option<AffinityValue>,
         table: Vec<u32>,
+        fallback: Vec<u32>,
     }
 
     fn bytes(key: &FlowKey) -> [u8; 40] {
@@ -302,6 +320,10 @@ mod tests {
         fn maglev_slot(&self, _: u32, hash: u32) -> Option<u32> {
             let size = u32::try_from(self.table.len()).ok()?;
             (size > 0).then(|| self.table[(hash % size) as usize])
+        }
+        fn maglev_fallback_slot(&self, _: u32, hash: u32) -> Option<u32> {
+            let size = u32::try_from(self.fallback.len()).ok()?;
+            (size > 0).then(|| self.fallback[(hash % size) as usize])
         }
     }
 
@@ -391,6 +413,24 @@ mod tests {
         let selection = select(&maps, &syn);
         assert_eq!(kind(&selection.choice), ("maglev", 1));
         assert_eq!(selection.tracked.found, Some(Found::Syn));
+        // A first-table slot naming a backend that takes no new flows: the fallback table's.
+        maps.flows.clear();
+        maps.affinity = None;
+        maps.table = std::vec![3];
+        assert_eq!(kind(&select(&maps, &syn).choice), ("none", 0));
+        maps.fallback = std::vec![2];
+        assert_eq!(kind(&select(&maps, &syn).choice), ("maglev", 2));
+        maps.table = std::vec![1];
+        assert_eq!(kind(&select(&maps, &syn).choice), ("maglev", 1));
+        maps.flows.insert(
+            bytes(&key),
+            FlowValue {
+                backend_id: 3,
+                service_id: 1,
+                expires_ns: now + 1,
+                ..FlowValue::default()
+            },
+        );
         // A packet another node placed (through the tunnel) goes where that node said when it
         // opens a flow, even to a terminating backend, and follows its tracked entry otherwise.
         let assigned = Query {

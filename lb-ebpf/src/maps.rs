@@ -32,7 +32,8 @@ pub static VIP_ADDRS: HashMap<[u8; 16], u32, { MAX_SERVICES as usize }> = HashMa
 #[btf_map]
 pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
-/// A service's Maglev table: slot 0 holds the table size M, slots 1..=M the backend ids.
+/// A service's Maglev table: slot 0 holds the table size M, slots 1..=M the backend ids, and
+/// slots M+1..=2M, when present, the fallback table over the backends that take new flows.
 /// `BPF_F_INNER_MAP` lets each service's table have its own size; `BPF_F_MMAPABLE` lets userspace
 /// write it through a memory mapping.
 pub type MaglevTable =
@@ -229,5 +230,17 @@ impl SelectionMaps for Selection {
             return None;
         }
         table.get(1 + hash % size).copied()
+    }
+
+    #[inline(always)]
+    fn maglev_fallback_slot(&self, service_id: u32, hash: u32) -> Option<u32> {
+        // SAFETY: as in `maglev_slot`.
+        let table = unsafe { MAGLEV.get(&service_id) }?;
+        let size = *table.get(0)?;
+        if size == 0 {
+            return None;
+        }
+        // A table without fallback ends at slot M: the lookup finds nothing.
+        table.get(1 + size + hash % size).copied()
     }
 }

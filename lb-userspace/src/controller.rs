@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     events::{self, ServiceEvent},
-    maglev::{self, MaglevBackend},
+    maglev::{self, MaglevBackend, MaglevTable},
     model::{Cluster, EndpointModel, Frontend, FrontendKind, Options, Protocol, SourceRange},
     pods::Discovery,
 };
@@ -225,26 +225,32 @@ impl AppliedService {
         }
     }
 
-    /// The service's Maglev table: its backends that take new flows, placed by their address
-    /// and port (so every load balancer builds the same table whatever ids it gave); `None`
-    /// when no backend takes new flows.
-    pub fn maglev_table(&self) -> Result<Option<Vec<u32>>, maglev::MaglevError> {
-        maglev::build(&self.placed_backends(), self.table_size)
-    }
-
-    /// The backends its Maglev table places: those that take new flows.
-    fn placed_backends(&self) -> Vec<MaglevBackend> {
-        self.backends
+    /// The service's Maglev table ([`MaglevTable`]): its backends placed by their address and
+    /// port (so every load balancer builds the same table whatever ids it gave), with a
+    /// fallback over those that take new flows when some do not; `None` when none does.
+    pub fn maglev_table(&self) -> Result<Option<MaglevTable>, maglev::MaglevError> {
+        let placed: Vec<(MaglevBackend, bool)> = self
+            .backends
             .iter()
-            .filter(|b| !b.terminating)
-            .map(|b| MaglevBackend::at(b.id, b.addr, b.port, b.weight))
-            .collect()
+            .map(|b| {
+                (
+                    MaglevBackend::at(b.id, b.addr, b.port, b.weight),
+                    !b.terminating,
+                )
+            })
+            .collect();
+        MaglevTable::build(&placed, self.table_size)
     }
 
     /// The digest of `table` (its Maglev table), naming backends by address and port: equal
     /// on every node that serves the same endpoints (see [`maglev::digest`]).
-    pub fn table_digest(&self, table: &[u32]) -> String {
-        maglev::digest(&self.placed_backends(), table)
+    pub fn table_digest(&self, table: &MaglevTable) -> String {
+        let every: Vec<MaglevBackend> = self
+            .backends
+            .iter()
+            .map(|b| MaglevBackend::at(b.id, b.addr, b.port, b.weight))
+            .collect();
+        maglev::digest(&every, &table.slots)
     }
 }
 
@@ -603,7 +609,7 @@ impl Controller {
             service.table_digest = previous.and_then(|p| p.table_digest.clone());
             if table_inputs_changed(previous, service) {
                 let table = service.maglev_table()?;
-                service.table_digest = table.as_deref().map(|t| service.table_digest(t));
+                service.table_digest = table.as_ref().map(|t| service.table_digest(t));
                 match table {
                     Some(table) => tables.push((service.id, table)),
                     // No backend takes new flows: without a table the data plane refuses them

@@ -41,6 +41,8 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
+use crate::maglev::MaglevTable;
+
 /// The `lb-ebpf` object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -1031,21 +1033,28 @@ impl Dataplane {
         service_id: u32,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        self.set_maglev_tables(&[(service_id, table.to_vec())])
+        self.set_maglev_tables(&[(service_id, MaglevTable::single(table.to_vec()))])
     }
 
     /// Swaps in several services' Maglev tables. The kernel waits for running programs after
     /// every update of a map-in-map (an RCU grace period, milliseconds), so the tables are
     /// built first and inserted with one batch update: one wait per apply, not per service.
-    pub fn set_maglev_tables(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<(), DataplaneError> {
+    pub fn set_maglev_tables(
+        &mut self,
+        tables: &[(u32, MaglevTable)],
+    ) -> Result<(), DataplaneError> {
         let name = names::MAGLEV;
         if tables.is_empty() {
             return Ok(());
         }
         let mut inners = Vec::with_capacity(tables.len());
         for (_, table) in tables {
-            if table.is_empty() || table.len() > MAGLEV_MAX_SIZE as usize {
-                return Err(DataplaneError::TableSize(table.len()));
+            let size = table.size as usize;
+            if size == 0
+                || size > MAGLEV_MAX_SIZE as usize
+                || (table.slots.len() != size && table.slots.len() != 2 * size)
+            {
+                return Err(DataplaneError::TableSize(table.slots.len()));
             }
             inners.push(new_maglev_table(table).map_err(map_error(name))?);
         }
@@ -1367,9 +1376,9 @@ fn flow_counter<T: std::borrow::Borrow<MapData>>(
 
 /// Creates a Maglev table (slot 0: its size; then the backend ids) and fills it through a
 /// memory mapping: one `mmap` instead of one system call per slot.
-fn new_maglev_table(table: &[u32]) -> Result<MapData, MapError> {
+fn new_maglev_table(table: &MaglevTable) -> Result<MapData, MapError> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    let slots = table.len() + 1;
+    let slots = table.slots.len() + 1;
     let obj = aya_obj::Map::new_from_params(
         aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
         4,
@@ -1403,8 +1412,8 @@ fn new_maglev_table(table: &[u32]) -> Result<MapData, MapError> {
     // SAFETY: `base` maps `len >= slots * STRIDE` bytes; each slot holds a u32.
     unsafe {
         let base = base.cast::<u8>();
-        base.cast::<u32>().write(table.len() as u32);
-        for (slot, id) in table.iter().enumerate() {
+        base.cast::<u32>().write(table.size);
+        for (slot, id) in table.slots.iter().enumerate() {
             base.add((slot + 1) * STRIDE).cast::<u32>().write(*id);
         }
         libc::munmap(base.cast(), len);

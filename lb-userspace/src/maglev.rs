@@ -72,6 +72,65 @@ pub fn digest(backends: &[MaglevBackend], table: &[u32]) -> String {
     format!("sha256:{hex}")
 }
 
+/// A service's table as the data plane holds it: `size` slots placing new flows over every
+/// endpoint (those that take none included), then, when some take none, `size` more slots
+/// placing them over those that do, for the flows whose first slot names one that does not.
+/// So a backend turning not-ready or terminating moves no other backend's flows (the first
+/// table stays as it was), and its own new flows spread over the others as evenly as a table
+/// without it would spread them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Slots of each of the two tables (a prime).
+    pub size: u32,
+    /// The first table, then the fallback table when there is one.
+    pub slots: Vec<u32>,
+}
+
+impl MaglevTable {
+    /// A table without fallback.
+    pub fn single(slots: Vec<u32>) -> Self {
+        Self {
+            size: slots.len() as u32,
+            slots,
+        }
+    }
+
+    /// The fallback table, if any.
+    pub fn fallback(&self) -> Option<&[u32]> {
+        self.slots
+            .get(self.size as usize..)
+            .filter(|f| !f.is_empty())
+    }
+
+    /// The first table.
+    pub fn first(&self) -> &[u32] {
+        &self.slots[..(self.size as usize).min(self.slots.len())]
+    }
+
+    /// Builds the table of `size` for `backends`, of which those with `accepting` false take
+    /// no new flows: `None` when none with weight does.
+    pub fn build(
+        backends: &[(MaglevBackend, bool)],
+        size: u32,
+    ) -> Result<Option<Self>, MaglevError> {
+        let accepting: Vec<MaglevBackend> = backends
+            .iter()
+            .filter(|(_, accepting)| *accepting)
+            .map(|(b, _)| b.clone())
+            .collect();
+        let Some(fallback) = build(&accepting, size)? else {
+            return Ok(None);
+        };
+        if accepting.len() == backends.len() {
+            return Ok(Some(Self::single(fallback)));
+        }
+        let every: Vec<MaglevBackend> = backends.iter().map(|(b, _)| b.clone()).collect();
+        let mut slots = build(&every, size)?.expect("a backend with weight accepts");
+        slots.extend(fallback);
+        Ok(Some(Self { size, slots }))
+    }
+}
+
 /// Errors of table building.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MaglevError {
@@ -328,5 +387,43 @@ mod tests {
         let shares = shares(&table);
         let ratio = shares[&1] as f64 / shares[&0] as f64;
         assert!((ratio - 3.0).abs() < 0.05, "ratio {ratio}");
+    }
+
+    #[test]
+    fn a_backend_that_stops_taking_flows_moves_no_other_backends_flows() {
+        let backends: Vec<MaglevBackend> = (1..=6u8)
+            .map(|i| MaglevBackend::at(u32::from(i), IpAddr::from([198, 18, 1, i]), 8080, 1))
+            .collect();
+        let all: Vec<(MaglevBackend, bool)> = backends.iter().map(|b| (b.clone(), true)).collect();
+        let healthy = MaglevTable::build(&all, 1021).unwrap().unwrap();
+        assert_eq!(healthy.fallback(), None);
+        assert_eq!(healthy.slots.len(), 1021);
+        // Backends 5 and 6 (a failed node's pods) stop taking new flows.
+        let degraded: Vec<(MaglevBackend, bool)> =
+            backends.iter().map(|b| (b.clone(), b.id <= 4)).collect();
+        let table = MaglevTable::build(&degraded, 1021).unwrap().unwrap();
+        // The first table is the healthy one: every slot of a live backend stays where it was.
+        assert_eq!(table.first(), healthy.first());
+        let fallback = table.fallback().unwrap();
+        assert_eq!(fallback.len(), 1021);
+        assert!(fallback.iter().all(|id| *id <= 4));
+        // Where a flow lands: its first slot's backend when it is live, else the fallback's.
+        let land = |slot: usize| match table.first()[slot] {
+            id if id <= 4 => id,
+            _ => fallback[slot],
+        };
+        let mut share = [0usize; 5];
+        for slot in 0..1021 {
+            share[land(slot) as usize] += 1;
+        }
+        // Evenly over the four live backends (Maglev's balance: within a few percent).
+        assert!(
+            share[1..].iter().all(|n| (230..=280).contains(n)),
+            "{share:?}"
+        );
+        // None taking flows: no table.
+        let none: Vec<(MaglevBackend, bool)> =
+            backends.iter().map(|b| (b.clone(), false)).collect();
+        assert_eq!(MaglevTable::build(&none, 1021).unwrap(), None);
     }
 }

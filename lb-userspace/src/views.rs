@@ -116,6 +116,16 @@ impl SelectionMaps for Attached {
         }
         crate::syscall::lookup(fd, &(1 + hash % size))
     }
+
+    fn maglev_fallback_slot(&self, service_id: u32, hash: u32) -> Option<u32> {
+        let table = self.maglev_table(service_id)?;
+        let fd = table.fd().as_fd().as_raw_fd();
+        let size: u32 = crate::syscall::lookup(fd, &0u32)?;
+        if size == 0 {
+            return None;
+        }
+        crate::syscall::lookup(fd, &(1 + size + hash % size))
+    }
 }
 
 fn open_map(dir: &Path, name: &str) -> Option<Map> {

@@ -163,7 +163,7 @@ fn program_services(dataplane: &mut Dataplane, services: u32) -> anyhow::Result<
             })
             .collect();
         let table = lb_userspace::maglev::build(&placed, TABLE_SIZE)?.expect("a table");
-        tables.push((s, table));
+        tables.push((s, lb_userspace::maglev::MaglevTable::single(table)));
     }
     dataplane.set_maglev_tables(&tables)?;
     Ok(())
