@@ -778,6 +778,33 @@ ports:
     yaml
 }
 
+/// A TCP connection from `from` (an address of the namespace's, port 0 for any) to `to`,
+/// made in `ns`: 5 s to connect, reads time out after 5 s.
+pub fn connect_from(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+) -> anyhow::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    ns.enter(move || -> anyhow::Result<std::net::TcpStream> {
+        let family = if from.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        connect(stream.as_raw_fd(), &SockaddrStorage::from(to))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    })?
+}
+
 /// Writes a file the way kubectl and editors do: a new file renamed over the old one.
 pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
