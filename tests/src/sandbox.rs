@@ -247,21 +247,22 @@ pub fn start_pod_on(
         }
         netns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
+    // A point-to-point IPv6 address's route to its peer is only added once the kernel saw
+    // the link's carrier (linkwatch, up to a second late when links churn): the gateway is
+    // said to be on the link rather than found by that route.
+    let onlink: &[&str] = if link.subnet.is_none() {
+        &["dev", "eth0", "onlink"]
+    } else {
+        &[]
+    };
+    let gateway_v4 = link.gateway_v4.to_string();
+    let gateway_v6 = link.gateway_v6.to_string();
+    ns.ip(&[&["route", "add", "default", "via", &gateway_v4], onlink].concat())?;
     ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &link.gateway_v4.to_string(),
-    ])?;
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &link.gateway_v6.to_string(),
-    ])?;
+        &["-6", "route", "add", "default", "via", &gateway_v6],
+        onlink,
+    ]
+    .concat())?;
     let server = ns
         .command(pod_binary)
         .args([&name, &PORT.to_string(), &PUSH_PORT.to_string()])
@@ -275,17 +276,22 @@ pub fn start_pod_on(
         v6: link.v6,
         server: ChildGuard::new(server),
     };
-    // Wait until it answers, so endpoints are only published for a serving pod.
-    let target = SocketAddr::new(IpAddr::V4(pod.v4), PORT);
+    // Wait until it answers on both families (the node's IPv6 route to a point-to-point
+    // peer comes with the carrier), so endpoints are only published for a serving pod.
     let start = Instant::now();
-    while node
-        .enter(move || std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100)))?
-        .is_err()
-    {
-        if start.elapsed() > Duration::from_secs(5) {
-            bail!("{} did not start", pod.name);
+    for target in [IpAddr::V4(pod.v4), IpAddr::V6(pod.v6)] {
+        let target = SocketAddr::new(target, PORT);
+        while node
+            .enter(move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100))
+            })?
+            .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("{} did not start: {target} does not answer", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(pod)
 }
