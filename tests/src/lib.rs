@@ -2,6 +2,7 @@
 //! built `lb-userspace` binary. `xtask` builds its sandbox from the same pieces.
 
 pub mod apiserver;
+pub mod cluster;
 #[path = "../../lb-ebpf/src/frame.rs"]
 pub mod frame;
 pub mod frames;

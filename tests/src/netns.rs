@@ -189,8 +189,8 @@ fn is_stale(name: &str) -> bool {
 }
 
 /// Removes what crashed or killed runs left behind: `lbt-*` namespaces whose creating process
-/// is gone (after killing the processes still running inside them), and their pin and state
-/// folders.
+/// is gone (after killing the processes still running inside them), and their pin, state and
+/// cluster state folders.
 pub fn sweep_stale() -> anyhow::Result<Vec<String>> {
     let output = run("ip", &["netns", "list"])?;
     let mut removed = Vec::new();
@@ -213,7 +213,7 @@ pub fn sweep_stale() -> anyhow::Result<Vec<String>> {
         ip(&["netns", "del", name])?;
         removed.push(name.to_owned());
     }
-    for root in ["/run/lb/bpf", "/run/lb/state"] {
+    for root in ["/run/lb/bpf", "/run/lb/state", "/run/lb/cluster"] {
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };

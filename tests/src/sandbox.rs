@@ -168,6 +168,134 @@ pub enum EndpointState {
     NotReady,
 }
 
+/// How a pod's veth pair is addressed.
+#[derive(Debug, Clone)]
+pub struct PodLink {
+    /// The node's end of the pair (the pod's end is its `eth0`).
+    pub node_end: String,
+    /// The node's IPv4 address on its end: the pod's default gateway.
+    pub gateway_v4: Ipv4Addr,
+    /// The node's IPv6 address on its end: the pod's default gateway.
+    pub gateway_v6: Ipv6Addr,
+    /// The pod's IPv4 address.
+    pub v4: Ipv4Addr,
+    /// The pod's IPv6 address.
+    pub v6: Ipv6Addr,
+    /// `Some((v4 length, v6 length))`: both ends in one subnet of those lengths, a subnet per
+    /// pod (the single-node sandbox). `None`: point-to-point addresses (`ip addr add GATEWAY
+    /// peer POD`), so that the pods of a node share its gateway address and one subnet per
+    /// node (as routed CNIs do; the cluster's nodes).
+    pub subnet: Option<(u8, u8)>,
+    /// The MTU of both ends, if not the default 1500.
+    pub mtu: Option<u16>,
+}
+
+/// Starts a pod behind `node`: namespace `lbt-<ns_tag>-<pid>`, its veth pair to the node
+/// addressed as `link` says, its default routes via the node, and `lb-pod NAME` serving
+/// [`PORT`] and [`PUSH_PORT`]; returns once it answers on [`PORT`].
+pub fn start_pod_on(
+    node: &Netns,
+    ns_tag: &str,
+    name: String,
+    link: &PodLink,
+    pod_binary: &Path,
+) -> anyhow::Result<Pod> {
+    let ns = Netns::create(ns_tag)?;
+    let node_end = link.node_end.as_str();
+    veth_pair((node, node_end), (&ns, "eth0"))?;
+    if let Some(mtu) = link.mtu {
+        let mtu = mtu.to_string();
+        node.ip(&["link", "set", node_end, "mtu", &mtu])?;
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+    }
+    let ends = [
+        (
+            node,
+            node_end,
+            link.gateway_v4.to_string(),
+            link.v4.to_string(),
+        ),
+        (
+            &ns,
+            "eth0",
+            link.v4.to_string(),
+            link.gateway_v4.to_string(),
+        ),
+        (
+            node,
+            node_end,
+            link.gateway_v6.to_string(),
+            link.v6.to_string(),
+        ),
+        (
+            &ns,
+            "eth0",
+            link.v6.to_string(),
+            link.gateway_v6.to_string(),
+        ),
+    ];
+    for (at, (netns, dev, local, peer)) in ends.iter().enumerate() {
+        let v6 = at >= 2;
+        let mut args = vec!["addr".to_owned(), "add".to_owned()];
+        match link.subnet {
+            Some((len4, len6)) => args.push(format!("{local}/{}", if v6 { len6 } else { len4 })),
+            None => args.extend([local.clone(), "peer".to_owned(), peer.clone()]),
+        }
+        args.extend(["dev".to_owned(), (*dev).to_owned()]);
+        if v6 {
+            args.push("nodad".to_owned());
+        }
+        netns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    // A point-to-point IPv6 address's route to its peer is only added once the kernel saw
+    // the link's carrier (linkwatch, up to a second late when links churn): the gateway is
+    // said to be on the link rather than found by that route.
+    let onlink: &[&str] = if link.subnet.is_none() {
+        &["dev", "eth0", "onlink"]
+    } else {
+        &[]
+    };
+    let gateway_v4 = link.gateway_v4.to_string();
+    let gateway_v6 = link.gateway_v6.to_string();
+    ns.ip(&[&["route", "add", "default", "via", &gateway_v4], onlink].concat())?;
+    ns.ip(&[
+        &["-6", "route", "add", "default", "via", &gateway_v6],
+        onlink,
+    ]
+    .concat())?;
+    let server = ns
+        .command(pod_binary)
+        .args([&name, &PORT.to_string(), &PUSH_PORT.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting lb-pod")?;
+    let pod = Pod {
+        ns,
+        name,
+        v4: link.v4,
+        v6: link.v6,
+        server: ChildGuard::new(server),
+    };
+    // Wait until it answers on both families (the node's IPv6 route to a point-to-point
+    // peer comes with the carrier), so endpoints are only published for a serving pod.
+    let start = Instant::now();
+    for target in [IpAddr::V4(pod.v4), IpAddr::V6(pod.v6)] {
+        let target = SocketAddr::new(target, PORT);
+        while node
+            .enter(move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100))
+            })?
+            .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("{} did not start: {target} does not answer", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(pod)
+}
+
 /// The sandbox. Dropping it stops every process and removes every namespace and pin.
 pub struct Sandbox {
     /// The client's namespace.
@@ -270,88 +398,22 @@ impl Sandbox {
 
     /// Starts pod `index`: its namespace, its link to the node and its server.
     pub fn start_pod(&mut self, index: u8) -> anyhow::Result<()> {
-        let ns = Netns::create(&format!("{}-pod{index}", self.tag))?;
-        let node_end = format!("veth-p{index}");
-        veth_pair((&self.node, &node_end), (&ns, "eth0"))?;
-        if let Some(mtu) = self.pod_mtu {
-            let mtu = mtu.to_string();
-            self.node.ip(&["link", "set", &node_end, "mtu", &mtu])?;
-            ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
-        }
-        self.node.ip(&[
-            "addr",
-            "add",
-            &format!("198.18.{index}.254/24"),
-            "dev",
-            &node_end,
-        ])?;
-        self.node.ip(&[
-            "addr",
-            "add",
-            &format!("2001:db8:{index}::fe/64"),
-            "dev",
-            &node_end,
-            "nodad",
-        ])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("198.18.{index}.1/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("2001:db8:{index}::1/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.18.{index}.254"),
-        ])?;
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("2001:db8:{index}::fe"),
-        ])?;
-        let name = format!("tomcat-deployment-{index}");
-        let server = ns
-            .command(&self.binaries.pod)
-            .args([&name, &PORT.to_string(), &PUSH_PORT.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting lb-pod")?;
-        let pod = Pod {
-            ns,
-            name,
+        let link = PodLink {
+            node_end: format!("veth-p{index}"),
+            gateway_v4: Ipv4Addr::new(198, 18, index, 254),
+            gateway_v6: Ipv6Addr::new(0x2001, 0xdb8, u16::from(index), 0, 0, 0, 0, 0xfe),
             v4: Ipv4Addr::new(198, 18, index, 1),
             v6: Ipv6Addr::new(0x2001, 0xdb8, u16::from(index), 0, 0, 0, 0, 1),
-            server: ChildGuard::new(server),
+            subnet: Some((24, 64)),
+            mtu: self.pod_mtu,
         };
-        // Wait until it answers, so endpoints are only published for a serving pod.
-        let target = SocketAddr::new(IpAddr::V4(pod.v4), PORT);
-        let start = Instant::now();
-        while self
-            .node
-            .enter(move || {
-                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100))
-            })?
-            .is_err()
-        {
-            if start.elapsed() > Duration::from_secs(5) {
-                bail!("{} did not start", pod.name);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let pod = start_pod_on(
+            &self.node,
+            &format!("{}-pod{index}", self.tag),
+            format!("tomcat-deployment-{index}"),
+            &link,
+            &self.binaries.pod,
+        )?;
         self.pods.insert(index, pod);
         Ok(())
     }
@@ -379,68 +441,12 @@ impl Sandbox {
 
     /// The Deployment and the Service [`Sandbox::write_service`] writes, as YAML documents.
     pub fn service_yaml(&self, replicas: usize, affinity: bool) -> String {
-        let affinity = if affinity {
-            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n"
-        } else {
-            "  sessionAffinity: None\n"
-        };
-        let push = if self.push_port {
-            format!(
-                "  - name: push\n    port: {PUSH_PORT}\n    targetPort: {PUSH_PORT}\n    protocol: TCP\n"
-            )
-        } else {
-            String::new()
-        };
-        let (policy, extra) = (self.external_traffic_policy, &self.spec_extra);
-        format!(
-            "apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: tomcat-deployment
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels:
-      app: tomcat
-  template:
-    metadata:
-      labels:
-        app: tomcat
-    spec:
-      containers:
-      - name: tomcat
-        image: tomcat:9
-        ports:
-        - containerPort: 8080
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: {SERVICE}
-  namespace: default
-spec:
-  type: LoadBalancer
-  selector:
-    app: tomcat
-  clusterIP: {CLUSTER_IP}
-  clusterIPs: [{CLUSTER_IP}]
-  externalTrafficPolicy: {policy}
-{extra}{affinity}  ports:
-  - name: http
-    port: {PORT}
-    targetPort: {PORT}
-    protocol: TCP
-    nodePort: 30854
-  - name: echo
-    port: {PORT}
-    targetPort: {PORT}
-    protocol: UDP
-{push}status:
-  loadBalancer:
-    ingress:
-    - ip: {VIP4}
-    - ip: {VIP6}
-"
+        service_yaml(
+            replicas,
+            affinity,
+            self.push_port,
+            self.external_traffic_policy,
+            &self.spec_extra,
         )
     }
 
@@ -454,57 +460,15 @@ spec:
 
     /// The EndpointSlices [`Sandbox::write_endpoints`] writes, as YAML documents.
     pub fn endpoints_yaml(&self, endpoints: &[(u8, EndpointState)]) -> anyhow::Result<String> {
-        let mut yaml = String::new();
-        let push = if self.push_port {
-            format!("- name: push\n  port: {PUSH_PORT}\n  protocol: TCP\n")
-        } else {
-            String::new()
-        };
-        for (family, address_type) in [("v4", "IPv4"), ("v6", "IPv6")] {
-            yaml += &format!(
-                "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {SERVICE}-{family}
-  namespace: default
-  labels:
-    kubernetes.io/service-name: {SERVICE}
-addressType: {address_type}
-ports:
-- name: http
-  port: {PORT}
-  protocol: TCP
-- name: echo
-  port: {PORT}
-  protocol: UDP
-{push}endpoints:
-"
-            );
-            for (index, state) in endpoints {
-                let Some(pod) = self.pods.get(index) else {
-                    bail!("pod {index} is not running");
-                };
-                let address = if family == "v4" {
-                    pod.v4.to_string()
-                } else {
-                    pod.v6.to_string()
-                };
-                let conditions = match state {
-                    EndpointState::Ready => "{ready: true, serving: true, terminating: false}",
-                    EndpointState::Terminating => {
-                        "{ready: false, serving: true, terminating: true}"
-                    }
-                    EndpointState::NotReady => "{ready: false, serving: false, terminating: false}",
-                };
-                let node = self.pod_nodes.get(index).map_or(NODE_NAME, String::as_str);
-                yaml += &format!(
-                    "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  nodeName: {node}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",
-                    pod.name
-                );
-            }
+        let mut listed = Vec::new();
+        for (index, state) in endpoints {
+            let Some(pod) = self.pods.get(index) else {
+                bail!("pod {index} is not running");
+            };
+            let node = self.pod_nodes.get(index).map_or(NODE_NAME, String::as_str);
+            listed.push((pod, node, *state));
         }
-        Ok(yaml)
+        Ok(endpoint_slices_yaml(&listed, self.push_port))
     }
 
     /// Starts the stand-in API server ([`crate::apiserver`]) in the node's namespace at
@@ -692,6 +656,159 @@ impl Drop for Sandbox {
         self.pods.clear();
         self.held.clear();
     }
+}
+
+/// The Deployment (skipped by the controller, as in a real manifest folder) and the
+/// `tomcat-load-balancer` Service of type LoadBalancer (ingress [`VIP4`] and [`VIP6`], port
+/// [`PORT`] TCP `http` and UDP `echo`, the `push` port too if `push_port`), optionally with
+/// ClientIP affinity, with `externalTrafficPolicy: policy` and `extra` lines in its spec
+/// (indented two spaces, each ending in a newline).
+pub fn service_yaml(
+    replicas: usize,
+    affinity: bool,
+    push_port: bool,
+    policy: &str,
+    extra: &str,
+) -> String {
+    let affinity = if affinity {
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 10800\n"
+    } else {
+        "  sessionAffinity: None\n"
+    };
+    let push = if push_port {
+        format!(
+            "  - name: push\n    port: {PUSH_PORT}\n    targetPort: {PUSH_PORT}\n    protocol: TCP\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: tomcat-deployment
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: tomcat
+  template:
+    metadata:
+      labels:
+        app: tomcat
+    spec:
+      containers:
+      - name: tomcat
+        image: tomcat:9
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {SERVICE}
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector:
+    app: tomcat
+  clusterIP: {CLUSTER_IP}
+  clusterIPs: [{CLUSTER_IP}]
+  externalTrafficPolicy: {policy}
+{extra}{affinity}  ports:
+  - name: http
+    port: {PORT}
+    targetPort: {PORT}
+    protocol: TCP
+    nodePort: 30854
+  - name: echo
+    port: {PORT}
+    targetPort: {PORT}
+    protocol: UDP
+{push}status:
+  loadBalancer:
+    ingress:
+    - ip: {VIP4}
+    - ip: {VIP6}
+"
+    )
+}
+
+/// The Service's EndpointSlices (one IPv4, one IPv6) listing `endpoints`: each pod with the
+/// `nodeName` of its node and its state; with the `push` port if `push_port`.
+pub fn endpoint_slices_yaml(endpoints: &[(&Pod, &str, EndpointState)], push_port: bool) -> String {
+    let mut yaml = String::new();
+    let push = if push_port {
+        format!("- name: push\n  port: {PUSH_PORT}\n  protocol: TCP\n")
+    } else {
+        String::new()
+    };
+    for (family, address_type) in [("v4", "IPv4"), ("v6", "IPv6")] {
+        yaml += &format!(
+            "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {SERVICE}-{family}
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {SERVICE}
+addressType: {address_type}
+ports:
+- name: http
+  port: {PORT}
+  protocol: TCP
+- name: echo
+  port: {PORT}
+  protocol: UDP
+{push}endpoints:
+"
+        );
+        for (pod, node, state) in endpoints {
+            let address = if family == "v4" {
+                pod.v4.to_string()
+            } else {
+                pod.v6.to_string()
+            };
+            let conditions = match state {
+                EndpointState::Ready => "{ready: true, serving: true, terminating: false}",
+                EndpointState::Terminating => "{ready: false, serving: true, terminating: true}",
+                EndpointState::NotReady => "{ready: false, serving: false, terminating: false}",
+            };
+            yaml += &format!(
+                "- addresses: [\"{address}\"]\n  conditions: {conditions}\n  nodeName: {node}\n  targetRef:\n    kind: Pod\n    name: {}\n    namespace: default\n",
+                pod.name
+            );
+        }
+    }
+    yaml
+}
+
+/// A TCP connection from `from` (an address of the namespace's, port 0 for any) to `to`,
+/// made in `ns`: 5 s to connect, reads time out after 5 s.
+pub fn connect_from(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+) -> anyhow::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    ns.enter(move || -> anyhow::Result<std::net::TcpStream> {
+        let family = if from.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        connect(stream.as_raw_fd(), &SockaddrStorage::from(to))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    })?
 }
 
 /// Writes a file the way kubectl and editors do: a new file renamed over the old one.

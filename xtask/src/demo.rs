@@ -28,7 +28,9 @@ pub fn build_binaries() -> anyhow::Result<Binaries> {
         "lb-tests",
         "--bins",
     ]))?;
-    Ok(Binaries::in_dir(&workspace_root().join("target/release")))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), std::path::PathBuf::from);
+    Ok(Binaries::in_dir(&target.join("release")))
 }
 
 fn step(text: &str) {

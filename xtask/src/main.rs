@@ -60,11 +60,12 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Bring the sandbox up (4 pods, the controller running) to explore by hand, or down.
+    /// Bring the sandbox up (4 pods, the controller running; or with `up --nodes N` a cluster
+    /// behind a BGP router) to explore by hand, fail, restore, drain or undrain a cluster node,
+    /// or take it all down.
     Sandbox {
-        /// `up` or `down`.
-        #[arg(value_parser = ["up", "down"])]
-        action: String,
+        #[command(subcommand)]
+        action: sandbox::Action,
     },
 }
 
@@ -77,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test => test::run(),
         Command::Demo { api: false } => demo::run(),
         Command::Demo { api: true } => demo::run_api(),
-        Command::Sandbox { action } => sandbox::run(&action),
+        Command::Sandbox { action } => sandbox::run(action),
         Command::Bench { quick } => bench::run(quick),
         Command::Fuzz { seconds } => fuzz::run(seconds),
         Command::Soak { seconds } => soak::run(seconds),

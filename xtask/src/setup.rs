@@ -32,6 +32,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     // `promtool check metrics`: the metrics test checks `/metrics` with Prometheus' own linter.
     "prometheus",
+    // The multi-node sandbox's router and nodes speak BGP and BFD with BIRD 2.
+    "bird2",
 ];
 
 /// Runs every step.
