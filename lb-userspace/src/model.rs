@@ -68,6 +68,9 @@ pub struct Options {
     /// address assignment grants by writing `status.loadBalancer.ingress` (or refuses, and
     /// then it must not be served).
     pub serve_requested_ips: bool,
+    /// This node's Node object carries `node.kubernetes.io/exclude-from-external-load-balancers`:
+    /// it announces no address (see [`crate::announce`]) and keeps serving.
+    pub excluded_from_load_balancers: bool,
 }
 
 impl Default for Options {
@@ -80,6 +83,7 @@ impl Default for Options {
             serve_cluster_ips: false,
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
             serve_requested_ips: true,
+            excluded_from_load_balancers: false,
         }
     }
 }
@@ -413,6 +417,10 @@ pub struct Cluster {
     /// object's new address is applied like any other change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_ips: Vec<IpAddr>,
+    /// This node is excluded from external load balancers (its Node object's label, set by
+    /// its projection): it announces nothing. Part of the desired state, as `node_ips`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded_from_load_balancers: bool,
 }
 
 /// A raw endpoint, before Kubernetes' serving rules are applied.
@@ -567,6 +575,7 @@ pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) 
             services,
             warnings,
             node_ips: Vec::new(),
+            excluded_from_load_balancers: false,
         },
         refused,
     }
@@ -648,6 +657,7 @@ pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
             services,
             warnings: cluster.warnings.clone(),
             node_ips: options.node_ips.clone(),
+            excluded_from_load_balancers: options.excluded_from_load_balancers,
         },
         refused,
     }
