@@ -1,6 +1,7 @@
 //! Controller of the XDP service load balancer: loads the kernel programs embedded at build time,
 //! attaches them and reads their counters.
 
+pub mod announce;
 pub mod api;
 pub mod api_events;
 pub mod assign;

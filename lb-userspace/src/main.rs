@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, Reason};
 use lb_userspace::{
-    AttachMode, Dataplane,
+    AttachMode, Dataplane, announce,
     api::{API_SETTLE, ApiSource},
     api_events::{self, EventSink},
     assign::{AssignSettings, Assignment, RefusalAnnouncer},
@@ -217,6 +217,14 @@ enum Command {
         /// warning); Services with none are served.
         #[arg(long, default_value = model::DEFAULT_LOAD_BALANCER_CLASS)]
         load_balancer_class: String,
+        /// Announce the served VIPs to the routing daemon: one blackhole route per address
+        /// (protocol 250) in this kernel routing table, whose whole content the controller owns.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        announce_table: Option<u32>,
+        /// With --announce-table, how long a stop (without --keep-on-exit) keeps serving after
+        /// withdrawing the announcements, before it detaches.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        drain_period: Duration,
         #[command(flatten)]
         roots: Roots,
     },
@@ -306,6 +314,8 @@ async fn main() -> anyhow::Result<()> {
             serve_cluster_ips,
             tunnel_port,
             load_balancer_class,
+            announce_table,
+            drain_period,
             roots,
         } => {
             lb_userspace::privileges::require_for_attach()?;
@@ -340,6 +350,7 @@ async fn main() -> anyhow::Result<()> {
                     serve_requested_ips: !from_api,
                     tunnel_port,
                     underlay_mtu,
+                    excluded_from_load_balancers: false,
                 },
                 metrics_addr,
                 metrics_endpoints,
@@ -347,6 +358,8 @@ async fn main() -> anyhow::Result<()> {
                 keep_on_exit,
                 conntrack_size,
                 max_backends,
+                announce_table,
+                drain_period,
             };
             attach(settings, &roots).await
         }
@@ -596,6 +609,8 @@ struct AttachSettings {
     keep_on_exit: bool,
     conntrack_size: u32,
     max_backends: u32,
+    announce_table: Option<u32>,
+    drain_period: Duration,
 }
 
 /// What the controller thread applied last, published after every change of it (an apply, a
@@ -737,6 +752,9 @@ impl Setup {
     /// Removes the pins, the state and the links, and puts the ICMP redirect settings back:
     /// safe at any moment, whatever exists yet.
     fn remove(mut self) -> anyhow::Result<()> {
+        if let Err(e) = announce::withdraw_recorded(&self.paths.state_file) {
+            warn!(error = %e, "withdrawing the announced addresses");
+        }
         Dataplane::unpin_all(&self.paths.pin_dir).context("removing the pins")?;
         let _ = std::fs::remove_file(&self.paths.state_file);
         if let Err(e) = redirects::restore(&self.paths.redirects_file) {
@@ -768,7 +786,7 @@ async fn attach(settings: AttachSettings, roots: &Roots) -> anyhow::Result<()> {
                 .controller
                 .take()
                 .expect("a started data plane has a controller");
-            setup.controller = running.serve(controller, &mut stop).await;
+            setup.controller = running.serve(controller, &mut stop, keep_on_exit).await;
             setup.finish(keep_on_exit)
         }
     }
@@ -785,6 +803,8 @@ struct Running {
     source: Option<SourceHandle>,
     applied: watch::Sender<Arc<AppliedState>>,
     counters: Arc<CounterReader>,
+    /// With `--announce-table`: the announcements, and how long a stop drains.
+    announcements: Option<(announce::Announcer, Duration)>,
 }
 
 /// Start-up: everything up to the first apply. `None` when a stop signal ended it early (what
@@ -806,6 +826,8 @@ async fn start(
         keep_on_exit: _,
         conntrack_size,
         max_backends,
+        announce_table,
+        drain_period,
     } = settings;
     // Watch before the first read, so a change written while we start is not missed: it
     // triggers a reload that finds either a new state or nothing to do.
@@ -962,6 +984,20 @@ async fn start(
         options.node_name.clone(),
     ));
     let reloads = Arc::new(Mutex::new(reloads));
+    // Announced once the data plane serves the first apply, and after every apply from then on.
+    let announcements = match announce_table {
+        Some(table) => Some((
+            announce::Announcer::start(
+                table,
+                options.node_name.clone(),
+                &setup.paths.state_file,
+                applied_rx.clone(),
+            )
+            .await,
+            drain_period,
+        )),
+        None => None,
+    };
     info!(%metrics_addr, "serving Prometheus metrics on /metrics");
     tokio::spawn(serve_metrics(
         listener,
@@ -970,6 +1006,7 @@ async fn start(
             counters: counters.clone(),
             reloads: reloads.clone(),
             endpoints: metrics_endpoints,
+            announce: announcements.as_ref().map(|(a, _)| a.figures.clone()),
             in_cluster: match &handle {
                 Some(SourceHandle::Api(parts)) => Some(parts.figures()),
                 _ => None,
@@ -989,6 +1026,7 @@ async fn start(
         source: handle,
         applied,
         counters,
+        announcements,
     }))
 }
 
@@ -1042,7 +1080,12 @@ impl Running {
     /// Hands `controller` to its thread, which applies the configuration's snapshots, and waits
     /// here for a stop signal (never for an apply); then stops the thread, once it finished
     /// what it was doing, and returns the controller (`None` if its thread panicked).
-    async fn serve(self, controller: Controller, stop: &mut StopSignals) -> Option<Controller> {
+    async fn serve(
+        self,
+        controller: Controller,
+        stop: &mut StopSignals,
+        keep_on_exit: bool,
+    ) -> Option<Controller> {
         let Self {
             options,
             stats_interval,
@@ -1051,6 +1094,7 @@ impl Running {
             source,
             applied,
             counters,
+            announcements,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let announcer = match &source {
@@ -1082,6 +1126,10 @@ impl Running {
                 () = stop.recv() => break,
                 _ = ticker.tick(), if stats_interval > 0 => log_counters(counters.reason_counters()),
             }
+        }
+        // With --keep-on-exit the data plane keeps serving, and its announcements stay.
+        if let (Some((announcements, drain)), false) = (announcements, keep_on_exit) {
+            announce::drain(announcements, drain, stop.recv()).await;
         }
         info!("stopping");
         let _ = stop_tx.send(true);
@@ -1263,6 +1311,10 @@ fn node_options(options: &Options, manifests: &Manifests) -> Options {
     {
         options.node_ips = lb_userspace::api::node_addresses(&node.object);
     }
+    options.excluded_from_load_balancers = manifests.nodes.iter().any(|n| {
+        n.object.metadata.name.as_deref() == Some(options.node_name.as_str())
+            && announce::excluded(&n.object)
+    });
     options
 }
 
@@ -1372,6 +1424,8 @@ struct MetricsSources {
     counters: Arc<CounterReader>,
     reloads: Arc<Mutex<Reloads>>,
     endpoints: bool,
+    /// The announcements' figures, with `--announce-table`.
+    announce: Option<Arc<announce::Figures>>,
     /// What following the API adds (`None` for files).
     in_cluster: Option<InClusterFigures>,
 }
@@ -1424,6 +1478,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, sources: MetricsSource
                             &sources.counters,
                             &reloads,
                             sources.endpoints,
+                            sources.announce.as_deref(),
                             in_cluster.as_ref(),
                         )
                     });
@@ -1442,6 +1497,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, sources: MetricsSource
 
 fn detach(iface: &str, roots: &Roots) -> anyhow::Result<()> {
     let paths = Paths::new(&roots.pin_root, &roots.state_root, iface);
+    announce::withdraw_recorded(&paths.state_file)
+        .context("withdrawing the announced addresses")?;
     let removed = Dataplane::unpin_all(&paths.pin_dir)
         .with_context(|| format!("removing {}", paths.pin_dir.display()))?;
     let state_removed = std::fs::remove_file(&paths.state_file).is_ok();

@@ -159,6 +159,7 @@ pub fn render(
     counters: &CounterReader,
     reloads: &Reloads,
     endpoints: bool,
+    announce: Option<&crate::announce::Figures>,
     in_cluster: Option<&InCluster>,
 ) -> String {
     let mut registry = Registry::with_prefix("lb");
@@ -291,6 +292,9 @@ pub fn render(
             .inc_by(count);
     }
     register_reloads(&mut registry, reloads);
+    if let Some(announce) = announce {
+        register_announce(&mut registry, announce);
+    }
     if let Some(in_cluster) = in_cluster {
         register_in_cluster(&mut registry, in_cluster);
     }
@@ -428,6 +432,41 @@ fn register_in_cluster(registry: &mut Registry, figures: &InCluster) {
             })
             .inc_by(count);
     }
+}
+
+/// The announcements' figures (`--announce-table`).
+fn register_announce(registry: &mut Registry, figures: &crate::announce::Figures) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let announced = Gauge::<i64>::default();
+    registry.register(
+        "announced_addresses",
+        "Addresses this node announces now (routes in the --announce-table table)",
+        announced.clone(),
+    );
+    announced.set(figures.announced.load(Relaxed) as i64);
+    let syncs = Family::<ResultLabels, Counter>::default();
+    registry.register(
+        "announce_syncs",
+        "Syncs of the announcement table by result (a failed one is tried again with backoff)",
+        syncs.clone(),
+    );
+    for (result, count) in [
+        ("ok", figures.syncs_ok.load(Relaxed)),
+        ("error", figures.syncs_failed.load(Relaxed)),
+    ] {
+        syncs
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc_by(count);
+    }
+    let draining = Gauge::<i64>::default();
+    registry.register(
+        "draining",
+        "1 once a stop withdrew the announcements while the data plane still serves",
+        draining.clone(),
+    );
+    draining.set(i64::from(figures.draining.load(Relaxed)));
 }
 
 fn register_reloads(registry: &mut Registry, reloads: &Reloads) {

@@ -73,6 +73,9 @@ pub struct Options {
     pub tunnel_port: u16,
     /// The largest IP packet the underlay carries (the attached interface's MTU).
     pub underlay_mtu: u32,
+    /// This node's Node object carries `node.kubernetes.io/exclude-from-external-load-balancers`:
+    /// it announces no address (see [`crate::announce`]) and keeps serving.
+    pub excluded_from_load_balancers: bool,
 }
 
 impl Default for Options {
@@ -87,6 +90,7 @@ impl Default for Options {
             serve_requested_ips: true,
             tunnel_port: lb_common::maps::DEFAULT_TUNNEL_PORT,
             underlay_mtu: 1500,
+            excluded_from_load_balancers: false,
         }
     }
 }
@@ -424,6 +428,10 @@ pub struct Cluster {
     /// the endpoints that live on other nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeModel>,
+    /// This node is excluded from external load balancers (its Node object's label, set by
+    /// its projection): it announces nothing. Part of the desired state, as `node_ips`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded_from_load_balancers: bool,
 }
 
 /// A node as the tunnel sees it.
@@ -637,6 +645,7 @@ pub fn build_each(manifests: &Manifests, options: &Options, previous: &Cluster) 
             warnings,
             node_ips: Vec::new(),
             nodes: node_models(manifests),
+            excluded_from_load_balancers: false,
         },
         refused,
     }
@@ -719,6 +728,7 @@ pub fn project(cluster: &Cluster, options: &Options) -> Outcome {
             warnings: cluster.warnings.clone(),
             node_ips: options.node_ips.clone(),
             nodes: cluster.nodes.clone(),
+            excluded_from_load_balancers: options.excluded_from_load_balancers,
         },
         refused,
     }

@@ -65,6 +65,8 @@ pub struct Attached {
     pub iface: String,
     /// What its controller applied.
     pub state: AppliedState,
+    /// What its controller announces, with `--announce-table`.
+    pub announcements: Option<crate::announce::Record>,
     service_stats: Option<PerCpuArray<MapData, FlowCounter>>,
     backend_stats: Option<PerCpuArray<MapData, FlowCounter>>,
     conntrack: Option<HashMap<MapData, FlowKey, FlowValue>>,
@@ -150,6 +152,8 @@ pub fn read_all(state_root: &Path, pin_root: &Path) -> Result<Vec<Attached>, Vie
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let state = AppliedState::read(&file).map_err(|e| ViewError::Read(e.to_string()))?;
+        let announcements = crate::announce::Record::read(&crate::announce::record_file(&file))
+            .map_err(|e| ViewError::Read(e.to_string()))?;
         let dir = pin_root.join(&iface);
         all.push(Attached {
             service_stats: open_map(&dir, names::SERVICE_STATS).and_then(|m| m.try_into().ok()),
@@ -160,6 +164,7 @@ pub fn read_all(state_root: &Path, pin_root: &Path) -> Result<Vec<Attached>, Vie
             maglev: MapData::from_pin(dir.join(names::MAGLEV)).ok(),
             iface,
             state,
+            announcements,
         });
     }
     if all.is_empty() {
@@ -237,6 +242,47 @@ pub struct ServiceView {
     pub table_digests: BTreeMap<String, Option<String>>,
     /// Per service port name (or number): its endpoints' traffic.
     pub endpoints: BTreeMap<String, Vec<EndpointView>>,
+    /// With `--announce-table`: per load balancer or external address, whether this node
+    /// announces it (`announced`), or why not (`not announced: no-local-endpoint`).
+    pub announcements: BTreeMap<String, String>,
+}
+
+/// Whether this node announces each load balancer and external address of `model`, and why
+/// not (empty without `--announce-table`).
+fn announcements(attached: &Attached, model: &ServiceModel) -> BTreeMap<String, String> {
+    let Some(record) = &attached.announcements else {
+        return BTreeMap::new();
+    };
+    let service = format!("{}/{}", model.namespace, model.name);
+    model
+        .addresses
+        .iter()
+        .filter(|a| {
+            matches!(
+                a.kind,
+                FrontendKind::LoadBalancer | FrontendKind::ExternalIp
+            )
+        })
+        .map(|a| {
+            let decision = &record.decision;
+            let mut text = match decision.withheld.get(&a.addr) {
+                _ if decision.announced.contains(&a.addr) => "announced".to_owned(),
+                Some(reasons) => match reasons.get(&service).or(reasons.values().next()) {
+                    Some(why) => format!("not announced: {} ({})", why.name(), why.describe()),
+                    None => "not announced".to_owned(),
+                },
+                None => "not announced: not served".to_owned(),
+            };
+            if let Some(error) = record.error.as_ref().filter(|_| !record.synced) {
+                let _ = write!(
+                    text,
+                    "; the last sync of table {} failed: {error}",
+                    record.table
+                );
+            }
+            (a.addr.to_string(), text)
+        })
+        .collect()
 }
 
 /// Live connection-table entries per backend id (expired ones are no longer followed).
@@ -318,6 +364,7 @@ fn service_view(attached: &Attached, model: &ServiceModel) -> ServiceView {
             .into_iter()
             .map(|(port, views)| (port, views.into_values().collect()))
             .collect(),
+        announcements: announcements(attached, model),
     }
 }
 
@@ -374,6 +421,10 @@ pub struct Live {
     pub table_digests: BTreeMap<String, Option<String>>,
     /// Per service port name (or `port/protocol`): its endpoints' traffic.
     pub endpoints: BTreeMap<String, Vec<EndpointView>>,
+    /// With `--announce-table`: per load balancer or external address, whether this node
+    /// announces it, or why not.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub announcements: BTreeMap<String, String>,
     /// Its events, oldest first (`describe` only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventObject>,
@@ -564,6 +615,7 @@ fn service_object(view: ServiceView, events: &[ServiceEvent]) -> ServiceObject {
             frontends: view.frontends,
             table_digests: view.table_digests,
             endpoints: view.endpoints,
+            announcements: view.announcements,
             events: events
                 .iter()
                 .map(|e| EventObject {
@@ -1030,6 +1082,18 @@ fn live_section(view: &ServiceView) -> String {
          host's stack: {local_pods}",
         view.interface, s.table_size
     );
+    if !view.announcements.is_empty() {
+        let _ = writeln!(out, "Announcements (to the routing daemon):");
+        let width = view
+            .announcements
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
+        for (addr, text) in &view.announcements {
+            let _ = writeln!(out, "  {addr:<width$}  {text}");
+        }
+    }
     let _ = writeln!(out, "Traffic:");
     let _ = writeln!(
         out,
@@ -1407,6 +1471,7 @@ spec:
                 cluster,
                 ..AppliedState::default()
             },
+            announcements: None,
             service_stats: None,
             backend_stats: None,
             conntrack: None,

@@ -236,7 +236,7 @@ impl Roots {
         if pins.exists() {
             left.push(format!("pins {}", pins.display()));
         }
-        for record in ["json", "sysctl"] {
+        for record in ["json", "sysctl", "announce"] {
             let file = std::path::Path::new(&self.state_root).join(format!("{iface}.{record}"));
             if file.exists() {
                 left.push(format!("state {}", file.display()));
