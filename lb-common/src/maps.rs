@@ -462,6 +462,10 @@ pub struct PodHandoff {
 
 /// [`PodHandoff::magic`].
 pub const POD_HANDOFF_MAGIC: u32 = 0x4c42_5044;
+/// [`PodHandoff::magic`] of an encapsulated frame for another node whose next hop the fast
+/// path cannot address yet (no neighbour entry): the TC ingress program sends it out of
+/// `ifindex` with `bpf_redirect_neigh`, which resolves the neighbour (the MACs are unused).
+pub const TUNNEL_HANDOFF_MAGIC: u32 = 0x4c42_5455;
 
 /// The trie key of the range `addr`/`len` of service `service_id` as written in a Service
 /// (`10.0.0.0/8`, `2001:db8::/32`); `None` when `len` is longer than the family's addresses.

@@ -162,8 +162,9 @@ named_enum! {
         TunnelTx = "tunnel_tx",
         /// XDP: sent to the backend's node inside the tunnel, redirected to another interface.
         TunnelRedirect = "tunnel_redirect",
-        /// XDP: encapsulated for the backend's node, then passed to the kernel to route (no
-        /// neighbour yet, no route, or an egress device that takes no redirected frames).
+        /// XDP: encapsulated for the backend's node, then passed on (no neighbour yet, or an
+        /// egress device that takes no redirected frames): the TC ingress program sends it
+        /// with `bpf_redirect_neigh`, the kernel's neighbour subsystem resolving the next hop.
         TunnelFallback = "tunnel_fallback",
         /// XDP, answered: the packet would exceed the underlay's MTU once encapsulated:
         /// answered with an ICMP "fragmentation needed" / ICMPv6 "packet too big" giving the

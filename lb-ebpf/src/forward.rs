@@ -5,7 +5,7 @@ use core::mem;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::{TcContext, XdpContext},
 };
@@ -225,6 +225,29 @@ pub fn route<C: EbpfContext + Frame>(
     ingress: u32,
     tot_len: u16,
 ) -> Option<&'static bpf_fib_lookup> {
+    lookup(ctx, packet, ingress, tot_len, 0)
+}
+
+/// The interface the route to `packet`'s destination leaves by, whether its neighbour is
+/// resolved or not (`BPF_FIB_LOOKUP_SKIP_NEIGH`): where the kernel's neighbour subsystem is
+/// asked to send a frame the fast path cannot address yet.
+///
+/// Not inlined: the lookup's parameters get a stack frame of their own.
+#[inline(never)]
+pub fn egress_of(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    lookup(ctx, packet, ingress, 0, BPF_FIB_LOOKUP_SKIP_NEIGH).map(|found| found.ifindex)
+}
+
+#[inline(always)]
+fn lookup<C: EbpfContext + Frame>(
+    ctx: &C,
+    packet: &Packet,
+    ingress: u32,
+    tot_len: u16,
+    flags: u32,
+) -> Option<&'static bpf_fib_lookup> {
     let params = FIB_PARAMS.get_ptr_mut(0)?;
     // SAFETY: a per-CPU scratch slot, used by this program run only.
     let params = unsafe { &mut *params };
@@ -236,7 +259,7 @@ pub fn route<C: EbpfContext + Frame>(
             ctx.as_ptr(),
             params,
             mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
+            flags,
         )
     };
     (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(params)

@@ -85,13 +85,14 @@ mod programs {
     }
 
     /// Ingress of the client-facing interface, after XDP: moves the frames the XDP program
-    /// handed over into their local pods' namespaces. Every other frame was counted by the XDP
+    /// handed over into their local pods' namespaces, and sends the encapsulated frames for
+    /// other nodes whose next hop it could not address. Every other frame was counted by the XDP
     /// program and goes on uncounted (a second count of each would cost every packet of the
     /// host); a hand-off that fails is counted as an event.
     #[classifier]
     pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
         match pods::deliver(&ctx) {
-            Delivery::NotHandedOver => TC_ACT_UNSPEC,
+            Delivery::NotHandedOver => tunnel::send_unresolved(&ctx).unwrap_or(TC_ACT_UNSPEC),
             Delivery::Moved(verdict) => verdict,
             Delivery::Failed => {
                 stats::event(Event::PodHandoffFailed);
@@ -248,7 +249,8 @@ mod programs {
                 Encap::Broken => return Reason::DropMalformed,
                 Encap::Ready => {
                     stats::flow(service.id, selected.id, ctx.len(), selected.new_flow);
-                    return tunnel::sent(forward::forward(ctx, packet, selected.id));
+                    let forwarded = forward::forward(ctx, packet, selected.id);
+                    return tunnel::sent(ctx, packet, forwarded);
                 }
             }
         }

@@ -8,12 +8,15 @@
 //!   its outer header; the inner packet then goes through the same path as one from a client,
 //!   to the backend it names ([`lb_common::select::Query::assigned`]), and the DNAT and the
 //!   reverse NAT happen here, so replies leave this node straight for the client.
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    helpers::generated::bpf_redirect_neigh,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
-    BackendKey, Reason,
+    BackendKey, PodHandoff, Reason,
     checksum::{add_words, finish},
     hash::flow_hash,
-    maps::{PROTO_UDP, is_ipv4_mapped},
+    maps::{PROTO_UDP, TUNNEL_HANDOFF_MAGIC, is_ipv4_mapped},
     tunnel::{
         GUE_LEN, OUTER_TTL, OVERHEAD_IPV4, OVERHEAD_IPV6, UDP_LEN, inner_mtu, parse_gue,
         source_port, udp_gue_header,
@@ -21,7 +24,8 @@ use lb_common::{
 };
 
 use crate::{
-    context::adjust_head,
+    context::{adjust_head, metadata, reserve_metadata},
+    forward,
     frame::{copy_bytes, read, write},
     maps::{BACKEND_IDS, TUNNEL, TUNNEL_PEERS},
     offsets::{ETH_MACS_LEN, ETHER_TYPE, IPV4_MIN_LEN, IPV6_LEN},
@@ -262,14 +266,45 @@ pub fn encapsulate(ctx: &XdpContext, packet: &mut Packet, selected: &Selected) -
     Encap::Ready
 }
 
-/// The reason of an encapsulated packet the forwarding step sent as `forwarded`.
+/// The reason of an encapsulated packet the forwarding step sent as `forwarded`; one it left
+/// to the kernel is handed to the TC ingress program instead ([`send_unresolved`]): the
+/// kernel would drop it (its source is this node's own address), but the neighbour
+/// subsystem can send it, resolving the next hop the fast path had no MAC for.
 #[inline(always)]
-pub fn sent(forwarded: Reason) -> Reason {
+pub fn sent(ctx: &XdpContext, packet: &Packet, forwarded: Reason) -> Reason {
     match forwarded {
         Reason::DnatTx => Reason::TunnelTx,
         Reason::DnatRedirect => Reason::TunnelRedirect,
-        _ => Reason::TunnelFallback,
+        _ => {
+            if let Some(egress) = forward::egress_of(ctx, packet)
+                && let Some(meta) = reserve_metadata::<PodHandoff>(ctx)
+            {
+                // SAFETY: `reserve_metadata` checked the bounds.
+                unsafe {
+                    meta.write_unaligned(PodHandoff {
+                        magic: TUNNEL_HANDOFF_MAGIC,
+                        ifindex: egress,
+                        dmac: [0; 6],
+                        smac: [0; 6],
+                    });
+                }
+            }
+            Reason::TunnelFallback
+        }
     }
+}
+
+/// Sends an encapsulated frame the XDP program handed over ([`sent`]) out of its egress with
+/// `bpf_redirect_neigh`: `Some(TC_ACT_REDIRECT)`, or `None` for any other frame.
+#[inline(always)]
+pub fn send_unresolved(ctx: &TcContext) -> Option<i32> {
+    let handoff = metadata::<PodHandoff>(ctx)?;
+    if handoff.magic != TUNNEL_HANDOFF_MAGIC {
+        return None;
+    }
+    // SAFETY: the helper only records where the buffer goes; without parameters it looks the
+    // route up itself.
+    Some(unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
 
 /// The outer IPv4 header from `src` to `dst` for a packet of `total` bytes: DF set, checksum

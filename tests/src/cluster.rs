@@ -76,10 +76,14 @@ pub const ANNOUNCE_TABLE: u32 = 4242;
 /// The routing protocol number the controller gives those routes (`proto 250`).
 pub const ANNOUNCE_PROTO: u8 = 250;
 /// The arguments that make a controller keep its announcements in [`ANNOUNCE_TABLE`], added by
-/// `cargo xtask sandbox up --nodes N` to every node's controller. Empty while the
-/// `lb-userspace` binary does not know `--announce-table` yet (it refuses unknown flags): set
-/// it to `&["--announce-table", "4242"]` when it does.
-pub const ANNOUNCE_ARGS: &[&str] = &[];
+/// `cargo xtask sandbox up --nodes N` (and the tests) to every node's controller; a stopping
+/// controller withdraws, then serves on for a one-second drain period.
+pub const ANNOUNCE_ARGS: &[&str] = &["--announce-table", "4242", "--drain-period", "1s"];
+/// The arguments every node's controller gets besides the announcement's: XDP in generic
+/// mode, because the router's ends of the nodes' veths run no XDP program, and a veth drops
+/// the frames its peer sends by native XDP_TX (the tunnel's, between nodes) unless its own end
+/// runs one. A physical NIC has no such condition; the fixtures cover the native path.
+pub const NODE_ARGS: &[&str] = &["--mode", "generic"];
 /// The router's AS number.
 pub const ROUTER_AS: u32 = 65000;
 /// The interface every node attaches the load balancer to: its underlay link.
@@ -827,7 +831,10 @@ impl Cluster {
             let mut command =
                 node.roots
                     .attach_command(&node.ns, &self.binaries.controller, NODE_IFACE, &config);
-            command.args(["--node-name", &node.name]).args(extra_args);
+            command
+                .args(["--node-name", &node.name])
+                .args(NODE_ARGS)
+                .args(extra_args);
             // Kept at once: a controller that never gets ready is still stopped on drop.
             node.controller = Some(LoggedChild::spawn(command, echo)?);
         }
