@@ -98,6 +98,8 @@ pub const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 /// Where every cluster keeps its state folder (`lbt-<tag>-<pid>` below it).
 pub const STATE_ROOT: &str = "/run/lb/cluster";
+/// What a controller logs after each apply.
+pub const APPLIED: &str = " applied generation=";
 /// The label that takes a node out of external load balancing (what `drain_node` sets).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
@@ -804,21 +806,55 @@ impl Cluster {
                 "  ipFamilyPolicy: PreferDualStack\n",
             ),
         )?;
+        self.write_endpoints(|_| EndpointState::Ready)?;
+        for node in &self.nodes {
+            self.handle.undrain_node(node.index)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the EndpointSlices: every pod of every node, in the state `state_of` gives its
+    /// node (a node lifecycle controller marks a lost node's pods not ready).
+    pub fn write_endpoints(&self, state_of: impl Fn(usize) -> EndpointState) -> anyhow::Result<()> {
         let endpoints: Vec<(&Pod, &str, EndpointState)> = self
             .nodes
             .iter()
             .flat_map(|node| {
+                let state = state_of(node.index);
                 node.pods
                     .iter()
-                    .map(|pod| (pod, node.name.as_str(), EndpointState::Ready))
+                    .map(move |pod| (pod, node.name.as_str(), state))
             })
             .collect();
         write_atomically(
-            &config.join("tomcat-endpoints.yaml"),
+            &self.config_dir().join("tomcat-endpoints.yaml"),
             &sandbox::endpoint_slices_yaml(&endpoints, false),
-        )?;
-        for node in &self.nodes {
-            self.handle.undrain_node(node.index)?;
+        )
+    }
+
+    /// How many applies each running controller logged, node 1 first.
+    pub fn applied(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|n| n.controller.as_ref().map_or(0, |c| c.count(APPLIED)))
+            .collect()
+    }
+
+    /// Waits until every running controller of `nodes` logged an apply more than `before`
+    /// ([`Cluster::applied`]) counted.
+    pub fn wait_applied(
+        &self,
+        before: &[usize],
+        nodes: &[usize],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        for &index in nodes {
+            let node = self.node(index);
+            if let Some(controller) = &node.controller {
+                controller
+                    .wait_for(APPLIED, before[index - 1] + 1, timeout)
+                    .with_context(|| format!("{}'s controller", node.name))?;
+            }
         }
         Ok(())
     }

@@ -791,6 +791,17 @@ pub fn connect_from(
     from: SocketAddr,
     to: SocketAddr,
 ) -> anyhow::Result<std::net::TcpStream> {
+    connect_within(ns, from, to, Duration::from_secs(5))
+}
+
+/// As [`connect_from`], giving up connecting after `timeout` (under a second: no SYN is
+/// sent twice).
+pub fn connect_within(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<std::net::TcpStream> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
     };
@@ -804,8 +815,9 @@ pub fn connect_from(
         let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
         bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
         let stream = std::net::TcpStream::from(fd);
-        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(timeout))?;
         connect(stream.as_raw_fd(), &SockaddrStorage::from(to))?;
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(stream)
     })?

@@ -5,14 +5,15 @@
 //! Needs root (namespaces) and BIRD 2 (`cargo xtask setup` installs it).
 
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
 };
 
 use lb_tests::{
-    cluster::{self, ANNOUNCE_ARGS, Cluster, VIP4, VIP6, client_v4s, client_v6s},
-    sandbox::{Binaries, HeldConnection},
+    cluster::{ANNOUNCE_ARGS, Cluster, VIP4, VIP6, client_v4s, client_v6s},
+    sandbox::{Binaries, EndpointState, HeldConnection, LoggedChild, connect_within},
 };
 
 fn binaries() -> Binaries {
@@ -93,11 +94,14 @@ struct Held {
     pod: String,
 }
 
-fn hold(cluster: &Cluster, vip: IpAddr, count: usize) -> Vec<Held> {
-    let sources = sources(vip);
+/// `count` keep-alive connections from the client's addresses, IPv4 and IPv6 alternately,
+/// each having answered once.
+fn hold(cluster: &Cluster, count: usize) -> Vec<Held> {
     (0..count)
         .map(|i| {
-            let from = SocketAddr::new(sources[i % sources.len()], 0);
+            let vip = VIPS[i % 2];
+            let sources = sources(vip);
+            let from = SocketAddr::new(sources[(i / 2) % sources.len()], 0);
             let mut connection = cluster.hold_connection(from, vip).unwrap();
             let pod = connection.get().unwrap();
             Held { connection, pod }
@@ -105,7 +109,8 @@ fn hold(cluster: &Cluster, vip: IpAddr, count: usize) -> Vec<Held> {
         .collect()
 }
 
-/// (connections that answered from their own pod, connections that failed or changed pod).
+/// Asks every held connection whose pod is `alive` once more: how many answered from their
+/// own pod, and what became of the others.
 fn still_on_their_pods(held: &mut [Held], alive: impl Fn(&str) -> bool) -> (usize, Vec<String>) {
     let mut kept = 0;
     let mut lost = Vec::new();
@@ -119,32 +124,314 @@ fn still_on_their_pods(held: &mut [Held], alive: impl Fn(&str) -> bool) -> (usiz
     (kept, lost)
 }
 
+/// Runs `during` while new connections are opened one after another (IPv4 and IPv6
+/// alternately) by three threads, each given 900 ms to connect (so a SYN is never sent
+/// twice: a lost one is a failed connection); returns `during`'s result and, per connection,
+/// when it was started and whether it answered.
+fn probing<T>(cluster: &Cluster, during: impl FnOnce() -> T) -> (T, Vec<(Instant, bool)>) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let probers: Vec<_> = (0..3)
+            .map(|thread| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let mut results = Vec::new();
+                    let mut i = thread;
+                    while !stop.load(Ordering::Relaxed) {
+                        let vip = VIPS[i % 2];
+                        let from = SocketAddr::new(sources(vip)[(i / 2) % 8], 0);
+                        let started = Instant::now();
+                        let ok = connect_within(
+                            &cluster.client,
+                            from,
+                            SocketAddr::new(vip, 8080),
+                            Duration::from_millis(900),
+                        )
+                        .and_then(HeldConnection::from_stream)
+                        .and_then(|mut c| c.get())
+                        .is_ok();
+                        results.push((started, ok));
+                        i += 3;
+                    }
+                    results
+                })
+            })
+            .collect();
+        let result = during();
+        stop.store(true, Ordering::Relaxed);
+        let probes = probers
+            .into_iter()
+            .flat_map(|p| p.join().unwrap())
+            .collect();
+        (result, probes)
+    })
+}
+
+/// The one scenario of a node's life, on one cluster: 200 connections held across the three
+/// nodes (IPv4 and IPv6) while node 2 fails (taken off the network as a crash would: only BFD
+/// tells the router), comes back, and node 3 drains.
+///
+/// - Failure: every connection whose pod lives continues on its pod (those on node 2's pods
+///   are gone with them), and new connections succeed once the router has converged and the
+///   lost node's pods are marked not ready (as Kubernetes' node lifecycle controller does,
+///   here at once).
+/// - Return: the router hashes flows over three nodes again; every connection continues.
+/// - Drain (the exclude label): node 3 withdraws first and keeps serving; nothing is lost, no
+///   new connection fails.
 #[test]
-fn connections_survive_a_failed_node_when_their_pod_lives() {
-    let cluster = cluster_up("mn-fail", 3, "Cluster");
-    let vip = IpAddr::V4(VIP4);
-    let mut held = hold(&cluster, vip, 200);
+fn flows_whose_pod_lives_survive_a_node_failing_returning_and_draining() {
+    let cluster = cluster_up("mn-life", 3, "Cluster");
+    let mut held = hold(&cluster, 200);
     let on_node2 = held.iter().filter(|h| node_of_pod(&h.pod) == 2).count();
-    println!("200 held connections, {on_node2} of them on node 2's pods");
+    let per_node: BTreeMap<usize, usize> = held.iter().fold(BTreeMap::new(), |mut m, h| {
+        *m.entry(node_of_pod(&h.pod)).or_default() += 1;
+        m
+    });
+    println!("200 held connections, pods per node: {per_node:?}");
+    assert_eq!(per_node.len(), 3, "connections on every node's pods");
 
-    cluster.fail_node(2).unwrap();
-    let survivors = [cluster.next_hop_of(1, vip), cluster.next_hop_of(3, vip)];
-    let converged = cluster.wait_next_hops(vip, &survivors, CONVERGED).unwrap();
-    println!("the router dropped node 2 after {converged:?}");
-
+    // Node 2 fails.
+    let applied = cluster.applied();
+    let mut failed_at = Instant::now();
+    let ((router, converged), probes) = probing(&cluster, || {
+        std::thread::sleep(Duration::from_millis(300));
+        failed_at = Instant::now();
+        cluster.fail_node(2).unwrap();
+        cluster
+            .write_endpoints(|node| {
+                if node == 2 {
+                    EndpointState::NotReady
+                } else {
+                    EndpointState::Ready
+                }
+            })
+            .unwrap();
+        let mut router = Duration::ZERO;
+        for vip in VIPS {
+            let survivors = [cluster.next_hop_of(1, vip), cluster.next_hop_of(3, vip)];
+            router = router.max(cluster.wait_next_hops(vip, &survivors, CONVERGED).unwrap());
+        }
+        cluster.wait_applied(&applied, &[1, 3], CONVERGED).unwrap();
+        let converged = failed_at.elapsed();
+        std::thread::sleep(Duration::from_millis(1500));
+        (router, converged)
+    });
+    println!(
+        "node 2 failed: the router dropped it after {router:?}; converged (router and \
+         endpoints) after {converged:?}"
+    );
+    let last_failure = probes
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(at, _)| at.saturating_duration_since(failed_at))
+        .max();
+    let failed = probes.iter().filter(|(_, ok)| !ok).count();
+    println!(
+        "new connections during the failover: {} tried, {failed} failed, the last failure \
+         started {last_failure:?} after the failure",
+        probes.len()
+    );
+    assert!(
+        probes
+            .iter()
+            .filter(|(at, _)| at.saturating_duration_since(failed_at) > converged)
+            .all(|(_, ok)| *ok),
+        "a new connection started after convergence ({converged:?}) failed"
+    );
+    assert!(
+        probes
+            .iter()
+            .any(|(at, ok)| *ok && at.saturating_duration_since(failed_at) > converged)
+    );
     let (kept, lost) = still_on_their_pods(&mut held, |pod| node_of_pod(pod) != 2);
-    println!("{kept} kept their pod, lost: {lost:?}");
+    println!("after the failure: {kept} connections kept their pod, lost: {lost:?}");
     assert!(
         lost.is_empty(),
         "connections whose pod lives were lost: {lost:?}"
     );
     assert_eq!(kept, 200 - on_node2);
+
+    // Node 2 returns: its pods are ready again, the router hashes over three nodes again.
+    let applied = cluster.applied();
+    cluster.restore_node(2).unwrap();
+    cluster.write_endpoints(|_| EndpointState::Ready).unwrap();
+    for vip in VIPS {
+        let all: Vec<IpAddr> = (1..=3).map(|i| cluster.next_hop_of(i, vip)).collect();
+        let took = cluster.wait_next_hops(vip, &all, CONVERGED).unwrap();
+        println!("{vip}: node 2 back at the router after {took:?}");
+    }
+    cluster
+        .wait_applied(&applied, &[1, 2, 3], CONVERGED)
+        .unwrap();
+    let (kept, lost) = still_on_their_pods(&mut held, |pod| node_of_pod(pod) != 2);
+    println!("after the return: {kept} kept their pod, lost: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "connections lost when node 2 returned: {lost:?}"
+    );
+    let mut fresh = hold(&cluster, 30);
+    assert!(
+        fresh.iter().any(|h| node_of_pod(&h.pod) == 2),
+        "node 2's pods serve again"
+    );
+
+    // Node 3 drains: withdrawn first, it keeps serving what the router still sends it.
+    let ((), probes) = probing(&cluster, || {
+        cluster.drain_node(3).unwrap();
+        for vip in VIPS {
+            let rest = [cluster.next_hop_of(1, vip), cluster.next_hop_of(2, vip)];
+            let took = cluster.wait_next_hops(vip, &rest, CONVERGED).unwrap();
+            println!("{vip}: node 3 withdrawn after {took:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let failed = probes.iter().filter(|(_, ok)| !ok).count();
+    println!(
+        "new connections during the drain: {} tried, {failed} failed",
+        probes.len()
+    );
+    assert_eq!(failed, 0, "a drain loses no new connection");
+    let (kept, lost) = still_on_their_pods(&mut held, |pod| node_of_pod(pod) != 2);
+    let (kept_fresh, lost_fresh) = still_on_their_pods(&mut fresh, |_| true);
+    println!("after the drain: {} kept their pod", kept + kept_fresh);
+    assert!(
+        lost.is_empty() && lost_fresh.is_empty(),
+        "a drain lost connections: {lost:?} {lost_fresh:?}"
+    );
 }
 
+/// Replies leave from the pod's node straight to the client: captured on the router's side of
+/// every node's link, a flow's replies (from the VIP) come only from its pod's node, never
+/// from the node the router sent the flow to when that is another.
 #[test]
-#[ignore]
-fn debug_leak() {
-    let cluster = cluster_up("mn-dbg", 3, "Cluster");
-    println!("{}", cluster.describe());
-    cluster.leak();
+fn replies_leave_from_the_pods_node_never_from_the_receiving_node() {
+    let cluster = cluster_up("mn-dsr", 3, "Cluster");
+    // One capture per node link: what the router sends the node (`out`), what the node sends
+    // the router (`in`).
+    let capture = |index: usize, direction: &str| {
+        let mut command = cluster.router.command("tcpdump");
+        command.args([
+            "-l",
+            "-nn",
+            "-Q",
+            direction,
+            "-i",
+            &format!("fabric-n{index}"),
+            "tcp port 8080 and net 198.18.2.0/24",
+        ]);
+        let child = LoggedChild::spawn(command, false).unwrap();
+        child
+            .wait_for("listening on", 1, Duration::from_secs(5))
+            .unwrap();
+        child
+    };
+    let to_node: Vec<LoggedChild> = (1..=3).map(|i| capture(i, "out")).collect();
+    let from_node: Vec<LoggedChild> = (1..=3).map(|i| capture(i, "in")).collect();
+    let from = IpAddr::V4(client_v4s()[0]);
+    let mut pods = BTreeMap::new();
+    for port in 47000..47060u16 {
+        let pod = cluster
+            .http_get_from(SocketAddr::new(from, port), IpAddr::V4(VIP4))
+            .unwrap();
+        pods.insert(port, node_of_pod(&pod));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // `198.18.2.2.47000 > 198.18.200.1.8080` went to the node; `198.18.200.1.8080 >
+    // 198.18.2.2.47000` came from it.
+    let ports = |child: &LoggedChild, needle: &str| -> BTreeSet<u16> {
+        child
+            .text()
+            .lines()
+            .filter_map(|line| {
+                let at = line.find(needle)? + needle.len();
+                line[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let request = format!("{from}.");
+    let reply = format!("{VIP4}.8080 > {from}.");
+    let mut cross = 0;
+    for (port, pod_node) in &pods {
+        let receiving: Vec<usize> = (1..=3)
+            .filter(|i| ports(&to_node[i - 1], &request).contains(port))
+            .collect();
+        let replying: Vec<usize> = (1..=3)
+            .filter(|i| ports(&from_node[i - 1], &reply).contains(port))
+            .collect();
+        assert_eq!(
+            replying,
+            [*pod_node],
+            "port {port}: replies only from the pod's node"
+        );
+        assert_eq!(
+            receiving.len(),
+            1,
+            "port {port}: one receiving node, {receiving:?}"
+        );
+        if receiving[0] != *pod_node {
+            cross += 1;
+        }
+    }
+    println!(
+        "{} flows, {cross} of them received by a node other than their pod's",
+        pods.len()
+    );
+    assert!(cross > 0, "no flow crossed nodes: the check proved nothing");
+}
+
+/// A tunnel packet from an address that is no node's is dropped and counted, and its inner
+/// packet reaches no pod.
+#[test]
+fn spoofed_tunnel_packets_are_dropped_and_counted() {
+    let cluster = cluster_up("mn-spoof", 3, "Cluster");
+    let node1 = cluster.node(1);
+    let dropped = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("lb_packets_total{reason=\"drop_tunnel_peer\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = dropped(&lb_tests::scrape_metrics(&node1.ns).unwrap());
+    // A well-formed GUE packet naming node 1's pod 1, carrying a UDP datagram from the
+    // client to the VIP's echo port: decapsulated, it would be echoed back to the client.
+    let client = client_v4s()[0];
+    let inner = lb_tests::frames::Spec::udp(IpAddr::V4(client), 48000, IpAddr::V4(VIP4), 8080);
+    let inner_ip = inner.build()[14..].to_vec();
+    let mut gue = lb_common::tunnel::udp_gue_header(
+        inner_ip.len(),
+        true,
+        50000,
+        6080,
+        &lb_common::maps::addr16(IpAddr::V4(Ipv4Addr::new(198, 18, 17, 1))),
+        8080,
+    )[8..]
+        .to_vec();
+    gue.extend_from_slice(&inner_ip);
+    let node_addr = SocketAddr::new(IpAddr::V4(node1.v4), 6080);
+    let echoed = cluster
+        .client
+        .enter(move || -> anyhow::Result<bool> {
+            let echo = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client), 48000))?;
+            echo.set_read_timeout(Some(Duration::from_millis(700)))?;
+            let sender = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client), 0))?;
+            for _ in 0..3 {
+                sender.send_to(&gue, node_addr)?;
+            }
+            let mut buf = [0u8; 2048];
+            Ok(echo.recv_from(&mut buf).is_ok())
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!echoed, "a spoofed tunnel packet reached a pod");
+    let after = dropped(&lb_tests::scrape_metrics(&node1.ns).unwrap());
+    assert_eq!(
+        after - before,
+        3,
+        "three spoofed packets dropped and counted"
+    );
 }
