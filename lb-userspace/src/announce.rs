@@ -25,18 +25,16 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Node;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
+
+use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket};
 
 use crate::{
     controller::AppliedState,
@@ -218,17 +216,9 @@ fn why_not(service: &ServiceModel, addr: IpAddr, node_name: &str) -> Option<With
 /// Errors of reading or writing the announcement table.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
-    /// The rtnetlink socket failed.
-    #[error("rtnetlink: {action}: {source}")]
-    Socket {
-        /// What was being done.
-        action: &'static str,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The kernel's answer did not parse.
-    #[error("rtnetlink: an answer that does not parse: {0}")]
-    Decode(String),
+    /// The rtnetlink socket failed, or an answer did not parse.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// The kernel refused a request.
     #[error("rtnetlink: {action} in table {table}: {source}")]
     Refused {
@@ -302,26 +292,17 @@ pub struct Changes {
 /// Kernel routing table N, written over rtnetlink in the calling thread's network namespace.
 pub struct RouteTable {
     table: u32,
-    socket: Socket,
-    sequence: u32,
+    socket: RouteSocket,
 }
 
 impl RouteTable {
     /// Opens an rtnetlink socket for table `table`.
     pub fn open(table: u32) -> Result<Self, AnnounceError> {
-        let socket_error = |action| move |source| AnnounceError::Socket { action, source };
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(socket_error("opening"))?;
-        socket.bind_auto().map_err(socket_error("binding"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(socket_error("connecting"))?;
-        // The kernel then filters dumps by table (older kernels ignore it: the answers are
-        // filtered here too).
-        let _ = socket.set_netlink_get_strict_chk(true);
+        // Strict: the kernel then filters dumps by table (older kernels ignore it: the
+        // answers are filtered here too).
         Ok(Self {
             table,
-            socket,
-            sequence: 0,
+            socket: RouteSocket::open(true)?,
         })
     }
 
@@ -360,7 +341,7 @@ impl RouteTable {
             let mut request = RouteMessage::default();
             request.header.address_family = family;
             request.attributes.push(RouteAttribute::Table(self.table));
-            let answers = match self.ask(RouteNetlinkMessage::GetRoute(request), NLM_F_DUMP) {
+            let answers = match self.ask(RouteNetlinkMessage::GetRoute(request), Exchange::Dump) {
                 Ok(answers) => answers,
                 // A table that does not exist yet holds nothing.
                 Err(AnnounceError::Refused { source, .. })
@@ -408,7 +389,7 @@ impl RouteTable {
         message.attributes.push(RouteAttribute::Table(self.table));
         self.ask(
             RouteNetlinkMessage::NewRoute(message),
-            NLM_F_CREATE | NLM_F_REPLACE,
+            Exchange::Change(NLM_F_CREATE | NLM_F_REPLACE),
         )
         .map_err(|e| e.doing(format!("adding {addr}")))?;
         Ok(())
@@ -437,7 +418,7 @@ impl RouteTable {
             .cloned()
             .collect();
         message.attributes.push(RouteAttribute::Table(self.table));
-        match self.ask(RouteNetlinkMessage::DelRoute(message), 0) {
+        match self.ask(RouteNetlinkMessage::DelRoute(message), Exchange::Change(0)) {
             // Gone already: that is what was asked.
             Err(AnnounceError::Refused { source, .. })
                 if source.raw_os_error() == Some(libc::ESRCH) =>
@@ -450,64 +431,25 @@ impl RouteTable {
         }
     }
 
-    /// Sends one request (a dump when `flags` is `NLM_F_DUMP`, else acknowledged) and collects its
-    /// answers; a refusal is an error.
+    /// Sends one request and collects its answers; a refusal is an error naming the table.
     fn ask(
         &mut self,
         request: RouteNetlinkMessage,
-        flags: u16,
+        exchange: Exchange,
     ) -> Result<Vec<RouteNetlinkMessage>, AnnounceError> {
-        // Not `flags & NLM_F_DUMP`: NLM_F_REPLACE is one of its two bits.
-        let dump = flags == NLM_F_DUMP;
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
-        header.sequence_number = self.sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(request));
-        packet.finalize();
-        let mut buffer = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buffer);
-        let socket_error = |action| move |source| AnnounceError::Socket { action, source };
-        self.socket
-            .send(&buffer, 0)
-            .map_err(socket_error("sending"))?;
-        let refused = |code: i32| AnnounceError::Refused {
-            action: if dump { "listing" } else { "asking" }.into(),
-            table: self.table,
-            source: io::Error::from_raw_os_error(code.abs()),
-        };
-        let mut answers = Vec::new();
-        loop {
-            let (received, _) = self
-                .socket
-                .recv_from_full()
-                .map_err(socket_error("receiving"))?;
-            let mut offset = 0;
-            while offset < received.len() {
-                let message =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&received[offset..])
-                        .map_err(|e| AnnounceError::Decode(e.to_string()))?;
-                let length = message.header.length as usize;
-                if message.header.sequence_number == self.sequence {
-                    match message.payload {
-                        NetlinkPayload::InnerMessage(inner) => answers.push(inner),
-                        NetlinkPayload::Done(done) if done.code < 0 => {
-                            return Err(refused(done.code));
-                        }
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        NetlinkPayload::Error(e) => match e.code {
-                            None => return Ok(answers),
-                            Some(code) => return Err(refused(code.get())),
-                        },
-                        _ => {}
-                    }
+        self.socket.ask(request, exchange).map_err(|e| match e {
+            NetlinkError::Refused(source) => AnnounceError::Refused {
+                action: if exchange == Exchange::Dump {
+                    "listing"
+                } else {
+                    "asking"
                 }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
-            }
-        }
+                .into(),
+                table: self.table,
+                source,
+            },
+            other => other.into(),
+        })
     }
 }
 

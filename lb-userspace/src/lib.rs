@@ -22,6 +22,7 @@ pub mod pins;
 pub mod pods;
 pub mod privileges;
 pub mod redirects;
+pub mod rtnetlink;
 pub mod source;
 pub mod syscall;
 pub mod views;

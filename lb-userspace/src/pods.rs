@@ -8,32 +8,22 @@
 //! get` asks, so policy rules count; `RTM_GETLINK` for the interface), in the calling thread's
 //! network namespace.
 
-use std::{collections::BTreeMap, io, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr};
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket};
 
 /// Errors of asking the kernel about routes and interfaces.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    /// The rtnetlink socket failed.
-    #[error("rtnetlink: {action}: {source}")]
-    Socket {
-        /// What was being done.
-        action: &'static str,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The kernel's answer did not parse.
-    #[error("rtnetlink: an answer that does not parse: {0}")]
-    Decode(String),
+    /// The rtnetlink socket failed, or an answer did not parse.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
 }
 
 /// A local pod's host-side interface.
@@ -47,22 +37,14 @@ pub struct PodInterface {
 
 /// An rtnetlink socket asking which endpoints are local pods.
 pub struct Discovery {
-    socket: Socket,
-    sequence: u32,
+    socket: RouteSocket,
 }
 
 impl Discovery {
     /// Opens the socket, in the calling thread's network namespace.
     pub fn new() -> Result<Self, DiscoveryError> {
-        let socket_error = |action| move |source| DiscoveryError::Socket { action, source };
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(socket_error("opening"))?;
-        socket.bind_auto().map_err(socket_error("binding"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(socket_error("connecting"))?;
         Ok(Self {
-            socket,
-            sequence: 0,
+            socket: RouteSocket::open(false)?,
         })
     }
 
@@ -195,47 +177,10 @@ impl Discovery {
         request: RouteNetlinkMessage,
         dump: bool,
     ) -> Result<Vec<RouteNetlinkMessage>, DiscoveryError> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-        header.sequence_number = self.sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(request));
-        packet.finalize();
-        let mut buffer = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buffer);
-        let socket_error = |action| move |source| DiscoveryError::Socket { action, source };
-        self.socket
-            .send(&buffer, 0)
-            .map_err(socket_error("sending"))?;
-        let mut answers = Vec::new();
-        loop {
-            let (received, _) = self
-                .socket
-                .recv_from_full()
-                .map_err(socket_error("receiving"))?;
-            let mut offset = 0;
-            while offset < received.len() {
-                let message =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&received[offset..])
-                        .map_err(|e| DiscoveryError::Decode(e.to_string()))?;
-                let length = message.header.length as usize;
-                if message.header.sequence_number == self.sequence {
-                    match message.payload {
-                        NetlinkPayload::InnerMessage(inner) => {
-                            answers.push(inner);
-                            if !dump {
-                                return Ok(answers);
-                            }
-                        }
-                        NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(answers),
-                        _ => {}
-                    }
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
-            }
+        let exchange = if dump { Exchange::Dump } else { Exchange::Get };
+        match self.socket.ask(request, exchange) {
+            Err(NetlinkError::Refused(_)) => Ok(Vec::new()),
+            other => Ok(other?),
         }
     }
 }

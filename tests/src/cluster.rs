@@ -816,14 +816,23 @@ impl Cluster {
     /// Rewrites the EndpointSlices: every pod of every node, in the state `state_of` gives its
     /// node (a node lifecycle controller marks a lost node's pods not ready).
     pub fn write_endpoints(&self, state_of: impl Fn(usize) -> EndpointState) -> anyhow::Result<()> {
+        self.write_endpoints_of(|node, _| Some(state_of(node)))
+    }
+
+    /// Rewrites the EndpointSlices with the pods `state_of(node, pod)` names, in the state it
+    /// gives (`None`: not an endpoint, as a Deployment of fewer replicas).
+    pub fn write_endpoints_of(
+        &self,
+        state_of: impl Fn(usize, u8) -> Option<EndpointState>,
+    ) -> anyhow::Result<()> {
         let endpoints: Vec<(&Pod, &str, EndpointState)> = self
             .nodes
             .iter()
             .flat_map(|node| {
-                let state = state_of(node.index);
-                node.pods
-                    .iter()
-                    .map(move |pod| (pod, node.name.as_str(), state))
+                node.pods.iter().enumerate().filter_map(|(i, pod)| {
+                    let state = state_of(node.index, i as u8 + 1)?;
+                    Some((pod, node.name.as_str(), state))
+                })
             })
             .collect();
         write_atomically(

@@ -33,16 +33,16 @@ pub fn build_binaries() -> anyhow::Result<Binaries> {
     Ok(Binaries::in_dir(&target.join("release")))
 }
 
-fn step(text: &str) {
+pub fn step(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
 }
 
-fn command(text: &str) {
+pub fn command(text: &str) {
     println!("$ {text}");
 }
 
 /// Prints how a batch spread over the pods, as a table and a bar chart.
-fn show_spread(answers: &[String], pods: &[String]) {
+pub fn show_spread(answers: &[String], pods: &[String]) {
     let mut counts: BTreeMap<&str, usize> = pods.iter().map(|p| (p.as_str(), 0)).collect();
     for answer in answers {
         *counts.entry(answer.as_str()).or_default() += 1;
@@ -168,6 +168,12 @@ pub fn run() -> anyhow::Result<()> {
 
     step("Cleaning up: the controller detaches, the namespaces go");
     drop(sandbox);
+    left_clean(started)
+}
+
+/// Checks that no sandbox namespace is left (the sandbox was dropped) and says how long the
+/// demo took.
+pub fn left_clean(started: Instant) -> anyhow::Result<()> {
     let left = lb_tests::netns::run("ip", &["netns", "list"])?;
     let left = String::from_utf8_lossy(&left.stdout);
     anyhow::ensure!(

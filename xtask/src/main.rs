@@ -4,6 +4,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod demo_nodes;
 mod fuzz;
 mod sandbox;
 mod setup;
@@ -38,8 +39,12 @@ enum Command {
         /// The same story with the controller following a stand-in Kubernetes API server (the
         /// tests crate's test double, not a real cluster): the Service's EXTERNAL-IP goes from
         /// `<pending>` to the address the leader assigns from a pool.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nodes")]
         api: bool,
+        /// The story on N nodes behind an ECMP router with BGP (the multi-node sandbox): four
+        /// pods over the nodes, held connections, a node fails and comes back.
+        #[arg(long)]
+        nodes: Option<usize>,
     },
     /// Run the benchmarks and write BENCHMARKS.md, bench.json and docs/forwarding.svg.
     Bench {
@@ -76,8 +81,11 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => Ok(()),
         Command::Build { release } => cmd::cargo_build(release),
         Command::Test => test::run(),
-        Command::Demo { api: false } => demo::run(),
-        Command::Demo { api: true } => demo::run_api(),
+        Command::Demo {
+            nodes: Some(nodes), ..
+        } => demo_nodes::run(nodes),
+        Command::Demo { api: false, .. } => demo::run(),
+        Command::Demo { api: true, .. } => demo::run_api(),
         Command::Sandbox { action } => sandbox::run(action),
         Command::Bench { quick } => bench::run(quick),
         Command::Fuzz { seconds } => fuzz::run(seconds),
