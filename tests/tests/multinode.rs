@@ -126,8 +126,8 @@ fn still_on_their_pods(held: &mut [Held], alive: impl Fn(&str) -> bool) -> (usiz
 
 /// Runs `during` while new connections are opened one after another (IPv4 and IPv6
 /// alternately) by three threads, each given 900 ms to connect (so a SYN is never sent
-/// twice: a lost one is a failed connection); returns `during`'s result and, per connection,
-/// when it was started and whether it answered.
+/// twice: a lost one is a failed connection) and 900 ms to answer; returns `during`'s result
+/// and, per connection, when it was started and whether it answered.
 fn probing<T>(cluster: &Cluster, during: impl FnOnce() -> T) -> (T, Vec<(Instant, bool)>) {
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -147,7 +147,12 @@ fn probing<T>(cluster: &Cluster, during: impl FnOnce() -> T) -> (T, Vec<(Instant
                             SocketAddr::new(vip, 8080),
                             Duration::from_millis(900),
                         )
-                        .and_then(HeldConnection::from_stream)
+                        .and_then(|stream| {
+                            // A connection cut by the failure must not hold the thread past
+                            // the window either.
+                            stream.set_read_timeout(Some(Duration::from_millis(900)))?;
+                            HeldConnection::from_stream(stream)
+                        })
                         .and_then(|mut c| c.get())
                         .is_ok();
                         results.push((started, ok));
@@ -213,7 +218,8 @@ fn flows_whose_pod_lives_survive_a_node_failing_returning_and_draining() {
         }
         cluster.wait_applied(&applied, &[1, 3], CONVERGED).unwrap();
         let converged = failed_at.elapsed();
-        std::thread::sleep(Duration::from_millis(1500));
+        // Longer than a probe can take (1.8 s): every thread starts probes after convergence.
+        std::thread::sleep(Duration::from_millis(2500));
         (router, converged)
     });
     println!(
