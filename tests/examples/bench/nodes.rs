@@ -518,11 +518,17 @@ fn failover(cluster: &Cluster, report: &mut Report, quick: bool) -> anyhow::Resu
             Ok(((failed_at, route), probes))
         })?;
         let (failed_at, route) = route;
-        // The first probe sent after the failure that was answered.
-        let back = sent
+        // The first probe answered after the first one lost since the failure (`fail_node`
+        // takes a few ms: probes sent meanwhile still reach node 2).
+        let first_lost = sent
             .iter()
             .zip(&answered)
-            .find(|(at, ok)| **ok && **at > failed_at)
+            .position(|(at, ok)| !*ok && *at > failed_at)
+            .unwrap_or(sent.len());
+        let back = sent[first_lost..]
+            .iter()
+            .zip(&answered[first_lost..])
+            .find(|(_, ok)| **ok)
             .map(|(at, _)| at.duration_since(failed_at));
         let lost = sent
             .iter()
