@@ -32,7 +32,7 @@ pub const SECTION: &str =
     "Forwarding rate of the load-balancer hop (XDP live frames, 64-byte UDP, one CPU)";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Config {
+pub(crate) enum Config {
     Ceiling,
     Ours,
     Iptables,
@@ -42,7 +42,7 @@ enum Config {
 }
 
 impl Config {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ceiling => "no router (ceiling)",
             Self::Ours => "ours (lb_xdp)",
@@ -54,12 +54,13 @@ impl Config {
     }
 }
 
-struct Rig {
+/// Generator, node and pods (sinks); the `nodes` section adds a peer node to it.
+pub(crate) struct Rig {
     gen_ns: Netns,
-    node: Netns,
+    pub(crate) node: Netns,
     _pods: Vec<live::Pod>,
-    bench: Ebpf,
-    dataplane: Dataplane,
+    pub(crate) bench: Ebpf,
+    pub(crate) dataplane: Dataplane,
     gen_ifindex: u32,
     node_mac: [u8; 6],
     gen_mac: [u8; 6],
@@ -77,7 +78,7 @@ enum NodeProgram {
 }
 
 impl Rig {
-    fn build() -> anyhow::Result<Self> {
+    pub(crate) fn build() -> anyhow::Result<Self> {
         let gen_ns = Netns::create("bfg")?;
         let node = Netns::create("bfn")?;
         veth_pair_with_queues((&gen_ns, "g0"), (&node, "n0"), QUEUES)?;
@@ -143,7 +144,7 @@ impl Rig {
         })
     }
 
-    fn detach_node(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn detach_node(&mut self) -> anyhow::Result<()> {
         match std::mem::replace(&mut self.node_program, NodeProgram::Nothing) {
             NodeProgram::Nothing => {}
             NodeProgram::Dataplane => self.dataplane.detach_all()?,
@@ -166,7 +167,7 @@ impl Rig {
         Ok(())
     }
 
-    fn configure(&mut self, config: Config) -> anyhow::Result<()> {
+    pub(crate) fn configure(&mut self, config: Config) -> anyhow::Result<()> {
         self.detach_node()?;
         match config {
             Config::Ceiling => self.attach_bench("bench_sink")?,
@@ -201,7 +202,7 @@ impl Rig {
 
     /// Sends `frames` frames with `traffic` to `dst` from one generator on CPU 0, or one on
     /// each of CPUs 0..`cpus` at once; returns the rate that reached the sinks, in Mpps.
-    fn send(
+    pub(crate) fn send(
         &mut self,
         dst: Ipv4Addr,
         traffic: Traffic,
@@ -222,6 +223,28 @@ impl Rig {
         let elapsed = live::generate(&mut self.bench, &generator, traffic, frames, cpus)?;
         let delivered = self.sunk()? - before;
         Ok(delivered as f64 / elapsed.as_secs_f64() / 1e6)
+    }
+
+    /// The rate on one CPU of `traffic` to `dst`: a calibration run, then one long run of
+    /// about `target`.
+    pub(crate) fn measure(
+        &mut self,
+        dst: Ipv4Addr,
+        traffic: Traffic,
+        target: Duration,
+    ) -> anyhow::Result<f64> {
+        let probe = self.send(dst, traffic, 50_000, 1)?;
+        let frames = live::frames_for(probe, target, 1);
+        self.send(dst, traffic, frames, 1)
+    }
+}
+
+/// How long each measured run lasts.
+pub(crate) fn run_length(quick: bool) -> Duration {
+    if quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_millis(1500)
     }
 }
 
@@ -282,11 +305,7 @@ fn scaling(
 pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let mut rig = Rig::build()?;
     let rounds = 3;
-    let target = if quick {
-        Duration::from_millis(300)
-    } else {
-        Duration::from_millis(1500)
-    };
+    let target = run_length(quick);
     let runs: Vec<(Config, u32, Ipv4Addr)> = vec![
         (Config::Ceiling, 1, VIP),
         (Config::Ours, 1, VIP),
@@ -303,10 +322,7 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     for round in 0..rounds {
         for (i, (config, flows, dst)) in runs.iter().enumerate() {
             rig.configure(*config)?;
-            // Calibrate, then one long run of about `target`.
-            let probe = rig.send(*dst, Traffic::Flows(*flows), 50_000, 1)?;
-            let frames = live::frames_for(probe, target, 1);
-            let rate = rig.send(*dst, Traffic::Flows(*flows), frames, 1)?;
+            let rate = rig.measure(*dst, Traffic::Flows(*flows), target)?;
             eprintln!(
                 "   round {round}: {} ({flows} flows): {rate:.3} Mpps",
                 config.name()

@@ -8,6 +8,7 @@ mod http;
 mod kube_proxy;
 mod live;
 mod node_model;
+mod nodes;
 mod per_packet;
 mod report;
 
@@ -29,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         ..Report::default()
     };
     type Section = fn(&mut Report, bool) -> anyhow::Result<()>;
-    let sections: [(&str, &str, Section); 5] = [
+    let sections: [(&str, &str, Section); 6] = [
         (
             "per-packet",
             "per-packet cost (BPF_PROG_TEST_RUN)",
@@ -47,6 +48,11 @@ fn main() -> anyhow::Result<()> {
         ),
         ("http", "HTTP end to end (wrk)", http::run),
         ("control", "Maglev and control plane", control::run),
+        (
+            "nodes",
+            "across nodes: tunnel rate, bytes through the receiving node, failover",
+            nodes::run,
+        ),
     ];
     for (name, title, run) in sections {
         if wanted(name) {

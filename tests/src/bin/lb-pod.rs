@@ -1,6 +1,7 @@
 //! A stand-in for the tutorial's tomcat container: an HTTP/1.1 server on port 8080 that answers
 //! every request with its pod name (keep-alive, a thread per connection), and a UDP echo on the
-//! same port. Run inside a pod's network namespace by the sandbox: `lb-pod NAME [PORT
+//! same port. `GET /bytes/N` answers N bytes of zeros instead (a download, for the benchmarks'
+//! byte counts). Run inside a pod's network namespace by the sandbox: `lb-pod NAME [PORT
 //! [PUSH_PORT]]`.
 //!
 //! On PUSH_PORT (9090) it plays a server that speaks first (server push, websockets, long
@@ -97,12 +98,35 @@ fn serve_http(stream: TcpStream, response: &[u8]) {
             &mut std::io::sink(),
         )
         .is_err()
-            || writer.write_all(response).is_err()
-            || !keep_alive
         {
             return;
         }
+        let written = match download_size(&request_line) {
+            Some(size) => write_bytes(&mut writer, size),
+            None => writer.write_all(response),
+        };
+        if written.is_err() || !keep_alive {
+            return;
+        }
     }
+}
+
+/// N of a `GET /bytes/N ...` request line.
+fn download_size(request_line: &str) -> Option<u64> {
+    let path = request_line.strip_prefix("GET /bytes/")?;
+    path.split(' ').next()?.parse().ok()
+}
+
+/// An answer of `size` bytes of zeros.
+fn write_bytes(writer: &mut TcpStream, size: u64) -> std::io::Result<()> {
+    writer.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    std::io::copy(&mut std::io::Read::take(std::io::repeat(0), size), writer)?;
+    Ok(())
 }
 
 /// Holds the connections to `port` and writes `name` on all of them at each UDP datagram.
