@@ -684,6 +684,12 @@ impl Cluster {
         let port = fabric_port(index);
         veth_pair((&self.router, &port), (&ns, NODE_IFACE))?;
         self.router.ip(&["link", "set", &port, "master", FABRIC])?;
+        // No unknown-unicast flooding to the nodes: a failed node's MAC is flushed with its
+        // port, and its frames, flooded, would be served by the other nodes' XDP (generic mode
+        // sees frames for another host before the stack drops them; a NIC filters them out
+        // by its MAC first). Broadcasts (ARP) and multicasts (IPv6 ND) still flood.
+        self.router
+            .exec("bridge", &["link", "set", "dev", &port, "flood", "off"])?;
         let (v4, v6) = (node_v4(index), node_v6(index));
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", NODE_IFACE])?;
         ns.ip(&[

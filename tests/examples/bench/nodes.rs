@@ -489,12 +489,6 @@ fn failover(cluster: &Cluster, report: &mut Report, quick: bool) -> anyhow::Resu
             })
             .collect()
     };
-    // The bridge floods a frame for a MAC it no longer knows (the failed node's, flushed with
-    // its port) to every other port, and the other nodes' generic XDP sees frames addressed
-    // to another host before the stack drops them: they would serve the failed node's flows
-    // at once. A NIC filters on its MAC before XDP; switching flooding off makes the sandbox
-    // do the same.
-    flooding(cluster, false)?;
     let (mut routed4, mut routed) = (Vec::new(), Vec::new());
     let (mut moved, mut drained) = (Vec::new(), Vec::new());
     for rep in 0..reps {
@@ -558,7 +552,6 @@ fn failover(cluster: &Cluster, report: &mut Report, quick: bool) -> anyhow::Resu
         cluster.undrain_node(3)?;
         wait_all_nodes(cluster)?;
     }
-    flooding(cluster, true)?;
     let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     for (name, values, note) in [
         (
@@ -594,28 +587,16 @@ fn failover(cluster: &Cluster, report: &mut Report, quick: bool) -> anyhow::Resu
     report.notes.push(format!(
         "Across nodes, failover: {reps} failures of node 2 (its port on the router's bridge set \
          down, as `cargo xtask sandbox fail-node` does; restored and BGP re-established between \
-         repetitions) and {reps} drains of node 3 (undrained between), with unknown-unicast \
-         flooding off on the router's bridge ports (else the other nodes' generic XDP serves \
-         the failed node's flooded frames at once: a sandbox artefact, a NIC filters on its \
-         MAC address). Times are measured from \
+         repetitions) and {reps} drains of node 3 (undrained between); the sandbox's bridge does \
+         not flood unknown unicast to the nodes (`lb_tests::cluster`: else the other nodes' \
+         generic XDP would serve the failed node's flooded frames, which a NIC filters out by \
+         its MAC address). Times are measured from \
          the moment the test fails or labels the node, the routes polled every 5 ms. The lost \
          node's pods stay ready in the EndpointSlices (Kubernetes takes 40 s or more to mark \
          them): flows whose pod was on the failed node are not counted here. Median {:.0} ms \
          to the route change.",
         median(&routed)
     ));
-    Ok(())
-}
-
-/// Unknown-unicast flooding on the router's bridge ports to the nodes, on or off.
-fn flooding(cluster: &Cluster, on: bool) -> anyhow::Result<()> {
-    for i in 1..=3 {
-        let port = format!("fabric-n{i}");
-        let state = if on { "on" } else { "off" };
-        cluster
-            .router
-            .exec("bridge", &["link", "set", "dev", &port, "flood", state])?;
-    }
     Ok(())
 }
 
