@@ -58,10 +58,29 @@ fn sources(vip: IpAddr) -> Vec<IpAddr> {
 
 /// Every node answers for every pod: new connections from many source addresses and ports
 /// (spread by the router over the three nodes) reach pods of all three nodes, over IPv4 and
-/// IPv6, TCP and UDP.
+/// IPv6, TCP and UDP. Every node built the same Maglev tables (their digests, as the metrics
+/// report them, are equal): what makes a flow moved between nodes land on the same pod.
 #[test]
 fn every_node_serves_every_pod_over_ipv4_and_ipv6_tcp_and_udp() {
     let cluster = cluster_up("mn-any", 3, "Cluster");
+    let digests: Vec<BTreeSet<String>> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            lb_tests::scrape_metrics(&node.ns)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("lb_service_table_info{"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    // Both families, TCP and UDP: four tables.
+    assert_eq!(digests[0].len(), 4, "{:?}", digests[0]);
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "the nodes' tables differ: {digests:#?}"
+    );
     for vip in VIPS {
         let mut pods: BTreeMap<String, usize> = BTreeMap::new();
         for (i, from) in sources(vip).into_iter().cycle().take(40).enumerate() {
