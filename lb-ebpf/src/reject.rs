@@ -10,6 +10,9 @@
 //! - anything else (a TCP segment without SYN, a SYN+ACK, a fragment), or an answer that cannot
 //!   be built: dropped, [`Reason::DropNoBackend`].
 //!
+//! The tunnel's "fragmentation needed" / "packet too big" ([`too_big`]) is built here too, the
+//! same way: an ICMP error from the VIP quoting the packet.
+//!
 //! Answers are built in place (`bpf_xdp_adjust_head` / `bpf_xdp_adjust_tail`) and sent back
 //! out of the interface they came in on (XDP_TX) with the MAC addresses swapped and the VLAN
 //! tags kept. There is no rate limit: an answer is never larger than its question plus 48
