@@ -451,16 +451,6 @@ impl Cluster {
     }
 }
 
-impl NodeModel {
-    /// Its first underlay address of the family of `like` (IPv4 or IPv6).
-    pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
-        self.addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == like.is_ipv4())
-    }
-}
-
 /// The nodes of `manifests`, sorted by name (the last object of a name wins, as a file's later
 /// version would); nodes without a usable address are left out.
 fn node_models(manifests: &Manifests) -> Vec<NodeModel> {
