@@ -88,6 +88,8 @@ pub fn decapsulate(ctx: &XdpContext, assigned: &mut Assigned) -> Decap {
     let Some(config) = TUNNEL.get(0) else {
         return Decap::NotTunnel;
     };
+    // Read again rather than passed from the entry point's VIP-filter check: kept alive
+    // across that frame, the address pushes the deepest call chain past the 512-byte stack.
     let Some(dst) = parse::destination(ctx) else {
         return Decap::NotTunnel;
     };

@@ -420,7 +420,7 @@ impl Controller {
     }
 
     /// The data plane services `cluster` asks for, with ids still unassigned (0).
-    fn desired(&self, cluster: &Cluster) -> Vec<AppliedService> {
+    fn desired(&self, cluster: &Cluster, tunnel: &Tunnel) -> Vec<AppliedService> {
         let mut services = Vec::new();
         // Node ports are served on the node addresses the desired state names (`--node-ip`,
         // or the Node object's).
@@ -428,7 +428,6 @@ impl Controller {
             node_ips: cluster.node_ips.clone(),
             ..self.options.clone()
         };
-        let tunnel = Tunnel::of(cluster, &self.options);
         for service in &cluster.services {
             let external_local = service.node_local(FrontendKind::LoadBalancer);
             let internal_local = service.node_local(FrontendKind::ClusterIp);
@@ -522,10 +521,10 @@ impl Controller {
                     .map(move |f| (f.key, s.frontend_value(f)))
             })
             .collect();
-        let mut desired = self.desired(cluster);
+        let tunnel = Tunnel::of(cluster, &self.options);
+        let mut desired = self.desired(cluster, &tunnel);
         // 0. The tunnel, before any backend that needs it: this node's addresses, the peers
         // it takes packets from.
-        let tunnel = Tunnel::of(cluster, &self.options);
         if self.tunnel.as_ref() != Some(&tunnel) {
             self.dataplane
                 .set_tunnel(&tunnel.config(), &tunnel.peers())?;
