@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket};
+use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket, host_route};
 
 use crate::{
     controller::AppliedState,
@@ -373,19 +373,10 @@ impl RouteTable {
     }
 
     fn add(&mut self, addr: IpAddr) -> Result<(), AnnounceError> {
-        let mut message = RouteMessage::default();
-        let (family, length) = match addr {
-            IpAddr::V4(_) => (AddressFamily::Inet, 32),
-            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
-        };
-        message.header.address_family = family;
-        message.header.destination_prefix_length = length;
+        let mut message = host_route(addr);
         message.header.table = RouteHeader::RT_TABLE_UNSPEC;
         message.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
         message.header.kind = RouteType::BlackHole;
-        message
-            .attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
         message.attributes.push(RouteAttribute::Table(self.table));
         self.ask(
             RouteNetlinkMessage::NewRoute(message),

@@ -16,7 +16,7 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 
-use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket};
+use crate::rtnetlink::{Exchange, NetlinkError, RouteSocket, host_route};
 
 /// Errors of asking the kernel about routes and interfaces.
 #[derive(Debug, thiserror::Error)]
@@ -150,16 +150,7 @@ impl Discovery {
 
     /// The interface the kernel's route to `addr` leaves by, for a direct unicast route.
     fn route_interface(&mut self, addr: IpAddr) -> Result<Option<u32>, DiscoveryError> {
-        let mut message = RouteMessage::default();
-        let (family, length) = match addr {
-            IpAddr::V4(_) => (AddressFamily::Inet, 32),
-            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
-        };
-        message.header.address_family = family;
-        message.header.destination_prefix_length = length;
-        message
-            .attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let message = host_route(addr);
         // An error answer (no route) leaves nothing.
         Ok(self
             .ask(RouteNetlinkMessage::GetRoute(message), false)?

@@ -2,13 +2,32 @@
 //! (`RTM_GETROUTE`, `RTM_GETLINK`) and the announcements (`RTM_NEWROUTE` / `RTM_DELROUTE` in
 //! their table), in the calling thread's network namespace.
 
-use std::io;
+use std::{io, net::IpAddr};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// A route message for the host route to `addr` (`/32` or `/128`): what `ip route get ADDR`
+/// asks, and what an announcement adds.
+pub fn host_route(addr: IpAddr) -> RouteMessage {
+    let mut message = RouteMessage::default();
+    let (family, length) = match addr {
+        IpAddr::V4(_) => (AddressFamily::Inet, 32),
+        IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+    };
+    message.header.address_family = family;
+    message.header.destination_prefix_length = length;
+    message
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    message
+}
 
 /// Errors of an rtnetlink exchange.
 #[derive(Debug, thiserror::Error)]
