@@ -265,7 +265,20 @@ fn a_flow_for_a_pod_on_another_node_crosses_the_tunnel_and_is_dnated_there() {
             );
             let expected = encapsulated(&syn, own, peer, (PEER_MAC, fwd0_mac));
             assert_eq!(output, expected, "{tag}: the encapsulated SYN");
-            assert_checksums_valid(&output[14 + if vip.is_ipv4() { 20 } else { 40 } + 32..]);
+            // The inner packet, given an Ethernet header of its own again, is the client's as
+            // it was sent: checksums valid (the slice alone parses as no frame at all).
+            let inner_at = 14 + if vip.is_ipv4() { 20 } else { 40 } + UDP_LEN + GUE_LEN;
+            let inner = [&output[..12], &syn.build()[12..14], &output[inner_at..]].concat();
+            assert_eq!(
+                inner[14..],
+                syn.build()[14..],
+                "{tag}: the inner packet untouched"
+            );
+            assert_checksums_valid(&inner);
+            if vip.is_ipv4() {
+                // The outer IPv4 header's checksum (its UDP checksum is 0: none).
+                assert_checksums_valid(&output);
+            }
             // Tracked there without a reverse entry: replies never come back this way.
             let flows = receiver.dataplane.flows().unwrap();
             assert_eq!(flows.len(), 1);
