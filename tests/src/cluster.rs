@@ -899,6 +899,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// tcpdump (`-l -nn`, capture `filter`) on the router's side of node `index`'s link, in
+    /// `direction` (`out`: what the router sends the node; `in`: what the node sends), once it
+    /// listens; its lines are the packets.
+    pub fn capture_link(
+        &self,
+        index: usize,
+        direction: &str,
+        filter: &str,
+    ) -> anyhow::Result<LoggedChild> {
+        let mut command = self.router.command("tcpdump");
+        command.args([
+            "-l",
+            "-nn",
+            "-Q",
+            direction,
+            "-i",
+            &fabric_port(index),
+            filter,
+        ]);
+        let child = LoggedChild::spawn(command, false)?;
+        child.wait_for("listening on", 1, Duration::from_secs(5))?;
+        Ok(child)
+    }
+
     /// See [`ClusterRef::fail_node`].
     pub fn fail_node(&self, index: usize) -> anyhow::Result<()> {
         self.handle.fail_node(index)

@@ -334,21 +334,9 @@ fn replies_leave_from_the_pods_node_never_from_the_receiving_node() {
     // One capture per node link: what the router sends the node (`out`), what the node sends
     // the router (`in`).
     let capture = |index: usize, direction: &str| {
-        let mut command = cluster.router.command("tcpdump");
-        command.args([
-            "-l",
-            "-nn",
-            "-Q",
-            direction,
-            "-i",
-            &format!("fabric-n{index}"),
-            "tcp port 8080 and net 198.18.2.0/24",
-        ]);
-        let child = LoggedChild::spawn(command, false).unwrap();
-        child
-            .wait_for("listening on", 1, Duration::from_secs(5))
-            .unwrap();
-        child
+        cluster
+            .capture_link(index, direction, "tcp port 8080 and net 198.18.2.0/24")
+            .unwrap()
     };
     let to_node: Vec<LoggedChild> = (1..=3).map(|i| capture(i, "out")).collect();
     let from_node: Vec<LoggedChild> = (1..=3).map(|i| capture(i, "in")).collect();

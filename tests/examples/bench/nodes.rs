@@ -229,20 +229,12 @@ struct Capture {
 
 impl Capture {
     fn start(cluster: &Cluster) -> anyhow::Result<Self> {
-        let capture = |index: usize, direction: &str| -> anyhow::Result<LoggedChild> {
-            let mut command = cluster.router.command("tcpdump");
-            command.args([
-                "-l",
-                "-nn",
-                "-Q",
+        let capture = |index: usize, direction: &str| {
+            cluster.capture_link(
+                index,
                 direction,
-                "-i",
-                &format!("fabric-n{index}"),
                 "net 198.18.2.0/24 and port 8080 and (udp or tcp[tcpflags] & tcp-syn != 0)",
-            ]);
-            let child = LoggedChild::spawn(command, false)?;
-            child.wait_for("listening on", 1, Duration::from_secs(5))?;
-            Ok(child)
+            )
         };
         Ok(Self {
             to_node: (1..=3)
