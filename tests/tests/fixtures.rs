@@ -14,10 +14,7 @@ use lb_common::{
         SERVICE_F_AFFINITY, SERVICE_F_DROP_EMPTY, SERVICE_F_SOURCE_RANGES,
     },
 };
-use lb_tests::{
-    frames::{Spec, assert_checksums_valid},
-    netns::Netns,
-};
+use lb_tests::frames::{Spec, assert_checksums_valid};
 use lb_userspace::Dataplane;
 
 mod harness;
@@ -1015,46 +1012,6 @@ fn replies_are_reverse_nated_on_egress() {
         assert_eq!((verdict, output), (TC_ACT_UNSPEC, stranger));
         assert_eq!(lb.reason(Reason::EgressPass), before + 1);
     });
-}
-
-/// A namespace with routes to the backends' subnets (IPv4 and IPv6) out of `fwd0` (its peer
-/// `fwd1`), resolved neighbours for backend 1 of both families (the same MAC) and forwarding
-/// on: (namespace, fwd0's index and MAC, fwd1's index).
-fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
-    let ns = Netns::create(tag).unwrap();
-    ns.ip(&[
-        "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1",
-    ])
-    .unwrap();
-    for dev in ["fwd0", "fwd1"] {
-        ns.ip(&["link", "set", dev, "up"]).unwrap();
-    }
-    ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "fwd0"])
-        .unwrap();
-    // nodad: the address is usable (and the route with it) at once, not after duplicate
-    // address detection.
-    ns.ip(&["addr", "add", "2001:db8:1::fe/64", "dev", "fwd0", "nodad"])
-        .unwrap();
-    // Backend 1 of both families, behind one MAC.
-    for (backend, family) in [("198.18.1.1", "ipv4"), ("2001:db8:1::1", "ipv6")] {
-        ns.ip(&[
-            "neigh",
-            "add",
-            backend,
-            "lladdr",
-            "02:00:00:00:01:01",
-            "dev",
-            "fwd0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-        let forwarding = format!("net.{family}.conf.all.forwarding=1");
-        ns.exec("sysctl", &["-qw", &forwarding]).unwrap();
-    }
-    let (fwd0, fwd0_mac) = link(&ns, "fwd0");
-    let (fwd1, _) = link(&ns, "fwd1");
-    (ns, fwd0, fwd0_mac, fwd1)
 }
 
 #[test]

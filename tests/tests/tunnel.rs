@@ -36,49 +36,14 @@ const SELF6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0xfe);
 const PEER4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0xc);
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0c];
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const BACKEND_MAC: [u8; 6] = BACKEND1_MAC;
 
-/// A namespace whose `fwd0` (198.18.1.254/24, 2001:db8:1::fe/64) has permanent neighbours for
-/// the peer node and for backend 1 of both families; returns it with `fwd0`'s index and MAC.
+/// [`routed_netns`] with permanent neighbours for the peer node too; returns it with
+/// `fwd0`'s index and MAC.
 fn underlay(tag: &str) -> (Netns, u32, [u8; 6]) {
-    let ns = Netns::create(tag).unwrap();
-    ns.ip(&[
-        "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1",
-    ])
-    .unwrap();
-    for dev in ["fwd0", "fwd1"] {
-        ns.ip(&["link", "set", dev, "up"]).unwrap();
-    }
-    ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "fwd0"])
-        .unwrap();
-    ns.ip(&["addr", "add", "2001:db8:1::fe/64", "dev", "fwd0", "nodad"])
-        .unwrap();
-    let neighbours = [
-        (PEER4.to_string(), PEER_MAC),
-        (PEER6.to_string(), PEER_MAC),
-        ("198.18.1.1".to_string(), BACKEND_MAC),
-        ("2001:db8:1::1".to_string(), BACKEND_MAC),
-    ];
-    for (addr, mac) in neighbours {
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
-        ns.ip(&[
-            "neigh",
-            "add",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            "fwd0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
-    for family in ["ipv4", "ipv6"] {
-        let forwarding = format!("net.{family}.conf.all.forwarding=1");
-        ns.exec("sysctl", &["-qw", &forwarding]).unwrap();
-    }
-    let (fwd0, fwd0_mac) = link(&ns, "fwd0");
+    let (ns, fwd0, fwd0_mac, _) = routed_netns(tag);
+    add_neighbour(&ns, &PEER4.to_string(), PEER_MAC);
+    add_neighbour(&ns, &PEER6.to_string(), PEER_MAC);
     (ns, fwd0, fwd0_mac)
 }
 

@@ -366,3 +366,51 @@ pub fn link(ns: &Netns, name: &str) -> (u32, [u8; 6]) {
         mac.try_into().unwrap(),
     )
 }
+
+/// The MAC of backend 1's neighbour entry in [`routed_netns`] (both families).
+pub const BACKEND1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+
+/// A namespace with routes to the backends' subnets (IPv4 and IPv6) out of `fwd0` (its peer
+/// `fwd1`), resolved neighbours for backend 1 of both families (the same MAC,
+/// [`BACKEND1_MAC`]) and forwarding on: (namespace, fwd0's index and MAC, fwd1's index).
+pub fn routed_netns(tag: &str) -> (Netns, u32, [u8; 6], u32) {
+    let ns = Netns::create(tag).unwrap();
+    ns.ip(&[
+        "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1",
+    ])
+    .unwrap();
+    for dev in ["fwd0", "fwd1"] {
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "fwd0"])
+        .unwrap();
+    // nodad: the address is usable (and the route with it) at once, not after duplicate
+    // address detection.
+    ns.ip(&["addr", "add", "2001:db8:1::fe/64", "dev", "fwd0", "nodad"])
+        .unwrap();
+    for (backend, family) in [("198.18.1.1", "ipv4"), ("2001:db8:1::1", "ipv6")] {
+        add_neighbour(&ns, backend, BACKEND1_MAC);
+        let forwarding = format!("net.{family}.conf.all.forwarding=1");
+        ns.exec("sysctl", &["-qw", &forwarding]).unwrap();
+    }
+    let (fwd0, fwd0_mac) = link(&ns, "fwd0");
+    let (fwd1, _) = link(&ns, "fwd1");
+    (ns, fwd0, fwd0_mac, fwd1)
+}
+
+/// A permanent neighbour entry for `addr` at `mac` on `fwd0` in `ns`.
+pub fn add_neighbour(ns: &Netns, addr: &str, mac: [u8; 6]) {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&[
+        "neigh",
+        "add",
+        addr,
+        "lladdr",
+        &mac,
+        "dev",
+        "fwd0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+}
