@@ -16,7 +16,7 @@
 //!   then 2 zero bytes. The pod's node delivers to exactly that pod, even while its own tables
 //!   are a moment older or newer than the sender's.
 
-use crate::maps::{PROTO_UDP, is_ipv4_mapped};
+use crate::maps::is_ipv4_mapped;
 
 /// The GUE header: version, flags, `Hlen`, protocol.
 pub const GUE_HEADER_LEN: usize = 4;
@@ -155,9 +155,6 @@ pub fn parse_gue(gue: &[u8; GUE_LEN]) -> Option<(bool, [u8; 16], u16)> {
     let port = u16::from_be_bytes([gue[GUE_HEADER_LEN + 16], gue[GUE_HEADER_LEN + 17]]);
     Some((inner_ipv4, addr, port))
 }
-
-/// The IP protocol of the outer header: UDP.
-pub const OUTER_PROTO: u8 = PROTO_UDP;
 
 #[cfg(test)]
 mod tests {

@@ -18,8 +18,7 @@ use lb_common::{
     hash::flow_hash,
     maps::{PROTO_UDP, TUNNEL_HANDOFF_MAGIC, is_ipv4_mapped},
     tunnel::{
-        GUE_LEN, OUTER_TTL, OVERHEAD_IPV4, OVERHEAD_IPV6, UDP_LEN, inner_mtu, parse_gue,
-        source_port, udp_gue_header,
+        GUE_LEN, OUTER_TTL, UDP_LEN, inner_mtu, overhead, parse_gue, source_port, udp_gue_header,
     },
 };
 
@@ -202,11 +201,7 @@ pub fn encapsulate(ctx: &XdpContext, packet: &mut Packet, selected: &Selected) -
     if *own == [0u8; 16] || config.port == 0 {
         return Encap::Unavailable;
     }
-    let overhead = if outer_ipv4 {
-        OVERHEAD_IPV4
-    } else {
-        OVERHEAD_IPV6
-    };
+    let overhead = overhead(node);
     if packet.l3_len as usize + overhead > config.mtu as usize {
         return Encap::TooBig(inner_mtu(config.mtu, node));
     }

@@ -1016,16 +1016,6 @@ impl Dataplane {
         map.set(0, config, 0).map_err(map_error(name))
     }
 
-    /// This node's end of the tunnel and its peers, as the data plane holds them.
-    pub fn tunnel(&self) -> Result<(TunnelConfig, Vec<[u8; 16]>), DataplaneError> {
-        let name = names::TUNNEL;
-        let map: Array<_, TunnelConfig> = self.map(name)?.try_into().map_err(map_error(name))?;
-        let config = map.get(&0, 0).map_err(map_error(name))?;
-        let name = names::TUNNEL_PEERS;
-        let map: HashMap<_, [u8; 16], u32> = self.map(name)?.try_into().map_err(map_error(name))?;
-        Ok((config, map.keys().filter_map(Result::ok).collect()))
-    }
-
     /// Swaps in a service's Maglev table (slot -> backend id) with one map update: the table is
     /// built whole off to the side first, so no packet sees a half-written one.
     pub fn set_maglev_table(
