@@ -64,6 +64,15 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// The binaries of this build, beside [`crate::lb_userspace_bin`]: what the tests run.
+    pub fn of_this_build() -> Self {
+        Self::in_dir(
+            crate::lb_userspace_bin()
+                .parent()
+                .expect("the binary's folder"),
+        )
+    }
+
     /// The binaries beside `lb-userspace` in a target profile folder.
     pub fn in_dir(dir: &Path) -> Self {
         Self {

@@ -153,11 +153,7 @@ fn metric(text: &str, name: &str) -> Option<String> {
 
 #[test]
 fn the_controller_announces_what_it_serves_withdraws_on_a_drain_and_before_it_stops() {
-    let mut sandbox = Sandbox::up(
-        "announce",
-        Binaries::in_dir(lb_tests::lb_userspace_bin().parent().unwrap()),
-    )
-    .unwrap();
+    let mut sandbox = Sandbox::up("announce", Binaries::of_this_build()).unwrap();
     for index in [1, 2] {
         sandbox.start_pod(index).unwrap();
     }
@@ -272,11 +268,7 @@ fn the_controller_announces_what_it_serves_withdraws_on_a_drain_and_before_it_st
 /// adopts them (nothing announced again) and `detach` withdraws them with the data plane.
 #[test]
 fn routes_stay_with_a_kept_data_plane_and_go_with_detach() {
-    let mut sandbox = Sandbox::up(
-        "announcekeep",
-        Binaries::in_dir(lb_tests::lb_userspace_bin().parent().unwrap()),
-    )
-    .unwrap();
+    let mut sandbox = Sandbox::up("announcekeep", Binaries::of_this_build()).unwrap();
     sandbox.start_pod(1).unwrap();
     sandbox.controller_args = ["--announce-table", TABLE, "--keep-on-exit"]
         .map(String::from)

@@ -15,11 +15,7 @@ use lb_tests::{
 };
 
 fn binaries() -> Binaries {
-    Binaries::in_dir(
-        lb_tests::lb_userspace_bin()
-            .parent()
-            .expect("the binary's folder"),
-    )
+    Binaries::of_this_build()
 }
 
 const VIPS: [IpAddr; 2] = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];

@@ -14,7 +14,7 @@ use lb_tests::sandbox::{
 };
 
 fn binaries() -> Binaries {
-    Binaries::in_dir(lb_tests::lb_userspace_bin().parent().unwrap())
+    Binaries::of_this_build()
 }
 
 fn counts(answers: &[String]) -> BTreeMap<String, usize> {
